@@ -1,0 +1,17 @@
+"""Python face of ltscale's fused ops: each op has a torch reference with the same signature."""
+
+from ltscale.ops.fusion import (
+    context_prediction_fusion,
+    fused_available,
+    fusion_reference,
+    fusion_sparse_torch,
+    fusion_weights_dense,
+)
+
+__all__ = [
+    "context_prediction_fusion",
+    "fused_available",
+    "fusion_reference",
+    "fusion_sparse_torch",
+    "fusion_weights_dense",
+]

@@ -1,0 +1,349 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides -> one validated ``RunConfig``.
+
+Why dataclasses and not a free dict: a typo in a 40-key YAML must fail before a 3-stage job is
+queued, with the dotted key in the message (``stages.2.alpha``), and the resolved config written
+into the run dir must be exactly what ran. Unknown keys are errors, scalar types are checked, and
+cross-field rules live in one ``validate()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LATENT_MODES = ("cot", "hidden", "fusion", "pause")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the dotted key that caused it."""
+
+
+@dataclass
+class ModelConfig:
+    # HF hub name or local HF dir; None means "build a random model from `init`" (the tiny default).
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    # LlamaConfig kwargs for a randomly initialised model (used when name_or_path is None).
+    init: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer source: None -> same as name_or_path; "sentencepiece" -> train one on the training text.
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 256
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 | fp64
+    attn_implementation: str = "sdpa"
+    thinking_token: str = "<thinking>"
+    # Spec §10.13: the new row is copied from this token's embedding (EOS when it is not one token).
+    thinking_init_token: str = "emm"
+    hidden_layer: int = -1
+    adapter: bool = False
+    adapter_hidden: int = 1024
+    gradient_checkpointing: bool = True
+    trust_remote_code: bool = False
+    use_chat_template: bool | None = None
+
+
+@dataclass
+class SyntheticConfig:
+    n_train: int = 4000
+    n_test: int = 200
+    seed: int = 1234
+    min_steps: int = 1
+    max_steps: int = 5
+
+
+@dataclass
+class DataConfig:
+    # "synthetic", a local JSONL file/dir, or a hub dataset name ("openai/gsm8k:main").
+    train: str = "synthetic"
+    train_split: str | None = "train"
+    eval: str = "synthetic"
+    eval_split: str | None = "test"
+    eval_limit: int | None = None
+    train_limit: int | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    max_length: int = 512
+    strict: bool = True
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage. Defaults are the official code's (spec §4.2)."""
+
+    mode: str = "cot"
+    epochs: float = 1.0
+    tau: float = 0.0
+    max_sites: int = 0
+    insert_prob: float = 0.0
+    double_insert_prob: float = 0.0
+    alpha: float = 0.6
+    temperature: float = 1.0
+    top_p: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    # "continue": one optimizer and one LR schedule across all stages (the official code);
+    # "reset": fresh optimizer state and schedule at every stage boundary (Coconut-style).
+    stage_strategy: str = "continue"
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    # Optional: when set, must equal micro_batch_size * grad_accum * world_size (checked at launch).
+    global_batch_size: int | None = None
+    seed: int = 42
+    log_every: int = 10
+    save_every: int | None = None
+    keep_last_n: int = 2
+    max_steps_per_stage: int | None = None
+    scoring_batch_size: int = 32
+
+
+@dataclass
+class EngineConfig:
+    ds_config: str = "zero3"
+    precision: str = "auto"
+    fused: str = "auto"  # auto | on | off  (fused fusion op; the torch path is the reference)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    max_new_tokens: int = 128
+    after_each_stage: bool = True
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    method: str = "lt_tuning"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: default_lt_stages())
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # "auto": resume from the run dir's latest checkpoint when there is one; "never"; "must".
+    resume: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_lt_stages() -> list[StageConfig]:
+    """The official LT-Tuning schedule for 1B/3B (spec §4.2): CoT, hidden-state latents, fusion."""
+    return [
+        StageConfig(mode="cot", epochs=1),
+        StageConfig(mode="hidden", epochs=2, tau=0.3, max_sites=6, insert_prob=0.85, double_insert_prob=0.15),
+        StageConfig(mode="fusion", epochs=7, tau=0.2, max_sites=8, insert_prob=0.95, double_insert_prob=0.20,
+                    alpha=0.6, temperature=1.0, top_p=0.9),
+    ]
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(inner, value, key)
+    origin = typing.get_origin(inner)
+    if origin is list:
+        (elem,) = typing.get_args(inner)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, elem, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if inner is Any:
+        return value
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {inner!r}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{where}: unknown key (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in data.items():
+        where = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _coerce(v, hints[k], where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, defaults: dict[str, Any]) -> None:
+    """Apply one override to the raw dict; list items are addressed by index (``stages.2.alpha``)."""
+    parts = dotted.split(".")
+    node: Any = tree
+    ref: Any = defaults
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(ref, list):
+            if not part.isdigit() or int(part) >= len(ref):
+                raise ConfigError(f"{where}: no such list index (have {len(ref)} items)")
+            idx = int(part)
+            if last:
+                node[idx] = value
+                return
+            node, ref = node[idx], ref[idx]
+            continue
+        if not isinstance(ref, dict) or part not in ref:
+            raise ConfigError(f"{where}: unknown key")
+        if last:
+            node[part] = value
+            return
+        if part not in node or node[part] is None:
+            node[part] = ref[part] if not isinstance(ref[part], (dict, list)) else yaml.safe_load(yaml.safe_dump(ref[part]))
+        node, ref = node[part], ref[part]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML (or the built-in tiny default when ``path`` is None) + ``key=value`` overrides."""
+    if path is None:
+        path = default_config_path()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    # Overrides are applied to the merged (defaults + file) tree so that list items such as
+    # stages.2.* exist even when the file does not spell them out.
+    merged = _build(RunConfig, raw).to_dict()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        _set_dotted(merged, key.strip(), yaml.safe_load(text), merged)
+    cfg = _build(RunConfig, merged)
+    validate(cfg)
+    return cfg
+
+
+def default_config_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field rules; each error names the key."""
+    if not cfg.stages:
+        raise ConfigError("stages: at least one stage is required")
+    for i, st in enumerate(cfg.stages):
+        k = f"stages.{i}"
+        if st.mode not in LATENT_MODES:
+            raise ConfigError(f"{k}.mode: {st.mode!r} is not one of {LATENT_MODES}")
+        if not 0.0 <= st.alpha <= 1.0:
+            raise ConfigError(f"{k}.alpha: {st.alpha} outside [0, 1]")
+        if not 0.0 < st.top_p <= 1.0:
+            raise ConfigError(f"{k}.top_p: {st.top_p} outside (0, 1]")
+        if st.temperature <= 0:
+            raise ConfigError(f"{k}.temperature: must be > 0")
+        if st.epochs <= 0:
+            raise ConfigError(f"{k}.epochs: must be > 0")
+        for name in ("tau", "insert_prob", "double_insert_prob"):
+            v = getattr(st, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{k}.{name}: {v} outside [0, 1]")
+        if st.max_sites < 0:
+            raise ConfigError(f"{k}.max_sites: must be >= 0")
+        if st.mode != "cot" and (st.max_sites == 0 or st.insert_prob == 0 or st.tau == 0):
+            raise ConfigError(f"{k}: a latent stage ({st.mode}) needs tau, max_sites and insert_prob > 0")
+        if st.mode == "cot" and st.max_sites > 0:
+            raise ConfigError(f"{k}.max_sites: a cot stage inserts no <thinking> tokens; set mode or max_sites=0")
+    t = cfg.train
+    if t.micro_batch_size < 1:
+        raise ConfigError("train.micro_batch_size: must be >= 1")
+    if t.grad_accum < 1:
+        raise ConfigError("train.grad_accum: must be >= 1")
+    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * t.grad_accum):
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"micro_batch_size*grad_accum = {t.micro_batch_size * t.grad_accum}")
+    if cfg.optim.schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"optim.schedule: {cfg.optim.schedule!r} not in cosine|linear|constant")
+    if cfg.optim.stage_strategy not in ("continue", "reset"):
+        raise ConfigError(f"optim.stage_strategy: {cfg.optim.stage_strategy!r} not in continue|reset")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError("optim.warmup_ratio: must be in [0, 1)")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas: expected two numbers")
+    if cfg.engine.fused not in ("auto", "on", "off"):
+        raise ConfigError(f"engine.fused: {cfg.engine.fused!r} not in auto|on|off")
+    if cfg.engine.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"engine.precision: {cfg.engine.precision!r} not in auto|fp32|bf16|fp16")
+    if cfg.resume not in ("auto", "never", "must"):
+        raise ConfigError(f"resume: {cfg.resume!r} not in auto|never|must")
+    if cfg.model.name_or_path is None and not cfg.model.init:
+        raise ConfigError("model.init: a model built from scratch (no model.name_or_path) needs init kwargs")
+    if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
+        raise ConfigError("model.tokenizer: required when model.name_or_path is not set ('sentencepiece' trains one)")
+    if cfg.model.adapter and cfg.model.adapter_hidden < 1:
+        raise ConfigError("model.adapter_hidden: must be >= 1")
+
+
+def save_resolved(cfg: RunConfig, run_dir: Path) -> Path:
+    """Write the config that actually ran; a resumed run compares against it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.resolved.yaml"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(out)
+    return out

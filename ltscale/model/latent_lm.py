@@ -1,0 +1,183 @@
+"""``LatentLM``: an untouched Hugging Face causal LM plus what makes ``<thinking>`` slots latent.
+
+The wrapper owns no transformer code. It decides, per mode, what a latent slot's input embedding
+is (the method's *latent function*) and runs the KV-cached rollout (``rollout.py``) for training
+and the batched latent decoder (``generation.py``) for inference.
+
+Modes (spec §2-3, §9):
+  ``hidden``  stage 2 / Coconut-style: the previous position's last-layer, post-norm hidden state.
+  ``fusion``  stage 3: Context-Prediction Fusion ``a*h + (1-a)*E^T P-hat``.
+  ``pause``   ablation "w/o latent": the slot keeps the learned ``<thinking>`` embedding (one pass).
+  ``cot``     no latents expected; a plain forward.
+An optional adapter MLP (spec §2.4) is applied after the latent function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ltscale.model.rollout import count_passes, latent_rollout
+from ltscale.ops import context_prediction_fusion
+
+MODES = ("cot", "hidden", "fusion", "pause")
+
+
+@dataclass
+class LatentLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    n_passes: int
+    n_targets: int
+
+
+class FusionHead(nn.Module):
+    """Computes the fused latent embedding inside its own ``forward``.
+
+    It owns no parameters; it reads the input-embedding weight. Under ZeRO-3 that weight is a
+    partition outside its module's forward, so the engine registers it as an *external parameter*
+    of this module (``LatentLM.zero3_external_parameters``) and DeepSpeed gathers it here.
+    """
+
+    def __init__(self, owner: LatentLM):
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a submodule: avoids a second path to the base
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        owner = self._owner
+        weight = owner.base.get_input_embeddings().weight
+        return context_prediction_fusion(
+            hidden, logits, weight, alpha=owner.alpha, temperature=owner.temperature, top_p=owner.top_p,
+            exclude_token_id=owner.thinking_token_id, impl=owner.fusion_impl)
+
+
+class LatentAdapter(nn.Module):
+    """``LayerNorm(W2 GELU(W1 v + b1) + b2)``, d -> hidden -> d (the official ``thinking_mlp``)."""
+
+    def __init__(self, dim: int, hidden: int = 1024):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.down(nn.functional.gelu(self.up(v))))
+
+
+class LatentLM(nn.Module):
+    def __init__(self, base_model: nn.Module, thinking_token_id: int, mode: str = "hidden", alpha: float = 0.6,
+                 temperature: float = 1.0, top_p: float = 0.9, *, adapter: bool = False,
+                 adapter_hidden: int = 1024, gradient_checkpointing: bool = False, fusion_impl: str = "auto"):
+        super().__init__()
+        self.base = base_model
+        self.thinking_token_id = int(thinking_token_id)
+        self.fusion = FusionHead(self)
+        dim = base_model.get_input_embeddings().weight.shape[1]
+        self.adapter = LatentAdapter(dim, adapter_hidden) if adapter else None
+        self.gradient_checkpointing = gradient_checkpointing
+        self.fusion_impl = fusion_impl
+        self.mode = "cot"
+        self.set_latent_mode(mode, alpha=alpha, temperature=temperature, top_p=top_p)
+
+    # ------------------------------------------------------------------ configuration
+    def set_latent_mode(self, mode: str, *, alpha: float | None = None, temperature: float | None = None,
+                        top_p: float | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} not in {MODES}")
+        self.mode = mode
+        if alpha is not None:
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"alpha={alpha} outside [0, 1]")
+            self.alpha = float(alpha)
+        if temperature is not None:
+            self.temperature = float(temperature)
+        if top_p is not None:
+            if not 0.0 < top_p <= 1.0:
+                raise ValueError(f"top_p={top_p} outside (0, 1]")
+            self.top_p = float(top_p)
+
+    def latent_config(self) -> dict:
+        return {"mode": self.mode, "alpha": self.alpha, "temperature": self.temperature, "top_p": self.top_p,
+                "thinking_token_id": self.thinking_token_id, "adapter": self.adapter is not None,
+                "adapter_hidden": self.adapter.up.out_features if self.adapter is not None else None}
+
+    @property
+    def uses_rollout(self) -> bool:
+        """Only modes whose slot input depends on the previous state need sequential passes."""
+        return self.mode in ("hidden", "fusion")
+
+    def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        return [(self.fusion, self.base.get_input_embeddings().weight)]
+
+    # ------------------------------------------------------------------ pieces of the base model
+    def decoder(self) -> nn.Module:
+        return self.base.get_decoder()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.get_input_embeddings()(ids)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base.get_output_embeddings()(hidden)
+        cap = getattr(self.base.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def latent_input(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The method's latent function: what a ``<thinking>`` slot is fed."""
+        if self.mode == "hidden":
+            out = hidden
+        elif self.mode == "fusion":
+            out = self.fusion(hidden, logits)
+        else:
+            raise RuntimeError(f"mode {self.mode!r} has no latent function (slots keep their token embedding)")
+        return self.adapter(out) if self.adapter is not None else out
+
+    def count_passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+        if not self.uses_rollout:
+            return 1
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return count_passes(input_ids, attention_mask, self.thinking_token_id)
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, min_passes: int = 1,
+                return_logits: bool = True) -> LatentLMOutput:
+        """Token-mean cross-entropy over non-ignored labels (HF convention), via the KV-cached rollout.
+
+        ``min_passes``: run at least this many sequential passes (ZeRO-3 lockstep across ranks).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cfg = self.base.config
+        if self.uses_rollout:
+            res = latent_rollout(
+                decoder=self.decoder(), config=cfg, embed=self.embed, lm_head=self.lm_head,
+                latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask,
+                labels=labels, thinking_token_id=self.thinking_token_id, min_passes=min_passes,
+                gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits)
+        else:
+            # One pass; `latent_rollout` with no latent function degenerates to exactly this, and
+            # sharing it keeps masking/position handling identical across modes.
+            res = latent_rollout(
+                decoder=self.decoder(), config=cfg, embed=self.embed, lm_head=self.lm_head,
+                latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask,
+                labels=labels, thinking_token_id=-1, min_passes=1,
+                gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits)
+        loss = None
+        if labels is not None:
+            loss = res.loss_sum / max(res.n_targets, 1)
+        return LatentLMOutput(loss=loss, logits=res.logits, n_passes=res.n_passes, n_targets=res.n_targets)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 256, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 without_thinking: bool = False):
+        from ltscale.model.generation import generate_batched
+
+        return generate_batched(self, input_ids, attention_mask, max_new_tokens, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, without_thinking=without_thinking)

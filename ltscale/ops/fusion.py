@@ -1,0 +1,130 @@
+"""Context-Prediction Fusion (spec eq. 6-7): ``e = a*h + (1-a) * sum_w P(w) E(w)``.
+
+``P`` is the temperature softmax of the logits with ``<thinking>`` masked, cut to the tokens whose
+cumulative (descending) probability is <= ``top_p`` (the official code's rule: the token that
+crosses the threshold is *excluded*; the top-1 token is always kept), then renormalised.
+
+Three implementations share one signature:
+
+* ``fusion_reference`` — a direct transcription of the equations: dense ``P @ E`` over the whole
+  vocabulary. Slow, obviously right; the parity anchor.
+* ``fusion_sparse_torch`` — gathers only the kept rows of ``E`` (after top-p a handful of rows carry
+  weight), so it never reads the ``V x d`` matrix. Same values and gradients as the reference.
+* the fused C++/CUDA kernel (``ltscale._C``) when it is built; dispatched by ``impl``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMPLS = ("auto", "fused", "torch", "reference")
+
+
+def _check_args(hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor,
+                alpha: float, temperature: float, top_p: float) -> None:
+    if hidden.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and logits {tuple(logits.shape)} disagree on leading dims")
+    if embedding_weight.dim() != 2 or embedding_weight.shape[0] < logits.shape[-1] \
+            or embedding_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"embedding_weight {tuple(embedding_weight.shape)} does not fit logits "
+                         f"{tuple(logits.shape)} / hidden {tuple(hidden.shape)} (did ZeRO-3 hand over an "
+                         "empty partition? read it inside a module forward)")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} outside [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} outside (0, 1]")
+
+
+def masked_probs(logits: torch.Tensor, *, temperature: float, exclude_token_id: int | None) -> torch.Tensor:
+    """Temperature softmax in fp32 (or fp64) with the excluded token at probability exactly 0."""
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scaled = logits.to(work_dtype) / temperature
+    if exclude_token_id is not None:
+        scaled = scaled.clone()
+        scaled[..., exclude_token_id] = float("-inf")
+    return torch.softmax(scaled, dim=-1)
+
+
+def top_p_keep_mask_sorted(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep mask over descending-sorted probabilities: cumsum <= top_p, top-1 always kept.
+
+    ``top_p == 1`` keeps every token: float round-off would otherwise drop the tail when the
+    cumulative sum lands a hair above 1.
+    """
+    if top_p >= 1.0:
+        return torch.ones_like(sorted_probs, dtype=torch.bool)
+    keep = sorted_probs.cumsum(dim=-1) <= top_p
+    keep[..., 0] = True
+    return keep
+
+
+def fusion_weights_dense(logits: torch.Tensor, *, temperature: float, top_p: float,
+                         exclude_token_id: int | None) -> torch.Tensor:
+    """``P-hat`` over the full vocabulary (zeros outside the kept set), as in eq. 6."""
+    probs = masked_probs(logits, temperature=temperature, exclude_token_id=exclude_token_id)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = top_p_keep_mask_sorted(sorted_probs.detach(), top_p)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = torch.where(keep, probs, torch.zeros_like(probs))
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def fusion_reference(hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor, *,
+                     alpha: float, temperature: float, top_p: float,
+                     exclude_token_id: int | None) -> torch.Tensor:
+    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
+    weights = fusion_weights_dense(logits, temperature=temperature, top_p=top_p, exclude_token_id=exclude_token_id)
+    vocab = logits.shape[-1]
+    e_pred = weights.to(embedding_weight.dtype) @ embedding_weight[:vocab]
+    return alpha * hidden + (1.0 - alpha) * e_pred.to(hidden.dtype)
+
+
+def fusion_sparse_torch(hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor, *,
+                        alpha: float, temperature: float, top_p: float,
+                        exclude_token_id: int | None) -> torch.Tensor:
+    """Touch only the kept rows of ``E``: K = the largest kept-set size in the batch."""
+    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    l2 = logits.reshape(-1, logits.shape[-1])
+    probs = masked_probs(l2, temperature=temperature, exclude_token_id=exclude_token_id)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = top_p_keep_mask_sorted(sorted_probs.detach(), top_p)
+    k = int(keep.sum(dim=-1).max().item()) if keep.numel() else 1
+    top_probs = torch.where(keep[:, :k], sorted_probs[:, :k], torch.zeros_like(sorted_probs[:, :k]))
+    weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    rows = embedding_weight[order[:, :k]]  # (N, K, d): the only reads of E
+    e_pred = torch.einsum("nk,nkd->nd", weights.to(rows.dtype), rows)
+    out = alpha * h2 + (1.0 - alpha) * e_pred.to(h2.dtype)
+    return out.reshape(*lead, hidden.shape[-1])
+
+
+def fused_available() -> bool:
+    try:
+        from ltscale import _C  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.ops, "ltscale") and hasattr(torch.ops.ltscale, "context_prediction_fusion")
+
+
+def context_prediction_fusion(hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor, *,
+                              alpha: float, temperature: float, top_p: float,
+                              exclude_token_id: int | None, impl: str = "auto") -> torch.Tensor:
+    """Public op (DESIGN.md). ``impl``: auto (fused when built, else sparse torch) | fused | torch | reference."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} not in {IMPLS}")
+    if impl == "reference":
+        return fusion_reference(hidden, logits, embedding_weight, alpha=alpha, temperature=temperature,
+                                top_p=top_p, exclude_token_id=exclude_token_id)
+    if impl == "fused" and not fused_available():
+        raise RuntimeError("engine.fused=on but the ltscale._C extension is not built "
+                           "(reinstall with a compiler available, or set engine.fused=auto)")
+    if impl in ("auto", "fused") and fused_available():  # pragma: no cover - extension arrives with issue 5
+        _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
+        return torch.ops.ltscale.context_prediction_fusion(
+            hidden, logits, embedding_weight, alpha, temperature, top_p,
+            -1 if exclude_token_id is None else exclude_token_id)
+    return fusion_sparse_torch(hidden, logits, embedding_weight, alpha=alpha, temperature=temperature,
+                               top_p=top_p, exclude_token_id=exclude_token_id)
