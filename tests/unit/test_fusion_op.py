@@ -1,0 +1,120 @@
+"""Context-Prediction Fusion: the sparse path vs the dense reference vs a literal transcription of
+the spec's equations (eq. 6-7), including the cut rule and the masked <thinking> token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltscale.ops import context_prediction_fusion, fusion_reference, fusion_sparse_torch, fusion_weights_dense
+
+
+def spec_transcription(h, logits, E, alpha, T, top_p, k):
+    """Eq. 6-7 exactly as written in the method spec, one row at a time in Python."""
+    out = []
+    for row_h, row_l in zip(h, logits):
+        scaled = row_l / T
+        scaled[k] = float("-inf")
+        P = torch.softmax(scaled, -1)
+        order = sorted(range(len(P)), key=lambda i: -float(P[i]))
+        kept, cum = [], 0.0
+        for i in order:
+            cum += float(P[i])
+            # top_p == 1 keeps everything (ltscale's documented guard against fp round-off)
+            if cum <= top_p or not kept or top_p >= 1.0:
+                kept.append(i)
+            else:
+                break
+        z = sum(float(P[i]) for i in kept)
+        e_pred = sum(float(P[i]) / z * E[i] for i in kept)
+        out.append(alpha * row_h + (1 - alpha) * e_pred)
+    return torch.stack(out)
+
+
+def inputs(n=5, V=40, d=8, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64), scale * torch.randn(n, V, generator=g, dtype=torch.float64),
+            torch.randn(V, d, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("alpha,T,top_p", [(0.6, 1.0, 0.9), (0.3, 0.7, 0.5), (0.6, 2.0, 1.0), (0.5, 1.0, 0.05)])
+def test_matches_spec_transcription(alpha, T, top_p):
+    h, logits, E = inputs()
+    want = spec_transcription(h, logits.clone(), E, alpha, T, top_p, k=3)
+    for fn in (fusion_reference, fusion_sparse_torch):
+        got = fn(h, logits, E, alpha=alpha, temperature=T, top_p=top_p, exclude_token_id=3)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_alpha_one_is_hidden_and_alpha_zero_is_expectation():
+    h, logits, E = inputs()
+    one = context_prediction_fusion(h, logits, E, alpha=1.0, temperature=1.0, top_p=0.9, exclude_token_id=0)
+    torch.testing.assert_close(one, h, rtol=0, atol=0)
+    zero = context_prediction_fusion(h, logits, E, alpha=0.0, temperature=1.0, top_p=1.0, exclude_token_id=0)
+    P = torch.softmax(logits.clone().index_fill(-1, torch.tensor([0]), float("-inf")), -1)
+    torch.testing.assert_close(zero, P @ E, rtol=1e-12, atol=1e-12)
+
+
+def test_thinking_token_gets_zero_weight_even_when_it_is_the_argmax():
+    h, logits, E = inputs()
+    logits[:, 7] = 50.0  # <thinking> dominates
+    w = fusion_weights_dense(logits, temperature=1.0, top_p=0.9, exclude_token_id=7)
+    assert torch.all(w[:, 7] == 0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(len(w), dtype=w.dtype))
+
+
+def test_top1_alone_exceeding_top_p_is_kept_alone():
+    h, logits, E = inputs()
+    logits[:, 5] = 30.0
+    w = fusion_weights_dense(logits, temperature=1.0, top_p=0.9, exclude_token_id=None)
+    assert torch.all(w[:, 5] == 1.0) and torch.all((w > 0).sum(-1) == 1)
+
+
+def test_crossing_token_is_excluded():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64))
+    w = fusion_weights_dense(logits, temperature=1.0, top_p=0.9, exclude_token_id=None)
+    # cumsum 0.5, 0.8 <= 0.9 kept; 0.95 crosses -> dropped (official code's rule)
+    torch.testing.assert_close(w, torch.tensor([[0.625, 0.375, 0.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_sparse_grads_equal_dense_grads(top_p):
+    h, logits, E = inputs(n=6, V=50, d=8, seed=2, scale=1.5)
+    E_rep = E.clone()
+    res = {}
+    for fn in (fusion_reference, fusion_sparse_torch):
+        hh, ll, ee = (t.clone().requires_grad_() for t in (h, logits, E_rep))
+        out = fn(hh, ll, ee, alpha=0.4, temperature=0.8, top_p=top_p, exclude_token_id=1)
+        (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()).sum().backward()
+        res[fn.__name__] = (out.detach(), hh.grad, ll.grad, ee.grad)
+    for a, b in zip(res["fusion_reference"], res["fusion_sparse_torch"]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_sparse():
+    h, logits, E = inputs(n=3, V=12, d=4, seed=3, scale=1.0)
+    fn = lambda a, b, c: fusion_sparse_torch(a, b, c, alpha=0.6, temperature=1.3, top_p=0.8, exclude_token_id=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (h, logits, E)))
+
+
+def test_repeated_rows_across_batch_accumulate_into_E():
+    h, logits, E = inputs(n=4, V=10, d=4)
+    logits[:] = logits[0]  # every row keeps the same tokens
+    E = E.requires_grad_()
+    fusion_sparse_torch(h, logits, E, alpha=0.5, temperature=1.0, top_p=0.9, exclude_token_id=None).sum().backward()
+    g_sparse = E.grad.clone()
+    E.grad = None
+    fusion_reference(h, logits, E, alpha=0.5, temperature=1.0, top_p=0.9, exclude_token_id=None).sum().backward()
+    torch.testing.assert_close(g_sparse, E.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_bad_arguments_are_named():
+    h, logits, E = inputs()
+    with pytest.raises(ValueError, match="alpha"):
+        context_prediction_fusion(h, logits, E, alpha=1.5, temperature=1.0, top_p=0.9, exclude_token_id=0)
+    with pytest.raises(ValueError, match="top_p"):
+        context_prediction_fusion(h, logits, E, alpha=0.5, temperature=1.0, top_p=0.0, exclude_token_id=0)
+    with pytest.raises(ValueError, match="empty partition"):
+        context_prediction_fusion(h, logits, torch.empty(0), alpha=0.5, temperature=1.0, top_p=0.9, exclude_token_id=0)
+    with pytest.raises(RuntimeError, match="not built"):
+        context_prediction_fusion(h, logits, E, alpha=0.5, temperature=1.0, top_p=0.9, exclude_token_id=0, impl="fused")

@@ -1,0 +1,179 @@
+"""The KV-cached rollout against the naive per-slot recompute: loss, logits and every parameter grad.
+
+Tolerance note: values are compared in fp64, but Llama's RMSNorm and rotary embedding compute in
+fp32 internally, so gradients summed in a different order agree to ~1e-7 relative, not 1e-15. The
+check is per parameter: max |g_fast - g_ref| <= 1e-6 * max |g_ref|.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ltscale.model import LatentLM
+from ltscale.model.reference import reference_forward
+from ltscale.model.rollout import count_passes, plan_rollout
+
+VOCAB, THINK = 64, 63
+
+
+def tiny_base(seed: int = 0, attn: str = "sdpa", tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).double()
+
+
+def batch(layout: str, pad_side: str = "right"):
+    """Hand-built batches covering 0, 1, several and consecutive latents at different positions."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 60, (4, 16), generator=gen)
+    lengths = [16, 13, 10, 15]
+    if layout == "none":
+        pass
+    elif layout == "one":
+        ids[0, 7] = THINK
+        ids[2, 4] = THINK
+    elif layout == "mixed":
+        ids[0, 5] = THINK
+        ids[0, 6] = THINK  # double insertion
+        ids[0, 11] = THINK
+        ids[1, 3] = THINK
+        ids[3, 8] = THINK
+        ids[3, 9] = THINK
+        ids[3, 10] = THINK
+        ids[3, 14] = THINK
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        if pad_side == "right":
+            mask[b, :n] = 1
+        else:
+            # shift the row right so the padding is on the left, keeping its latent layout
+            ids[b] = torch.roll(ids[b], 16 - n)
+            mask[b, 16 - n:] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    prompt = 3
+    for b in range(4):
+        first = int(mask[b].nonzero()[0])
+        labels[b, first:first + prompt] = -100
+    return ids, mask, labels
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(fast: dict, ref: dict, rtol: float = 1e-6) -> None:
+    assert fast.keys() == ref.keys()
+    for name in ref:
+        scale = ref[name].abs().max().item() + 1e-30
+        err = (fast[name] - ref[name]).abs().max().item()
+        assert err <= rtol * scale, f"{name}: max err {err:.3e} vs scale {scale:.3e}"
+
+
+def run_both(lm: LatentLM, ids, mask, labels):
+    lm.zero_grad()
+    fast = lm(ids, mask, labels)
+    fast.loss.backward()
+    g_fast = grads(lm)
+    lm.zero_grad()
+    ref = reference_forward(lm, ids, mask, labels)
+    ref.loss.backward()
+    return fast, ref, g_fast, grads(lm)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "fusion", "pause"])
+@pytest.mark.parametrize("layout", ["none", "one", "mixed"])
+@pytest.mark.parametrize("pad_side", ["right", "left"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rollout_matches_reference(mode, layout, pad_side, checkpointing):
+    lm = LatentLM(tiny_base(), THINK, mode=mode, alpha=0.6, top_p=0.9, gradient_checkpointing=checkpointing)
+    lm.train()
+    ids, mask, labels = batch(layout, pad_side)
+    fast, ref, g_fast, g_ref = run_both(lm, ids, mask, labels)
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-12, atol=0)
+    valid = mask.bool()
+    torch.testing.assert_close(fast.logits[valid], ref.logits[valid], rtol=1e-10, atol=1e-12)
+    assert_grads_close(g_fast, g_ref)
+    if mode in ("hidden", "fusion"):
+        assert fast.n_passes == 1 + int((ids == THINK).logical_and(valid).sum(1).max())
+
+
+def test_rollout_with_adapter_and_tied_embeddings_eager():
+    lm = LatentLM(tiny_base(attn="eager", tie=True), THINK, mode="fusion", adapter=True, adapter_hidden=16)
+    lm.double().train()
+    ids, mask, labels = batch("mixed")
+    fast, ref, g_fast, g_ref = run_both(lm, ids, mask, labels)
+    # eager attention takes its softmax in fp32, so fp64 agreement is ~1e-10 here
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-8, atol=0)
+    assert any(k.startswith("adapter.") for k in g_fast)
+    assert_grads_close(g_fast, g_ref)
+
+
+def test_zero_latents_equals_plain_cot_loss():
+    base = tiny_base()
+    ids, mask, labels = batch("none")
+    lm = LatentLM(base, THINK, mode="fusion")
+    ours = lm(ids, mask, labels).loss
+    # The base model's plain causal forward: shift, token mean over non-ignored labels.
+    logits = base(input_ids=ids, attention_mask=mask).logits
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                              ignore_index=-100)
+    torch.testing.assert_close(ours, plain, rtol=1e-10, atol=0)
+    # HF's own loss (computed in fp32) agrees to fp32 precision.
+    hf = base(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(ours.float(), hf, rtol=1e-6, atol=0)
+
+
+def test_gradient_checkpointing_is_bitwise_equal_to_plain():
+    base = tiny_base()
+    ids, mask, labels = batch("mixed")
+    out = {}
+    for ckpt in (False, True):
+        lm = LatentLM(base, THINK, mode="fusion", gradient_checkpointing=ckpt).train()
+        lm.zero_grad()
+        loss = lm(ids, mask, labels).loss
+        loss.backward()
+        out[ckpt] = (loss.detach(), grads(lm))
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=0)
+    for name, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], g, rtol=1e-12, atol=1e-14)
+
+
+def test_min_passes_adds_empty_lockstep_passes_without_changing_results():
+    lm = LatentLM(tiny_base(), THINK, mode="hidden").train()
+    ids, mask, labels = batch("one")
+    lm.zero_grad()
+    a = lm(ids, mask, labels)
+    a.loss.backward()
+    ga = grads(lm)
+    lm.zero_grad()
+    b = lm(ids, mask, labels, min_passes=6)
+    b.loss.backward()
+    assert (a.n_passes, b.n_passes) == (2, 6)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    for name, g in ga.items():
+        torch.testing.assert_close(grads(lm)[name], g, rtol=1e-12, atol=1e-15)
+
+
+def test_plan_counts_and_bad_layouts():
+    ids, mask, _ = batch("mixed")
+    assert count_passes(ids, mask, THINK) == 5
+    plan = plan_rollout(ids, mask, THINK)
+    covered = torch.zeros_like(mask, dtype=torch.bool)
+    for spec in plan.passes:
+        rows = torch.arange(4)[:, None].expand_as(spec.index)[spec.valid]
+        assert not covered[rows, spec.index[spec.valid]].any()
+        covered[rows, spec.index[spec.valid]] = True
+    assert torch.equal(covered, mask.bool())
+    holes = mask.clone()
+    holes[0, 3] = 0
+    with pytest.raises(ValueError, match="holes"):
+        plan_rollout(ids, holes, THINK)
+    first = ids.clone()
+    first[1, 0] = THINK
+    with pytest.raises(ValueError, match="first token"):
+        plan_rollout(first, mask, THINK)
