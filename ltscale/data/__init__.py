@@ -1,0 +1,67 @@
+"""Data: records (loading/validation), synthetic problems, tokenizer, formatting, insertion, collation.
+
+Flow: ``load_records`` / ``synthetic_splits`` -> ``encode_records`` (prompt + "## Step i: ..." +
+eos, prompt labels masked) -> for latent stages ``gold_token_probs`` -> ``select_sites`` ->
+``apply_insertions`` (sites persisted with ``save_insertions``) -> ``collate``.
+"""
+
+from .collate import collate
+from .formatting import (
+    IGNORE_INDEX,
+    Encoded,
+    assistant_text,
+    encode_example,
+    encode_records,
+    plain_prompt_text,
+    prompt_ids,
+)
+from .insertion import (
+    InsertionParams,
+    apply_insertions,
+    gold_token_probs,
+    insertion_fingerprint,
+    load_insertions,
+    save_insertions,
+    select_sites,
+)
+from .records import (
+    DataError,
+    LoadReport,
+    Record,
+    load_records,
+    load_records_with_report,
+    normalize_answer,
+    record_from_dict,
+)
+from .synthetic import generate_problems, synthetic_splits
+from .tokenizer import add_thinking_token, load_tokenizer, train_sentencepiece
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "Encoded",
+    "InsertionParams",
+    "LoadReport",
+    "Record",
+    "add_thinking_token",
+    "apply_insertions",
+    "assistant_text",
+    "collate",
+    "encode_example",
+    "encode_records",
+    "generate_problems",
+    "gold_token_probs",
+    "insertion_fingerprint",
+    "load_insertions",
+    "load_records",
+    "load_records_with_report",
+    "load_tokenizer",
+    "normalize_answer",
+    "plain_prompt_text",
+    "prompt_ids",
+    "record_from_dict",
+    "save_insertions",
+    "select_sites",
+    "synthetic_splits",
+    "train_sentencepiece",
+]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ltscale.model.rollout import count_passes, latent_rollout
 from ltscale.ops import context_prediction_fusion
@@ -26,11 +27,13 @@ MODES = ("cot", "hidden", "fusion", "pause")
 
 
 @dataclass
-class LatentLMOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
-    n_passes: int
-    n_targets: int
+class LatentLMOutput(ModelOutput):
+    """A ``ModelOutput`` (a dict) so DeepSpeed's ZeRO-3 hooks can find the tensors in it."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    n_passes: int | None = None
+    n_targets: int | None = None
 
 
 class FusionHead(nn.Module):

@@ -1,0 +1,586 @@
+"""Atomic, exactly-resumable checkpoints around DeepSpeed's engine checkpoints.
+
+Layout under ``root``::
+
+    root/
+      latest                 text: the newest complete tag (written last, atomically)
+      zero_to_fp32.py        DeepSpeed's offline consolidation script (copied by DeepSpeed)
+      <tag>/                 one complete checkpoint
+        zero_pp_rank_*_model_states.pt, *_optim_states.pt   DeepSpeed (per rank)
+        rng_rank{r}.pt       python/numpy/torch(/cuda) RNG of rank r (tensors only)
+        train_state.json     the trainer's state (step, consumed samples, stage, ...)
+        ltscale_meta.json    world size, zero stage, versions, save time (also our "this is ours" marker)
+      .tmp-<tag>/            a save in progress (or a crashed one; removed by the next save)
+
+Why the dance: a crash (preemption, OOM, node loss) in the middle of ``engine.save_checkpoint``
+leaves a half-written directory, and DeepSpeed's own ``latest`` would already name it only
+if written early. Here every rank writes into ``.tmp-<tag>``; after a barrier rank 0 renames it
+to ``<tag>`` (atomic on POSIX) and only then replaces ``latest``. So ``latest`` always names a
+complete directory, and a directory without the ``.tmp-`` prefix is complete by construction.
+
+DeepSpeed facts relied on (deepspeed 0.19.8, verified by tests/dist/test_engine_dist.py):
+the tag is only a directory name - nothing inside the files refers to it, so a renamed directory
+loads with ``load_checkpoint(root, tag=<new name>)``; ``load_checkpoint`` with a missing
+``latest`` silently returns ``(None, None)``, so we check ourselves; optimizer state cannot be
+loaded at another data-parallel world size (see ``_check_world_size`` for what can); a ZeRO-3
+weights-only load ignores the tag and reads ``latest`` (worked around in ``load_checkpoint``).
+Under ZeRO-3 an engine must not ``load_checkpoint`` right after its own ``save_checkpoint``
+(DeepSpeed docstring): load into a freshly built engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dist import barrier, dist_info
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_tag",
+    "list_checkpoints",
+    "write_json_atomic",
+    "capture_rng_state",
+    "restore_rng_state",
+    "TAG_PATTERN",
+]
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+META_FILE = "ltscale_meta.json"
+TRAIN_STATE_FILE = "train_state.json"
+RNG_FILE = "rng_rank{rank}.pt"
+FORMAT_VERSION = 1
+# Tags we create and are allowed to delete: no leading dot (tmp/trash dirs), no path separators.
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename/create in ``path`` (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_json(obj: Any, where: str = "") -> None:
+    """Raise TypeError naming the first key path that JSON cannot represent."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return
+    if isinstance(obj, float):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(
+                    f"train_state key {where}{k!r} must be a str for JSON, got {type(k).__name__}"
+                )
+            _check_json(v, f"{where}{k}.")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_json(v, f"{where}[{i}].")
+        return
+    raise TypeError(
+        f"value at {where.rstrip('.') or '<root>'!r} is a {type(obj).__name__}, which JSON cannot store; "
+        "convert it (e.g. tensor.item(), str(path)) before checkpointing"
+    )
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON so readers see the old file or the new one, never a torn one.
+
+    Temp file in the same directory, fsync, ``os.replace``, fsync of the directory.
+    """
+    path = Path(path)
+    _check_json(obj)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are read by other users/tools
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are read by other users/tools
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _validate_tag(tag: str) -> None:
+    if not isinstance(tag, str) or not TAG_PATTERN.match(tag) or tag == LATEST:
+        raise ValueError(
+            f"checkpoint tag {tag!r} must match {TAG_PATTERN.pattern} and not be {LATEST!r} "
+            "(no leading dot, no path separators)"
+        )
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a directory we own. A symlink is only unlinked - its target is never touched."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)  # rmtree unlinks symlinks inside the tree instead of following them
+    elif path.exists():
+        path.unlink()
+
+
+def _read_meta(ckpt_dir: Path) -> dict[str, Any] | None:
+    meta = ckpt_dir / META_FILE
+    if meta.is_symlink() or not meta.is_file():
+        return None
+    try:
+        with open(meta, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("ignoring unreadable %s: %s", meta, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as plain tensors (loadable with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    if name != "MT19937":  # pragma: no cover - numpy's legacy global RNG is always MT19937
+        raise RuntimeError(f"unexpected numpy global RNG {name!r}")
+    state = {
+        "python_version": torch.tensor([version], dtype=torch.int64),
+        "python_mt": torch.tensor(mt, dtype=torch.int64),
+        "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+        "numpy_pos": torch.tensor([pos], dtype=torch.int64),
+        "numpy_has_gauss": torch.tensor([has_gauss], dtype=torch.int64),
+        "numpy_cached_gaussian": torch.tensor([cached], dtype=torch.float64),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    gauss = float(state["python_gauss"][0])
+    random.setstate(
+        (
+            int(state["python_version"][0]),
+            tuple(int(x) for x in state["python_mt"].tolist()),
+            None if math.isnan(gauss) else gauss,
+        )
+    )
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            int(state["numpy_pos"][0]),
+            int(state["numpy_has_gauss"][0]),
+            float(state["numpy_cached_gaussian"][0]),
+        )
+    )
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["torch_cuda"].unbind(0))
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            log.warning(
+                "checkpoint has CUDA RNG for %d devices, this process sees %d: CUDA RNG not restored",
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )
+
+
+# --------------------------------------------------------------------------- discovery / rotation
+
+
+def list_checkpoints(root: str | Path) -> list[str]:
+    """Complete ltscale checkpoints in ``root``, oldest first.
+
+    Only real directories (not symlinks) whose name matches :data:`TAG_PATTERN` and that contain
+    our ``ltscale_meta.json`` count - anything else in ``root`` is not ours and is never touched.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found: list[tuple[int, str]] = []
+    for child in root.iterdir():
+        name = child.name
+        if name == LATEST or not TAG_PATTERN.match(name) or child.is_symlink() or not child.is_dir():
+            continue
+        meta = _read_meta(child)
+        if meta is None:
+            continue
+        found.append((int(meta.get("saved_at_ns", 0)), name))
+    return [name for _, name in sorted(found)]
+
+
+def latest_tag(root: str | Path) -> str | None:
+    """The tag to resume from: ``latest`` if it names an existing directory, else the newest
+    complete checkpoint (a crash between the rename and the ``latest`` update), else None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text(encoding="utf-8").strip()
+        if tag and (root / tag).is_dir():
+            return tag
+        log.warning(
+            "%s names %r, which is not a directory; falling back to the newest complete checkpoint",
+            pointer,
+            tag,
+        )
+    done = list_checkpoints(root)
+    return done[-1] if done else None
+
+
+def _protected_by_symlinks(root: Path) -> set[str]:
+    """Names of checkpoint dirs in ``root`` that a symlink in ``root`` points to (e.g. ``best``)."""
+    names: set[str] = set()
+    real_root = root.resolve()
+    for child in root.iterdir():
+        if child.is_symlink():
+            try:
+                target = child.resolve(strict=False)
+            except (OSError, RuntimeError):
+                continue
+            if target.parent == real_root:
+                names.add(target.name)
+    return names
+
+
+def _rotate(root: Path, keep_last_n: int, protect: set[str]) -> list[str]:
+    """Delete all but the newest ``keep_last_n`` complete checkpoints; return the deleted tags.
+
+    Never deletes ``protect`` (the one just written, the one ``latest`` names), any directory a
+    symlink in ``root`` points to, symlinks themselves, or anything that is not ours.
+    """
+    if keep_last_n < 1:
+        raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
+    done = list_checkpoints(root)
+    keep = set(done[-keep_last_n:]) | protect | _protected_by_symlinks(root)
+    deleted = []
+    for name in done:
+        if name in keep:
+            continue
+        path = root / name
+        if path.is_symlink():  # re-check right before deleting
+            continue
+        log.info("rotating out checkpoint %s", path)
+        shutil.rmtree(path)
+        deleted.append(name)
+    return deleted
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove leftovers of crashed saves (``.tmp-*``, ``.trash-*``); only unlink symlinks."""
+    for child in root.iterdir():
+        if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            log.warning("removing leftover of an interrupted save: %s", child)
+            _remove_tree(child)
+
+
+def _commit(root: Path, tmp: Path, final: Path) -> None:
+    """Make ``tmp`` the checkpoint ``final`` and point ``latest`` at it (rank 0 only).
+
+    Separate function so tests can simulate a crash right before the commit.
+    """
+    for dirpath, _, files in os.walk(tmp):
+        for fname in files:
+            p = Path(dirpath) / fname
+            if p.is_symlink():
+                continue
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    trash = None
+    if final.is_symlink():
+        raise FileExistsError(f"{final} is a symlink; refusing to replace it with a checkpoint")
+    if final.exists():  # re-saving the same tag (e.g. after a resume): swap, then delete the old one
+        trash = root / f"{TRASH_PREFIX}{final.name}"
+        _remove_tree(trash)
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_text_atomic(root / LATEST, final.name)
+    if trash is not None:
+        _remove_tree(trash)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    engine: Any,
+    root: str | Path,
+    tag: str,
+    train_state: dict[str, Any],
+    *,
+    rng: bool = True,
+    keep_last_n: int | None = None,
+) -> Path:
+    """Save a complete, atomic checkpoint ``root/tag``. Collective: every rank must call it.
+
+    ``train_state`` must be JSON-serialisable (checked on every rank before any I/O, so all
+    ranks fail alike instead of leaving the others waiting in a barrier).
+    Returns the final checkpoint directory.
+    """
+    _validate_tag(tag)
+    _check_json(train_state)
+    if keep_last_n is not None and keep_last_n < 1:
+        raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
+    info = dist_info()
+    root = Path(root)
+    tmp = root / f"{TMP_PREFIX}{tag}"
+    final = root / tag
+    t0 = time.perf_counter()
+
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        _clean_stale(root)
+    barrier()
+
+    client_state = {"ltscale": {"tag": tag, "world_size": info.world_size}}
+    ok = engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
+    if ok is False:
+        raise RuntimeError(f"rank {info.rank}: DeepSpeed save_checkpoint into {tmp} reported failure")
+    if rng:
+        torch.save(capture_rng_state(), tmp / RNG_FILE.format(rank=info.rank))
+    if info.is_main:
+        write_json_atomic(tmp / TRAIN_STATE_FILE, train_state)
+        meta = {
+            "format": FORMAT_VERSION,
+            "tag": tag,
+            "world_size": info.world_size,
+            "zero_stage": _zero_stage(engine),
+            "global_steps": int(getattr(engine, "global_steps", 0)),
+            "rng": bool(rng),
+            "saved_at_ns": time.time_ns(),
+            "torch_version": torch.__version__,
+            "deepspeed_version": _ds_version(),
+        }
+        write_json_atomic(tmp / META_FILE, meta)
+    barrier()  # every rank's files are in tmp
+
+    if info.is_main:
+        _commit(root, tmp, final)
+        if keep_last_n is not None:
+            _rotate(root, keep_last_n, protect={tag})
+    barrier()  # nobody proceeds (or loads) before `latest` is in place
+    log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
+    return final
+
+
+def _zero_stage(engine: Any) -> int:
+    fn = getattr(engine, "zero_optimization_stage", None)
+    return int(fn()) if callable(fn) else 0
+
+
+def _ds_version() -> str | None:
+    try:
+        import deepspeed
+
+        return str(deepspeed.__version__)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def _checkpoint_world_size(path: Path, meta: dict[str, Any] | None) -> int | None:
+    """World size a checkpoint was written with: our meta, else count DeepSpeed's per-rank files."""
+    if meta is not None and "world_size" in meta:
+        return int(meta["world_size"])
+    n = len(list(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    return n or None
+
+
+def _read_latest(root: Path) -> str | None:
+    pointer = root / LATEST
+    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+
+def _check_world_size(
+    path: Path, meta: dict[str, Any] | None, world: int, stage: int, load_optimizer: bool
+) -> None:
+    """Refuse loads DeepSpeed cannot do at a new world size, with the way out in the message.
+
+    DeepSpeed 0.19 (verified): optimizer state never reshards (ZeRORuntimeException deep inside);
+    weights-only loads work when shrinking (ZeRO-3 rebuilds the fp32 weights from all shards
+    on every rank; stages 0-2 keep whole weights in one file) but a ZeRO-3 weights-only load on
+    *more* ranks fails with a bare AssertionError on the ranks that find no shard file.
+    """
+    saved = _checkpoint_world_size(path, meta)
+    if saved is None or saved == world:
+        return
+    root, tag = path.parent, path.name
+    if not load_optimizer and (stage < 3 or world < saved):
+        log.warning(
+            "checkpoint %s: world size %d -> %d, loading weights only (DeepSpeed reshards them; "
+            "ZeRO-3 consolidates the full fp32 weights in every rank's host memory)",
+            path,
+            saved,
+            world,
+        )
+        return
+    what = "the optimizer state" if load_optimizer else "ZeRO-3 weights onto more ranks"
+    raise RuntimeError(
+        f"checkpoint {path} was written with world size {saved}, now {world}; DeepSpeed cannot reshard "
+        f"{what} of a plain ZeRO checkpoint. Resume with {saved} ranks"
+        + (
+            ", or load weights only (load_optimizer=False: a new optimizer and schedule)"
+            if load_optimizer
+            else ""
+        )
+        + f", or start from the consolidated weights (python {root}/zero_to_fp32.py {root} OUT_DIR --tag {tag}), "
+        "or convert with DeepSpeed's ds_to_universal.py and load with checkpoint.load_universal"
+    )
+
+
+def load_checkpoint(
+    engine: Any,
+    root: str | Path,
+    tag: str | None = None,
+    *,
+    load_optimizer: bool = True,
+) -> dict[str, Any]:
+    """Restore ``engine`` (weights, and with ``load_optimizer`` optimizer + LR schedule) and this
+    rank's RNG from ``root/tag`` (``tag=None``: the latest). Returns the saved ``train_state``.
+
+    Collective. ``load_optimizer=False`` is the warm start of a new curriculum stage: weights
+    only, fresh optimizer and schedule (also allowed from a checkpoint written on more ranks).
+    Raises FileNotFoundError naming the path when there is nothing to resume from, and
+    RuntimeError when the world size differs in a way DeepSpeed cannot reshard.
+    """
+    root = Path(root)
+    info = dist_info()
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint root {root} does not exist (resume was requested)")
+    if tag is None:
+        tag = latest_tag(root)
+        if tag is None:
+            raise FileNotFoundError(
+                f"no checkpoint to resume from in {root}: no '{LATEST}' file and no complete checkpoint directory"
+            )
+    path = root / tag
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    meta = _read_meta(path)
+
+    stage = _zero_stage(engine)
+    _check_world_size(path, meta, info.world_size, stage, load_optimizer)
+
+    # DeepSpeed 0.19 pitfall: a ZeRO-3 weights-only load consolidates the weights with
+    # get_fp32_state_dict_from_zero_checkpoint(load_dir) *without the tag*, i.e. from whatever
+    # `latest` names, silently ignoring an explicit older tag. Point it at a private view whose
+    # `latest` names the requested tag.
+    view = None
+    ds_root = root
+    if not load_optimizer and stage >= 3 and _read_latest(root) != tag:
+        view = Path(tempfile.mkdtemp(prefix="ltscale-ckpt-view-"))
+        (view / tag).symlink_to(path.resolve(), target_is_directory=True)
+        (view / LATEST).write_text(tag, encoding="utf-8")
+        ds_root = view
+    try:
+        load_path, _client = engine.load_checkpoint(
+            str(ds_root),
+            tag=tag,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+            load_module_only=not load_optimizer,
+        )
+    finally:
+        if view is not None:
+            shutil.rmtree(view)  # unlinks the symlink, never follows it
+    if load_path is None:
+        raise RuntimeError(f"rank {info.rank}: DeepSpeed could not load checkpoint {path}")
+    if load_optimizer:
+        _sync_lr_from_scheduler(engine)
+
+    rng_file = path / RNG_FILE.format(rank=info.rank)
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    elif meta is None or meta.get("rng", True):
+        log.warning("rank %d: %s missing, RNG state not restored", info.rank, rng_file)
+
+    state_file = path / TRAIN_STATE_FILE
+    if state_file.is_file():
+        with open(state_file, encoding="utf-8") as f:
+            train_state = json.load(f)
+    else:
+        log.warning("%s missing (not an ltscale checkpoint?), returning an empty train_state", state_file)
+        train_state = {}
+    log.info("rank %d: resumed from %s", info.rank, path)
+    return train_state
+
+
+def _sync_lr_from_scheduler(engine: Any) -> None:
+    """Put the restored schedule's current LR into the optimizer's param groups.
+
+    LambdaLR.load_state_dict restores its counters but does not write the optimizer's ``lr``.
+    DeepSpeed 0.19's ZeRO optimizers restore ``param_groups`` (lr included) themselves, so today
+    this is a consistency guard: the schedule, not whatever the optimizer state held, decides
+    the LR of the first step after a resume.
+    """
+    sched = getattr(engine, "lr_scheduler", None)
+    opt = getattr(engine, "optimizer", None)
+    last = getattr(sched, "_last_lr", None) if sched is not None else None
+    if not last or opt is None:
+        return
+    groups = opt.param_groups
+    if len(groups) != len(last):
+        log.warning("LR schedule has %d groups, optimizer %d: LR not re-synced", len(last), len(groups))
+        return
+    for g, lr in zip(groups, last):
+        g["lr"] = lr

@@ -1,0 +1,185 @@
+"""Building the DeepSpeed engine, and the few ZeRO-aware accessors the trainer and tests need.
+
+Why a wrapper: the trainer must not know whether parameters are partitioned. Everything that
+behaves differently under ZeRO-3 (external parameters, consolidated state dicts, full gradients)
+is decided here from the rendered DeepSpeed config.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .dist import dist_info, init_distributed
+from .ds_config import zero_stage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from deepspeed import DeepSpeedEngine
+
+log = logging.getLogger(__name__)
+
+__all__ = ["adamw_param_groups", "build_engine", "gather_state_dict", "full_grad", "grad_norm", "is_zero3"]
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay on >=2-D weights, none on biases, norms and embeddings.
+
+    Why: decaying norm gains and biases pulls them towards 0 (not towards their init of 1 / 0
+    meaning), which only hurts; embeddings (and an lm_head tied to them) are excluded as in
+    GPT-2/nanoGPT/Megatron practice, because rows of rare tokens receive almost no gradient and
+    would otherwise just shrink. Tied parameters appear once. Frozen parameters are skipped.
+    Empty groups are dropped (DeepSpeed drops them too, but a LambdaLR built on the list would
+    then see a different number of groups).
+    """
+    embedding_ids = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
+    }
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        # ZeRO-3 may already have partitioned p (zero.Init): its real shape is p.ds_shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": float(weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _offloads_optimizer(cfg: dict[str, Any]) -> bool:
+    off = (cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(off.get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def _lambda_lr_factory(fn: Callable[[int], float]) -> Callable[[torch.optim.Optimizer], Any]:
+    """DeepSpeed calls this with the client optimizer, whose param_groups ZeRO keeps using."""
+
+    def make(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=fn)
+
+    return make
+
+
+def build_engine(
+    model: nn.Module,
+    *,
+    ds_config: dict[str, Any],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    scheduler: Callable[[int], float] | None = None,
+    external_parameters: Sequence[tuple[nn.Module, nn.Parameter]] = (),
+) -> DeepSpeedEngine:
+    """Wrap ``model`` in a DeepSpeed engine with a client AdamW and an optional LambdaLR.
+
+    * ``ds_config`` is a rendered config (``render_ds_config``); it must not carry
+      ``optimizer``/``scheduler`` sections, since those would make DeepSpeed pick FusedAdam
+      (a multi-minute JIT build on CPU) and fight the client optimizer.
+    * The optimizer is ``torch.optim.AdamW`` (no JIT build), except with optimizer offload,
+      where DeepSpeed refuses a torch optimizer and ``DeepSpeedCPUAdam`` (JIT-built once,
+      cached in ``TORCH_EXTENSIONS_DIR``) is used.
+    * ``scheduler(step) -> multiplier`` becomes a ``LambdaLR`` that DeepSpeed steps after
+      every optimizer step and stores in its checkpoints; optimizer step ``i`` (0-based) runs
+      with ``lr * scheduler(i)``.
+    * ``external_parameters``: (module, param) pairs where ``module``'s forward reads
+      ``param`` although another module owns it (the fusion reading the input-embedding
+      matrix). Under ZeRO-3 they are registered with ``deepspeed.zero.register_external_parameter``
+      so the parameter is gathered for that module's forward and backward; otherwise it would
+      be an empty placeholder there. Ignored for stages < 3 (parameters are whole).
+    """
+    init_distributed()
+    import deepspeed
+
+    cfg = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ValueError(
+                f"ds_config has a {key!r} section; ltscale passes a client optimizer and LR schedule, "
+                f"remove {key!r} from the DeepSpeed template"
+            )
+    stage = zero_stage(cfg)
+    if stage == 3:
+        for module, param in external_parameters:
+            if not isinstance(param, nn.Parameter):
+                raise TypeError(
+                    f"external parameter for {type(module).__name__} must be an nn.Parameter, got {type(param)}"
+                )
+            deepspeed.zero.register_external_parameter(module, param)
+        if external_parameters:
+            log.info("registered %d external parameter(s) for ZeRO-3", len(external_parameters))
+
+    groups = adamw_param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    if _offloads_optimizer(cfg):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(
+            groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True
+        )
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    lr_factory = _lambda_lr_factory(scheduler) if scheduler is not None else None
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_factory, config=cfg
+    )
+    log.info(
+        "DeepSpeed engine: zero stage %d, world %d, micro %d x accum %d, %s",
+        stage,
+        dist_info().world_size,
+        engine.train_micro_batch_size_per_gpu(),
+        engine.gradient_accumulation_steps(),
+        type(engine.optimizer).__name__,
+    )
+    return engine
+
+
+def is_zero3(engine: Any) -> bool:
+    return bool(engine.zero_optimization_partition_weights())
+
+
+def gather_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """Full (unpartitioned) state dict on rank 0, ``None`` on other ranks.
+
+    Collective: every rank must call it. Keys are ``engine.module.state_dict()`` names
+    (persistent buffers included, tied weights under both names). Values are CPU tensors in the
+    module's dtype: fp32 for fp32 runs, the 16-bit training copy for bf16/fp16 runs (what an
+    HF export wants; the fp32 master weights live in the optimizer / ``zero_to_fp32.py``).
+    """
+    if is_zero3(engine):
+        # Gathers one module at a time (bounded memory) on all ranks, copies on rank 0.
+        return engine._zero3_consolidated_16bit_state_dict()
+    if not dist_info().is_main:
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+
+
+def full_grad(param: nn.Parameter) -> torch.Tensor | None:
+    """The full gradient of a (possibly partitioned) parameter, after backward and before step.
+
+    Collective under ZeRO-3 (all ranks must ask for the same parameters in the same order).
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad(param)
+
+
+def grad_norm(engine: Any) -> float:
+    """Global gradient 2-norm of the last optimizer step (before clipping); NaN if unknown yet."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return math.nan
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)

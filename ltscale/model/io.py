@@ -1,0 +1,81 @@
+"""Saving/loading a LatentLM as a Hugging Face ``save_pretrained`` dir plus its latent config.
+
+Kept in ``ltscale.model`` (torch + transformers only) so ``ltscale eval`` and other tools load a
+checkpoint without DeepSpeed; plain ``transformers`` loads the base model from the same dir.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ltscale.model.latent_lm import LatentLM
+
+LATENT_CONFIG_FILE = "ltscale_latent.json"
+ADAPTER_FILE = "ltscale_adapter.safetensors"
+
+
+def split_state_dict(latent_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``LatentLM.state_dict()`` keys -> (base model keys, adapter keys)."""
+    base = {k[len("base."):]: v for k, v in latent_state.items() if k.startswith("base.")}
+    adapter = {k[len("adapter."):]: v for k, v in latent_state.items() if k.startswith("adapter.")}
+    return base, adapter
+
+
+def save_latent_model(out_dir: str | Path, *, config, latent_state: dict[str, torch.Tensor], tokenizer,
+                      latent_config: dict[str, Any]) -> Path:
+    """Write an HF ``save_pretrained`` dir (+ tokenizer + latent config) atomically.
+
+    Plain ``transformers`` loads the base model from it; ``load_latent_model`` adds the latent
+    behaviour back.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    base_state, adapter_state = split_state_dict(latent_state)
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(base_state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"state dict does not fit the model: missing={sorted(set(missing) - tied)} "
+                           f"unexpected={sorted(unexpected)}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if adapter_state:
+        save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(tmp / ADAPTER_FILE))
+    (tmp / LATENT_CONFIG_FILE).write_text(json.dumps(latent_config, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_latent_model(path: str | Path, *, mode: str | None = None, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> tuple[LatentLM, Any]:
+    """Load a dir written by ``save_latent_model`` (or ``ltscale export``) for eval/generation."""
+    path = Path(path)
+    meta_file = path / LATENT_CONFIG_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: not an ltscale checkpoint (no {LATENT_CONFIG_FILE})")
+    meta = json.loads(meta_file.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    base = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs).to(device)
+    lm = LatentLM(base, meta["thinking_token_id"], mode=mode or meta["mode"], alpha=meta["alpha"],
+                  temperature=meta["temperature"], top_p=meta["top_p"], adapter=bool(meta.get("adapter")),
+                  adapter_hidden=meta.get("adapter_hidden") or 1024)
+    if lm.adapter is not None:
+        lm.adapter.load_state_dict(load_file(str(path / ADAPTER_FILE)))
+        lm.adapter.to(device=device, dtype=next(base.parameters()).dtype)
+    return lm.eval(), tokenizer

@@ -1,0 +1,173 @@
+"""Everything a run needs before its first step: data, tokenizer, model, schedule, sampler.
+
+Split out of ``trainer.py`` so the loop there reads top to bottom. Nothing here talks to other
+ranks except through the callables it is handed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ltscale.config import RunConfig
+from ltscale.data import Encoded, Record, encode_records, load_records
+from ltscale.data.formatting import assistant_text
+from ltscale.data.synthetic import synthetic_splits
+from ltscale.data.tokenizer import add_thinking_token, load_tokenizer, train_sentencepiece
+from ltscale.model import LatentLM
+from ltscale.model.builder import build_base_model, init_thinking_embedding
+
+log = logging.getLogger(__name__)
+
+FUSED_TO_IMPL = {"auto": "auto", "on": "fused", "off": "torch"}
+
+
+@dataclass
+class RunData:
+    tokenizer: object
+    thinking_id: int
+    train: list[Encoded]
+    eval_records: list[Record]
+    train_records: list[Record]
+
+
+def load_split_records(cfg: RunConfig, which: str) -> list[Record]:
+    d = cfg.data
+    source = d.train if which == "train" else d.eval
+    split = d.train_split if which == "train" else d.eval_split
+    limit = d.train_limit if which == "train" else d.eval_limit
+    if source == "synthetic":
+        s = d.synthetic
+        train, test = synthetic_splits(s.n_train, s.n_test, s.seed, min_steps=s.min_steps, max_steps=s.max_steps)
+        records = train if which == "train" else test
+        return records[:limit] if limit is not None else records
+    return load_records(source, split=split, strict=d.strict, limit=limit)
+
+
+def prepare_tokenizer(cfg: RunConfig, run_dir: Path, train_records: list[Record], *, is_main: bool,
+                      barrier: Callable[[], None]):
+    """Load the configured tokenizer, or train a sentencepiece one once (rank 0) into the run dir."""
+    m = cfg.model
+    if m.tokenizer == "sentencepiece":
+        out = run_dir / "tokenizer"
+        if is_main and not (out / "tokenizer.json").is_file():
+            tmp = run_dir / ".tmp-tokenizer"
+            shutil.rmtree(tmp, ignore_errors=True)
+            texts = [t for r in train_records for t in (r.question, assistant_text(r))]
+            train_sentencepiece(texts, tmp, vocab_size=m.tokenizer_vocab_size, seed=cfg.train.seed)
+            tmp.rename(out)
+        barrier()
+        return load_tokenizer(str(out))
+    source = m.tokenizer or m.name_or_path
+    kwargs = {"gguf_file": m.gguf_file} if m.gguf_file and source == m.name_or_path else {}
+    return load_tokenizer(source, trust_remote_code=m.trust_remote_code, **kwargs)
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path, *, is_main: bool, barrier: Callable[[], None]) -> RunData:
+    train_records = load_split_records(cfg, "train")
+    eval_records = load_split_records(cfg, "eval")
+    tokenizer = prepare_tokenizer(cfg, run_dir, train_records, is_main=is_main, barrier=barrier)
+    thinking_id = add_thinking_token(tokenizer, cfg.model.thinking_token)
+    train = encode_records(tokenizer, train_records, use_chat_template=cfg.model.use_chat_template,
+                           max_length=cfg.data.max_length, strict=cfg.data.strict)
+    if not train:
+        raise ValueError(f"data.train: no usable training examples in {cfg.data.train!r}")
+    return RunData(tokenizer=tokenizer, thinking_id=thinking_id, train=train, eval_records=eval_records,
+                   train_records=train_records)
+
+
+def build_latent_model(cfg: RunConfig, data: RunData) -> LatentLM:
+    """The same initial weights on every rank (seeded), ``<thinking>`` rows initialised per spec."""
+    m = cfg.model
+    base = build_base_model(name_or_path=m.name_or_path, init=m.init, vocab_size=len(data.tokenizer),
+                            dtype=torch.float32, attn_implementation=m.attn_implementation,
+                            gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code, seed=cfg.train.seed)
+    init_thinking_embedding(base, data.tokenizer, data.thinking_id, m.thinking_init_token)
+    first = cfg.stages[0]
+    return LatentLM(base, data.thinking_id, mode=first.mode, alpha=first.alpha, temperature=first.temperature,
+                    top_p=first.top_p, adapter=m.adapter, adapter_hidden=m.adapter_hidden,
+                    gradient_checkpointing=m.gradient_checkpointing, fusion_impl=FUSED_TO_IMPL[cfg.engine.fused])
+
+
+@dataclass
+class Schedule:
+    """Optimizer steps per stage and the LR multiplier as a pure function of the global step.
+
+    Stage k occupies global steps ``[start[k], start[k+1])``. ``continue`` runs one warmup+decay
+    over the whole curriculum (the official code: one HF Trainer run); ``reset`` restarts it at
+    every stage. Being a function of the global step only, it resumes exactly.
+    """
+
+    steps: list[int]
+    warmup_ratio: float
+    kind: str
+    strategy: str
+
+    @property
+    def start(self) -> list[int]:
+        return [sum(self.steps[:k]) for k in range(len(self.steps) + 1)]
+
+    def _shape(self, step: int, total: int) -> float:
+        warm = int(self.warmup_ratio * total)
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = (step - warm) / max(total - warm, 1)
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if self.kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    def multiplier(self, step: int) -> float:
+        if self.strategy == "continue":
+            return self._shape(step, sum(self.steps))
+        starts = self.start
+        k = max(i for i in range(len(self.steps)) if starts[i] <= step) if step < starts[-1] else len(self.steps) - 1
+        return self._shape(step - starts[k], self.steps[k])
+
+
+def stage_steps(cfg: RunConfig, n_examples: int, world_size: int) -> list[int]:
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    if n_examples < global_batch:
+        raise ValueError(f"train: {n_examples} examples < one global batch ({global_batch} = micro_batch_size "
+                         f"{cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum} x world {world_size})")
+    out = []
+    for st in cfg.stages:
+        n = max(1, int(st.epochs * n_examples) // global_batch)
+        if cfg.train.max_steps_per_stage is not None:
+            n = min(n, cfg.train.max_steps_per_stage)
+        out.append(n)
+    return out
+
+
+class Sampler:
+    """Deterministic sample order per (seed, stage): epochs of fresh permutations, then sliced.
+
+    Position = (stage, step), so resuming needs no iterator state: step s, micro-batch a of rank r
+    reads ``order[(s*accum + a)*micro*world + r*micro :][:micro]``. The global batch of a step is
+    the same set for any world size with the same ``micro*accum*world``.
+    """
+
+    def __init__(self, n: int, *, seed: int, micro: int, accum: int, world: int, rank: int):
+        self.n, self.seed, self.micro, self.accum, self.world, self.rank = n, seed, micro, accum, world, rank
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def order(self, stage: int, n_steps: int) -> np.ndarray:
+        key = (stage, n_steps)
+        if key not in self._orders:
+            need = n_steps * self.micro * self.accum * self.world
+            epochs = -(-need // self.n)
+            rng = np.random.default_rng([self.seed, stage])
+            self._orders[key] = np.concatenate([rng.permutation(self.n) for _ in range(epochs)])
+        return self._orders[key]
+
+    def indices(self, stage: int, n_steps: int, step: int, micro_step: int) -> list[int]:
+        start = (step * self.accum + micro_step) * self.micro * self.world + self.rank * self.micro
+        return self.order(stage, n_steps)[start:start + self.micro].tolist()

@@ -1,0 +1,52 @@
+"""Training entry point (thin): ``deepspeed ltscale/train.py --config X [--stage 1|2|3|all] [key=value ...]``.
+
+Also runs under ``torchrun`` and ``mpirun -np N python ltscale/train.py``; without ``--config``
+it runs the embedded tiny default (configs/tiny.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script by a launcher: make `import ltscale` work from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="run config YAML (default: configs/tiny.yaml)")
+    p.add_argument("--stage", default="all", help="1, 2, 3 ... or 'all' (default)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=4 stages.2.alpha=0.5")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ltscale.config import ConfigError, load_config
+    from ltscale.logging_setup import setup_logging
+
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"ltscale: config error: {err}", file=sys.stderr)
+        return 2
+    from ltscale.data import DataError
+    from ltscale.trainer import StageOrderError, train
+
+    try:
+        train(cfg, args.stage)
+    except (DataError, StageOrderError, FileNotFoundError, ValueError) as err:
+        rank = os.environ.get("RANK", "0")
+        logging.getLogger("ltscale").error("rank %s: %s", rank, err)
+        print(f"ltscale: error (rank {rank}): {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

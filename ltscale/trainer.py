@@ -1,0 +1,286 @@
+"""The LT-Tuning curriculum loop: stages, checkpoints, eval, logging.
+
+Layout of a run dir::
+
+    config.resolved.yaml  ds_config.json  tokenizer/  tb/  eval_table.md
+    stage{N}/ckpt/<tag>   DeepSpeed + train state (tags step-XXXXXX, rotated; and final)
+    stage{N}/insertions/  the stage's <thinking> sites (Arrow), reused on resume
+    stage{N}/hf/          HF save_pretrained export of the stage's final weights
+    stage{N}/eval.json    eval summary (+ eval.examples.jsonl)
+    stage{N}/COMPLETE     written last: the stage is done
+
+One DeepSpeed engine serves every stage (the module is the same; only the latent mode changes).
+A stage starts from the previous stage's final checkpoint, with its optimizer state when
+``optim.stage_strategy=continue`` (the official code's single HF Trainer run) or fresh when ``reset``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ltscale.config import RunConfig, save_resolved
+from ltscale.data import collate
+from ltscale.engine import checkpoint as ckpt
+from ltscale.engine import dist
+from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config, zero_stage
+from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm
+from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
+from ltscale.methods.lt_tuning import score_and_select, stage_examples
+from ltscale.model.io import load_latent_model, save_latent_model
+from ltscale.monitor import Monitor
+from ltscale.run_setup import RunData, Sampler, Schedule, build_latent_model, prepare_data, stage_steps
+
+log = logging.getLogger(__name__)
+
+FINAL = "final"
+
+
+class StageOrderError(RuntimeError):
+    """A stage was asked for before the stage it starts from has finished."""
+
+
+def stage_dir(run_dir: Path, k: int) -> Path:
+    return run_dir / f"stage{k}"
+
+
+def stage_complete(run_dir: Path, k: int) -> bool:
+    return (stage_dir(run_dir, k) / "COMPLETE").is_file()
+
+
+def select_stages(cfg: RunConfig, run_dir: Path, stage_arg: str) -> list[int]:
+    n = len(cfg.stages)
+    if stage_arg == "all":
+        return [k for k in range(1, n + 1) if not stage_complete(run_dir, k)]
+    if not stage_arg.isdigit() or not 1 <= int(stage_arg) <= n:
+        raise ValueError(f"--stage: {stage_arg!r} is not 'all' or a stage number 1..{n}")
+    k = int(stage_arg)
+    if stage_complete(run_dir, k):
+        log.info("stage %d is already complete (%s); nothing to do", k, stage_dir(run_dir, k) / "COMPLETE")
+        return []
+    if k > 1 and not stage_complete(run_dir, k - 1):
+        raise StageOrderError(
+            f"--stage {k} starts from stage {k - 1}'s final checkpoint, but "
+            f"{stage_dir(run_dir, k - 1) / 'COMPLETE'} does not exist; run --stage {k - 1} first")
+    return [k]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.info = dist.init_distributed()
+        self.run_dir = Path(cfg.run_dir)
+        if self.info.is_main:
+            save_resolved(cfg, self.run_dir)
+        dist.barrier()
+        self.data: RunData = prepare_data(cfg, self.run_dir, is_main=self.info.is_main, barrier=dist.barrier)
+        self.lm = build_latent_model(cfg, self.data)
+        t = cfg.train
+        self.ds_config = render_ds_config(resolve_template(cfg.engine.ds_config), micro_batch=t.micro_batch_size,
+                                          grad_accum=t.grad_accum, world_size=self.info.world_size,
+                                          grad_clip=cfg.optim.max_grad_norm, precision=cfg.engine.precision)
+        if t.global_batch_size is not None and t.global_batch_size != self.ds_config["train_batch_size"]:
+            raise ValueError(f"train.global_batch_size: {t.global_batch_size} != micro_batch_size x grad_accum x "
+                             f"world_size = {self.ds_config['train_batch_size']}")
+        if self.info.is_main:
+            write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
+        self.schedule = Schedule(stage_steps(cfg, len(self.data.train), self.info.world_size),
+                                 cfg.optim.warmup_ratio, cfg.optim.schedule, cfg.optim.stage_strategy)
+        self.engine = build_engine(self.lm, ds_config=self.ds_config, lr=cfg.optim.lr,
+                                   weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
+                                   eps=cfg.optim.eps, scheduler=self.schedule.multiplier,
+                                   external_parameters=self.lm.zero3_external_parameters())
+        self.zero3 = zero_stage(self.ds_config) == 3
+        self.sampler = Sampler(len(self.data.train), seed=t.seed, micro=t.micro_batch_size, accum=t.grad_accum,
+                               world=self.info.world_size, rank=self.info.rank)
+        self.monitor: Monitor | None = None
+        self.results: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ entry
+    def train(self, stage_arg: str = "all") -> dict[int, dict]:
+        stages = select_stages(self.cfg, self.run_dir, stage_arg)
+        for k in range(1, len(self.cfg.stages) + 1):
+            done = stage_dir(self.run_dir, k) / "eval.json"
+            if stage_complete(self.run_dir, k) and done.is_file():
+                self.results[k] = json.loads(done.read_text())
+        if not stages:
+            self._print_table()
+            return self.results
+        first = stages[0]
+        start_step = self._restore(first)
+        self.monitor = Monitor.for_rank(self.run_dir / "tb", self.info.rank,
+                                        purge_step=self.schedule.start[first - 1] + start_step)
+        try:
+            for k in stages:
+                self.run_stage(k, start_step if k == first else 0)
+        finally:
+            self.monitor.close()
+        self._print_table()
+        return self.results
+
+    def _restore(self, k: int) -> int:
+        """Load where stage ``k`` starts: its own mid-stage checkpoint, or stage k-1's final one."""
+        own = stage_dir(self.run_dir, k) / "ckpt"
+        resume = self.cfg.resume
+        if resume != "never" and ckpt.latest_tag(own) is not None:
+            state = ckpt.load_checkpoint(self.engine, own)
+            log.info("resuming stage %d at step %d from %s", k, state["step_in_stage"], own)
+            return int(state["step_in_stage"])
+        if resume == "must":
+            raise FileNotFoundError(f"resume=must but {own} holds no checkpoint")
+        if k > 1:
+            prev = stage_dir(self.run_dir, k - 1) / "ckpt"
+            if FINAL not in ckpt.list_checkpoints(prev):
+                raise StageOrderError(f"stage {k} starts from {prev / FINAL}, which does not exist")
+            keep_optimizer = self.cfg.optim.stage_strategy == "continue"
+            ckpt.load_checkpoint(self.engine, prev, FINAL, load_optimizer=keep_optimizer)
+            if not keep_optimizer:
+                self._set_schedule_step(self.schedule.start[k - 1])
+        return 0
+
+    # ------------------------------------------------------------------ one stage
+    def run_stage(self, k: int, start_step: int) -> None:
+        cfg, st, lm = self.cfg, self.cfg.stages[k - 1], self.lm
+        sdir = stage_dir(self.run_dir, k)
+        lm.set_latent_mode(st.mode, alpha=st.alpha, temperature=st.temperature, top_p=st.top_p)
+        if start_step == 0 and k > 1 and cfg.optim.stage_strategy == "reset":
+            self._reset_optimizer_state()
+        examples, stats = stage_examples(
+            self.data.train, st, stage_index=k, stage_dir=sdir, thinking_id=self.data.thinking_id,
+            seed=cfg.train.seed, compute_sites=lambda: self._score(examples_=self.data.train, k=k),
+            is_main=self.info.is_main, barrier=dist.barrier)
+        n_steps = self.schedule.steps[k - 1]
+        log.info("stage %d (%s): %d steps from step %d, %d examples", k, st.mode, n_steps, start_step, len(examples))
+        pad_id = self.data.tokenizer.pad_token_id
+        window = {"loss": 0.0, "n": 0, "tokens": 0, "latent": 0, "samples": 0, "t0": time.perf_counter()}
+        self.engine.train()
+        for step in range(start_step, n_steps):
+            for a in range(cfg.train.grad_accum):
+                batch = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
+                passes = lm.count_passes(batch["input_ids"], batch["attention_mask"])
+                if self.zero3 and lm.uses_rollout:
+                    passes = dist.all_reduce_max(passes)
+                out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                                  min_passes=passes, return_logits=False)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                window["loss"] += float(out.loss.detach())
+                window["n"] += 1
+                window["tokens"] += int(batch["attention_mask"].sum())
+                window["latent"] += int((batch["input_ids"] == self.data.thinking_id).sum())
+                window["samples"] += batch["input_ids"].shape[0]
+            global_step = self.schedule.start[k - 1] + step + 1
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == n_steps:
+                self._log_window(k, step + 1, n_steps, global_step, window)
+            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < n_steps:
+                self._save(k, f"step-{step + 1:06d}", step + 1, complete=False)
+        self._save(k, FINAL, n_steps, complete=True)
+        self._finish_stage(k, stats)
+
+    def _score(self, examples_, k: int) -> list[list[int]]:
+        """Confidence pass with the current weights (plain forward, no latent substitution)."""
+        base = self.engine.module.base
+        was_training = self.engine.module.training
+        self.engine.eval()
+
+        def forward_logits(ids, mask):
+            return base(input_ids=ids, attention_mask=mask).logits
+
+        try:
+            return score_and_select(forward_logits, examples_, self.cfg.stages[k - 1], stage_index=k,
+                                    seed=self.cfg.train.seed, batch_size=self.cfg.train.scoring_batch_size,
+                                    pad_id=self.data.tokenizer.pad_token_id, rank=self.info.rank,
+                                    world_size=self.info.world_size, all_gather=dist.all_gather_object)
+        finally:
+            self.engine.train(was_training)
+
+    def _log_window(self, k: int, step: int, n_steps: int, global_step: int, w: dict) -> None:
+        elapsed = max(time.perf_counter() - w["t0"], 1e-9)
+        loss = dist.all_reduce_sum(w["loss"] / max(w["n"], 1)) / self.info.world_size
+        tokens = dist.all_reduce_sum(float(w["tokens"]))
+        latent = dist.all_reduce_sum(float(w["latent"])) / max(dist.all_reduce_sum(float(w["samples"])), 1.0)
+        lr = self.engine.get_lr()[0]
+        gnorm = grad_norm(self.engine)
+        self.monitor.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
+                              "latent/tokens_per_sample": latent, "perf/tokens_per_s": tokens / elapsed,
+                              "train/stage": k}, global_step)
+        if self.info.is_main:
+            log.info("stage %d step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  latent/sample %.2f  tok/s %.0f",
+                     k, step, n_steps, loss, lr, gnorm, latent, tokens / elapsed)
+        w.update(loss=0.0, n=0, tokens=0, latent=0, samples=0, t0=time.perf_counter())
+
+    def _save(self, k: int, tag: str, step_in_stage: int, *, complete: bool) -> None:
+        state = {"stage": k, "step_in_stage": step_in_stage, "stage_complete": complete,
+                 "global_step": self.schedule.start[k - 1] + step_in_stage, "mode": self.cfg.stages[k - 1].mode}
+        ckpt.save_checkpoint(self.engine, stage_dir(self.run_dir, k) / "ckpt", tag, state,
+                             keep_last_n=self.cfg.train.keep_last_n)
+
+    def _finish_stage(self, k: int, stats: dict) -> None:
+        """Export HF weights, evaluate them (sharded over ranks), then mark the stage complete."""
+        sdir = stage_dir(self.run_dir, k)
+        state = gather_state_dict(self.engine)
+        if self.info.is_main:
+            save_latent_model(sdir / "hf", config=self.lm.base.config, latent_state=state,
+                              tokenizer=self.data.tokenizer, latent_config=self.lm.latent_config())
+        del state
+        dist.barrier()
+        summary = self._evaluate(k, sdir)
+        if self.info.is_main:
+            summary = json.loads(json.dumps(summary)) if summary else None  # int dict keys -> str
+            marker = {"stage": k, "mode": self.cfg.stages[k - 1].mode, "steps": self.schedule.steps[k - 1],
+                      "global_step": self.schedule.start[k], "insertion": stats, "eval": summary}
+            ckpt.write_json_atomic(sdir / "COMPLETE", marker)
+        dist.barrier()
+
+    def _evaluate(self, k: int, sdir: Path) -> dict | None:
+        records = self.data.eval_records
+        if not self.cfg.eval.after_each_stage or not records:
+            return None
+        lm, tokenizer = load_latent_model(sdir / "hf")
+        torch.manual_seed(0)
+        _, mine = evaluate(lm, tokenizer, records, batch_size=self.cfg.eval.batch_size,
+                           max_new_tokens=self.cfg.eval.max_new_tokens, use_chat_template=self.cfg.model.use_chat_template,
+                           progress=self.info.is_main, rank=self.info.rank, world_size=self.info.world_size)
+        shards = dist.all_gather_object(mine)
+        if not self.info.is_main:
+            return None
+        per_example = merge_results(shards)
+        summary = summarize(per_example)
+        write_results(summary, per_example, sdir / "eval.json", meta={"stage": k, "mode": self.cfg.stages[k - 1].mode})
+        result = summary.to_dict()
+        self.results[k] = result
+        self.monitor.scalars(summary.scalars("eval"), self.schedule.start[k])
+        self.monitor.flush()
+        log.info("stage %d eval: accuracy %.3f (numeric %.3f), %.2f latent tokens per answer", k,
+                 summary.accuracy_official, summary.accuracy_numeric, summary.mean_latent_tokens)
+        return result
+
+    # ------------------------------------------------------------------ optimizer plumbing
+    def _reset_optimizer_state(self) -> None:
+        """``stage_strategy=reset`` inside one process: AdamW re-initialises empty state lazily.
+
+        The LR schedule needs no reset: ``Schedule.multiplier`` already restarts per stage.
+        """
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        inner.state.clear()
+
+    def _set_schedule_step(self, step: int) -> None:
+        sched = self.engine.lr_scheduler
+        sched.last_epoch = step - 1
+        sched.step()
+
+    def _print_table(self) -> None:
+        if not self.info.is_main or not self.results:
+            return
+        rows = [{"stage": k, "mode": self.cfg.stages[k - 1].mode, **v} for k, v in sorted(self.results.items()) if v]
+        table = format_table(rows)
+        (self.run_dir / "eval_table.md").write_text(table + "\n")
+        print(table, flush=True)
+
+
+def train(cfg: RunConfig, stage: str = "all") -> dict[int, dict]:
+    return Trainer(cfg).train(stage)

@@ -1,0 +1,227 @@
+"""Shared pytest setup for every test tier.
+
+Process-wide environment set here (before torch/deepspeed are imported by any test module):
+
+* ``DS_ACCELERATOR=cpu``: DeepSpeed would otherwise auto-detect, and a box with a GPU would
+  silently switch the CPU suite to CUDA.  ``setdefault``: an explicit caller value wins (the GPU
+  tier's device script sets its own).
+* ``OMP_NUM_THREADS=1``: 2 ranks on 2 cores; more threads per rank only oversubscribe.
+
+Deliberately NOT set globally: ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
+``MASTER_PORT``.  A test that initialises a single-process group sets them itself (via
+``monkeypatch.setenv`` and ``free_port``); leaking them would make every subprocess believe it is
+part of a job.  Note that with mpi4py installed, ``deepspeed.init_distributed()`` without these
+variables falls into MPI discovery, which picks a non-loopback MASTER_ADDR.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Variables describing a distributed job; stripped from the environment of launched ranks so the
+# launcher alone decides them.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared benchmark data (``LTSCALE_DATA_DIR``, default ``<repo>/../shared/data``).
+
+    Missing data skips the test on a developer machine, but fails it in CI (``CI=true``): there a
+    silent skip would hide that the data tier never ran.
+    """
+    path = Path(os.environ.get("LTSCALE_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()
+    if not path.is_dir():
+        reason = f"data directory {path} not found (set LTSCALE_DATA_DIR)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true, so this is an error rather than a skip")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture
+def tiny_llama() -> Callable[..., torch.nn.Module]:
+    """Factory for tiny, randomly initialised ``LlamaForCausalLM`` models.
+
+    ``make(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=None, tie=False, attn="sdpa",
+    dtype=torch.float64, seed=0)``.  Same arguments -> bit-identical weights; the global RNG of
+    the calling test is left untouched (init runs under ``fork_rng``).  float64 by default so
+    parity tests can use tight tolerances.  ``kv_heads=None`` means plain multi-head attention;
+    pass fewer to exercise GQA.  The model is returned in training mode, as constructed.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(
+        vocab_size: int = 64,
+        hidden: int = 32,
+        layers: int = 2,
+        heads: int = 4,
+        kv_heads: int | None = None,
+        tie: bool = False,
+        attn: str = "sdpa",
+        dtype: torch.dtype = torch.float64,
+        seed: int = 0,
+    ) -> LlamaForCausalLM:
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads if kv_heads is not None else heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=tie,
+            attn_implementation=attn,
+            dtype=dtype,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(cfg)
+        # Built in fp32 (torch's default dtype) and then cast, so e.g. float64 and float32
+        # models with the same seed hold the same values.
+        return model.to(dtype)
+
+    return make
+
+
+def _free_port() -> int:
+    # Bind to port 0 and let the kernel choose.  The port is released before the caller binds it,
+    # so a race is possible but rare; every launch asks anew rather than reusing a fixed port.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """``free_port()`` -> an unused TCP port on 127.0.0.1."""
+    return _free_port
+
+
+class RanksFailed(AssertionError):
+    """A multi-rank launch timed out or exited non-zero; the message carries its output."""
+
+    def __init__(self, msg: str, proc: subprocess.CompletedProcess):
+        super().__init__(msg)
+        self.proc = proc
+
+
+def _tail(text: str | None, limit: int = 12_000) -> str:
+    text = text or ""
+    return text if len(text) <= limit else f"... [{len(text) - limit} chars cut] ...\n{text[-limit:]}"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    # torchrun runs in its own session (start_new_session=True): signal the whole group so worker
+    # ranks do not outlive a timed-out or interrupted test.  SIGTERM first lets torchrun tear
+    # down its workers; SIGKILL whatever is left.
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def run_ranks(repo_root: Path, free_port: Callable[[], int]) -> Callable[..., subprocess.CompletedProcess]:
+    """Launch ``script`` on ``nproc`` local ranks with torchrun (gloo, 127.0.0.1).
+
+    ``run_ranks(script, nproc=2, args=(), timeout=300, env=None, cwd=None, check=True)`` returns
+    the ``CompletedProcess`` (text stdout/stderr).  With ``check`` (default) a non-zero exit
+    raises ``RanksFailed`` with the captured output; a timeout always raises, after the whole
+    process group has been killed.  ``env`` entries are added to the test environment
+    (``DS_ACCELERATOR=cpu``, ``OMP_NUM_THREADS=1``, FutureWarnings off, repo root on
+    ``PYTHONPATH``).  The launcher is ``python -m torch.distributed.run`` (= ``torchrun``) of the
+    running interpreter, so ranks always use the test's venv.
+
+    The ranks share one stdout pipe.  Output stays block-buffered on purpose (no
+    ``PYTHONUNBUFFERED``): unbuffered, ``print`` issues one write per piece and lines of different
+    ranks interleave mid-line.  Scripts whose output a test parses, or that must show progress on
+    a timeout, should ``print(..., flush=True)``, which emits each line in one write.
+    ``RanksFailed`` is also reachable as ``run_ranks.Failed`` (tests cannot import conftest).
+    """
+
+    def run(
+        script: str | os.PathLike,
+        nproc: int = 2,
+        args: Sequence[str] = (),
+        timeout: float = 300,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess:
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port),
+            str(script), *map(str, args),
+        ]  # fmt: skip
+        run_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        run_env.update(
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore::FutureWarning",
+            PYTHONPATH=os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH")) if p),
+        )
+        run_env.update(env or {})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd or repo_root,
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err = proc.communicate()
+            done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            raise RanksFailed(
+                f"{' '.join(cmd)}\ntimed out after {timeout}s\n"
+                f"--- stdout ---\n{_tail(out)}\n--- stderr ---\n{_tail(err)}",
+                done,
+            ) from None
+        finally:
+            # Also reached when pytest-timeout or Ctrl-C interrupts communicate().
+            if proc.poll() is None:
+                _kill_group(proc)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        if check and proc.returncode != 0:
+            raise RanksFailed(
+                f"{' '.join(cmd)}\nexited with {proc.returncode}\n"
+                f"--- stdout ---\n{_tail(out)}\n--- stderr ---\n{_tail(err)}",
+                done,
+            )
+        return done
+
+    run.Failed = RanksFailed
+    return run

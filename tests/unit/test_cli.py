@@ -1,0 +1,187 @@
+"""The ``ltscale`` console script: checkpoint resolution, user errors, data synth/check, eval, generate.
+
+eval/generate run against a fake ``ltscale.model.io`` (scripted LatentLM + tiny tokenizer from
+test_evaluate.py) injected into ``sys.modules``, so they test the CLI wiring, not the model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from ltscale.cli import main, resolve_checkpoint
+
+
+def _fakes():
+    """test_evaluate.py's fakes, loaded by path so this works under any pytest import mode."""
+    name = "_ltscale_eval_fakes"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_evaluate.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def _hf(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_resolve_checkpoint_variants(tmp_path) -> None:
+    hf = _hf(tmp_path / "direct")
+    assert resolve_checkpoint(hf) == hf
+    stage = tmp_path / "run" / "stage2"
+    _hf(stage / "hf")
+    assert resolve_checkpoint(stage) == stage / "hf"
+    run = tmp_path / "run"
+    _hf(run / "stage1" / "hf")
+    _hf(run / "stage10" / "hf")  # numeric, not lexicographic, order
+    (run / "stage11").mkdir()  # interrupted before its export: skipped
+    (run / "tb").mkdir()
+    assert resolve_checkpoint(run) == run / "stage10" / "hf"
+    assert resolve_checkpoint(str(run)) == run / "stage10" / "hf"
+
+
+def test_resolve_checkpoint_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty" / "stage1").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_checkpoint(tmp_path / "empty")
+    msg = str(e.value)
+    assert str(tmp_path / "empty" / "config.json") in msg
+    assert str(tmp_path / "empty" / "hf" / "config.json") in msg
+    assert str(tmp_path / "empty" / "stage1" / "hf" / "config.json") in msg
+
+
+def test_missing_checkpoint_exit_2(tmp_path, capsys) -> None:
+    missing = tmp_path / "no_such_run"
+    rc = main(["eval", "--checkpoint", str(missing), "--data", str(tmp_path / "d.jsonl")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and err.startswith("ltscale: error:")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_data_exit_2(tmp_path, capsys) -> None:
+    hf = _hf(tmp_path / "hf")
+    rc = main(["eval", "--checkpoint", str(hf), "--data", str(tmp_path / "nope.jsonl")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nope.jsonl" in err and "Traceback" not in err
+
+
+def test_generate_missing_checkpoint_exit_2(tmp_path, capsys) -> None:
+    assert main(["generate", "--checkpoint", str(tmp_path / "x"), "what is 2+2?"]) == 2
+    assert str(tmp_path / "x") in capsys.readouterr().err
+
+
+def test_argparse_errors_return_2(capsys) -> None:
+    assert main(["eval"]) == 2
+    assert main([]) == 2
+    assert main(["eval", "--checkpoint", "x", "--data", "y", "--batch-size", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "eval" in capsys.readouterr().out
+
+
+def test_data_synth_and_check(tmp_path, capsys) -> None:
+    pytest.importorskip("ltscale.data.synthetic", reason="ltscale.data.synthetic not written yet")
+    out = tmp_path / "syn" / "train.jsonl"
+    assert main(["data", "synth", "--n", "12", "--seed", "3", "--out", str(out)]) == 0
+    assert "12 records" in capsys.readouterr().out
+    lines = out.read_text().splitlines()
+    assert len(lines) == 12 and {"id", "question", "steps", "answer"} <= set(json.loads(lines[0]))
+    first = out.read_text()
+    assert main(["data", "synth", "--n", "12", "--seed", "3", "--out", str(out)]) == 0
+    assert out.read_text() == first  # seeded: deterministic
+    assert main(["data", "check", str(out)]) == 0
+    assert "12 records OK" in capsys.readouterr().out
+
+
+def test_data_check_invalid_and_missing(tmp_path, capsys) -> None:
+    pytest.importorskip("ltscale.data.records", reason="ltscale.data.records not written yet")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "question": "q", "steps": [], "answer": "1"}) + "\n{not json\n")
+    assert main(["data", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "Traceback" not in err
+    assert main(["data", "check", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_model_io(monkeypatch):
+    """Replace ltscale.model.io with a scripted model; returns the list of load calls."""
+    fakes = _fakes()
+    tok = fakes.make_tokenizer()
+    calls: list[dict] = []
+
+    def load_latent_model(path, *, mode=None, device="cpu", dtype=None):
+        calls.append({"path": path, "mode": mode, "device": device})
+        return fakes.FakeLatentLM(tok, fakes.SCRIPT), tok
+
+    mod = types.ModuleType("ltscale.model.io")
+    mod.load_latent_model = load_latent_model
+    monkeypatch.setitem(sys.modules, "ltscale.model.io", mod)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return calls
+
+
+def test_eval_end_to_end(tmp_path, capsys, fake_model_io) -> None:
+    pytest.importorskip("ltscale.data.formatting", reason="ltscale.data.formatting not written yet")
+    run = tmp_path / "run"
+    _hf(run / "stage3" / "hf")
+    data = tmp_path / "test.jsonl"
+    rows = [
+        {"id": "a", "question": "q0", "steps": ["x"], "answer": "18"},
+        {"id": "b", "question": "q1", "steps": ["x", "y"], "answer": "18"},
+        {"id": "c", "question": "q2", "steps": ["x"], "answer": "18"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "out" / "results.json"
+    argv = ["eval", "--checkpoint", str(run), "--data", str(data), "--output", str(output)]
+    rc = main([*argv, "--batch-size", "2", "--max-new-tokens", "8", "--mode", "fusion", "--device", "cpu"])
+    assert rc == 0
+    assert fake_model_io == [{"path": str(run / "stage3" / "hf"), "mode": "fusion", "device": "cpu"}]
+    summary = json.loads(output.read_text())
+    assert summary["n"] == 3
+    assert summary["accuracy_official"] == pytest.approx(1 / 3)
+    assert summary["accuracy_numeric"] == pytest.approx(2 / 3)
+    assert summary["meta"]["checkpoint"] == str(run / "stage3" / "hf")
+    examples = [json.loads(x) for x in (tmp_path / "out" / "results.examples.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in examples] == ["a", "b", "c"]
+    out = capsys.readouterr().out
+    assert "| stage3" in out and "33.33" in out and "results.examples.jsonl" in out
+
+
+def test_eval_limit(tmp_path, fake_model_io) -> None:
+    pytest.importorskip("ltscale.data.formatting", reason="ltscale.data.formatting not written yet")
+    hf = _hf(tmp_path / "hf")
+    data = tmp_path / "test.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"q{i}", "steps": [], "answer": "18"}) + "\n" for i in range(4))
+    )
+    output = tmp_path / "r.json"
+    argv = ["eval", "--checkpoint", str(hf), "--data", str(data), "--output", str(output), "--limit", "2"]
+    assert main([*argv, "--max-new-tokens", "8", "--no-progress"]) == 0
+    assert json.loads(output.read_text())["n"] == 2
+
+
+def test_generate_shows_latent_steps(tmp_path, capsys, fake_model_io) -> None:
+    pytest.importorskip("ltscale.data.formatting", reason="ltscale.data.formatting not written yet")
+    hf = _hf(tmp_path / "hf")
+    assert main(["generate", "--checkpoint", str(hf), "q1", "--max-new-tokens", "16", "--marker", "[L]"]) == 0
+    out = capsys.readouterr().out
+    assert "Step [L] [L] #### 18.0" in out
+    assert "answer: 18.0" in out and "latent steps: 2" in out and "cut at" not in out
+    assert main(["generate", "--checkpoint", str(hf), "q5", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "answer: Step Step Step" in out and "cut at --max-new-tokens" in out

@@ -1,0 +1,212 @@
+"""Record loading: both input formats, validation errors naming file:line, lenient mode, real data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from ltscale.data import records as records_mod
+from ltscale.data.records import (
+    DataError,
+    Record,
+    load_records,
+    load_records_with_report,
+    normalize_answer,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _data_dir() -> Path:
+    """$LTSCALE_DATA_DIR (default ../shared/data); skip when absent, fail when absent under CI."""
+    d = Path(os.environ.get("LTSCALE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+    if not d.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"real data dir {d} is missing (CI=true requires it; set LTSCALE_DATA_DIR)")
+        pytest.skip(f"real data dir {d} not found (set LTSCALE_DATA_DIR)")
+    return d
+
+
+def _write_lines(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD = {
+    "id": "a",
+    "question": "Tom has 2 apples. He buys 3 more. How many?",
+    "steps": ["2+3=5"],
+    "answer": "5",
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    """Any hub access in these tests is a bug (local paths must never touch the network)."""
+    import datasets
+
+    def refuse(*a, **k):
+        raise AssertionError(f"load_dataset called with {a} {k}")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+
+
+def test_record_format_and_extra(tmp_path):
+    p = _write_lines(
+        tmp_path / "d.jsonl",
+        [GOOD, {"id": "b", "question": " Q? ", "steps": ["x ", ""], "answer": "$1,080.", "grade": 3}, ""],
+    )
+    recs = load_records(str(p))
+    assert recs[0] == Record("a", GOOD["question"], ("2+3=5",), "5")
+    assert recs[1].question == "Q?" and recs[1].steps == ("x",) and recs[1].answer == "1080"
+    assert recs[1].extra == {"grade": 3} and recs[1].difficulty == 1
+    assert hash(recs[1]) == hash(Record("b", "Q?", ["x"], "1080", {"grade": 3}))
+    assert load_records(p, limit=1) == recs[:1]
+    # to_dict round trip
+    again = _write_lines(tmp_path / "again.jsonl", [r.to_dict() for r in recs])
+    assert load_records(again) == recs
+
+
+def test_gsm8k_form(tmp_path):
+    row = {
+        "question": "Q?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips.\n\nThen 48+24 = <<48+24=72>>72.\n#### 1,072",
+    }
+    p = _write_lines(tmp_path / "raw_test.jsonl", [row, row | {"id": "x"}])
+    r0, r1 = load_records(p)
+    assert r0.id == "raw_test-00000" and r1.id == "x"
+    assert r0.steps == ("Natalia sold 48/2 = 24 clips.", "Then 48+24 = 72.")
+    assert r0.answer == "1072" and r0.extra["steps_calc"] == ["48/2=24", "48+24=72"]
+
+
+def test_directory_resolution(tmp_path):
+    _write_lines(tmp_path / "train.jsonl", [GOOD])
+    _write_lines(tmp_path / "all.jsonl", [GOOD | {"id": "z"}])
+    assert load_records(tmp_path, split="train")[0].id == "a"
+    assert load_records(tmp_path, split="test")[0].id == "z"  # falls back to all.jsonl
+    assert load_records(str(tmp_path))[0].id == "z"
+    (tmp_path / "all.jsonl").unlink()
+    with pytest.raises(DataError, match=r"no test\.jsonl.*present: train\.jsonl"):
+        load_records(tmp_path, split="test")
+
+
+def test_json_array_file(tmp_path):
+    p = tmp_path / "gsm_train.json"
+    p.write_text(json.dumps([GOOD, GOOD | {"id": "b", "answer": "five"}], indent=1))
+    with pytest.raises(DataError, match=r"gsm_train\.json\[1\]: answer 'five' is not a number"):
+        load_records(p)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"id": "b", "question": "Q", "steps": [], "answer": "1"', "malformed JSON"),
+        (json.dumps({"id": "b", "steps": [], "answer": "1"}), "missing field 'question'"),
+        (json.dumps({"id": "b", "question": "Q", "steps": []}), "missing field 'answer'"),
+        (json.dumps({"id": "b", "question": "Q", "answer": "1"}), "missing field 'steps'"),
+        (
+            json.dumps({"id": "b", "question": "Q", "steps": "1+1=2", "answer": "2"}),
+            "field 'steps' must be a list",
+        ),
+        (
+            json.dumps({"id": "b", "question": 7, "steps": [], "answer": "2"}),
+            "field 'question' must be a string",
+        ),
+        (json.dumps({"id": "b", "question": "  ", "steps": [], "answer": "2"}), "empty question"),
+        (
+            json.dumps({"id": "b", "question": "Q", "steps": [], "answer": "two"}),
+            "answer 'two' is not a number",
+        ),
+        (json.dumps({"question": "Q", "answer": "x\n#### 3 apples"}), "answer ' 3 apples' is not a number"),
+        (json.dumps(["not", "an", "object"]), "expected a JSON object"),
+        (json.dumps(GOOD), "duplicate id 'a' \\(first at .*d.jsonl:1\\)"),
+    ],
+)
+def test_strict_errors_name_file_and_line(tmp_path, line, reason):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n\n" + line + "\n")
+    with pytest.raises(DataError, match=rf"d\.jsonl:3: {reason}"):
+        load_records(p)
+
+
+def test_lenient_skips_and_reports(tmp_path, caplog):
+    p = _write_lines(
+        tmp_path / "d.jsonl",
+        [GOOD, "{oops", GOOD, GOOD | {"id": "c", "answer": "n/a"}, GOOD | {"id": "d"}],
+    )
+    with caplog.at_level(logging.WARNING, logger="ltscale.data.records"):
+        recs, report = load_records_with_report(p, strict=False)
+    assert [r.id for r in recs] == ["a", "d"]
+    assert (report.n_ok, report.n_skipped) == (2, 3)
+    assert report.reasons == {"malformed JSON": 1, "duplicate id": 1, "non-numeric answer": 1}
+    assert "skipped 3 of 5 rows" in caplog.text and "d.jsonl:2" in caplog.text
+    assert load_records(p, strict=False) == recs
+
+
+def test_missing_local_path_never_hits_hub(tmp_path):
+    for src in [str(tmp_path / "nope.jsonl"), "./missing.json", "/abs/dir", tmp_path / "x"]:
+        with pytest.raises(DataError, match="no such file"):
+            load_records(src)
+
+
+def test_hub_name_and_config(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(
+            [{"question": "Q1", "answer": "a\n#### 4"}, {"question": "", "answer": "#### 1"}]
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    recs, report = load_records_with_report("openai/gsm8k:main", split="test", strict=False)
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert recs[0].id == "gsm8k-test-00000" and recs[0].answer == "4"
+    assert report.n_skipped == 1
+    with pytest.raises(DataError, match=r"openai/gsm8k\[train\] row 1: empty question"):
+        load_records("openai/gsm8k")
+    assert calls[-1] == ("openai/gsm8k", None, "train")
+
+
+def test_normalize_answer():
+    assert normalize_answer(" $1,234. ") == "1234"
+    assert normalize_answer("18.0") == "18.0"
+    assert normalize_answer("-3") == "-3"
+
+
+def test_real_data_files_load():
+    d = _data_dir()
+    expected = {
+        "gsm8k/train.jsonl": 7473,
+        "gsm8k/test.jsonl": 1319,
+        "gsm8k_aug/valid.jsonl": 500,
+        "gsm8k_aug/test.jsonl": 1319,
+        "svamp/all.jsonl": 1000,
+        "asdiv/all.jsonl": 2159,
+    }
+    for rel, n in expected.items():
+        recs = load_records(d / rel)
+        assert len(recs) == n, rel
+    assert load_records(d / "svamp", split="test")[0].extra["type"]
+
+
+def test_real_raw_gsm8k_matches_normalized():
+    d = _data_dir()
+    raw = load_records(d / "gsm8k" / "raw_test.jsonl")
+    norm = load_records(d / "gsm8k", split="test")
+    assert len(raw) == len(norm) == 1319
+    for a, b in zip(raw, norm):
+        assert (a.question, a.steps, a.answer) == (b.question, b.steps, b.answer), b.id
+        assert a.extra["steps_calc"] == b.extra["steps_calc"], b.id
+
+
+def test_module_has_no_network_imports():
+    # datasets is imported lazily, only for hub names
+    src = Path(records_mod.__file__).read_text()
+    assert "\nimport datasets" not in src and "\nfrom datasets" not in src

@@ -1,0 +1,310 @@
+"""evaluate(): batching, left padding, decoding of latent steps, exact sharding, summaries, output files.
+
+Uses a fake LatentLM whose ``generate`` returns scripted tokens per question and a tiny WordLevel
+tokenizer, so the test does not depend on the model package.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ltscale.eval.evaluate import (
+    EvalSummary,
+    decode_generated,
+    evaluate,
+    examples_path,
+    format_table,
+    merge_results,
+    summarize,
+    write_results,
+)
+
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "</s>",
+    "<thinking>",
+    "Q:",
+    "A:",
+    "####",
+    "Step",
+    "the",
+    "answer",
+    "is",
+    "-3",
+    "18",
+    "18.0",
+    "7",
+    "1,000",
+]
+WORDS += [f"q{i}" for i in range(12)] + ["long", "question", "words"]
+
+
+def make_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", eos_token="</s>", unk_token="[UNK]"
+    )
+
+
+@dataclass(frozen=True)
+class FakeRecord:
+    id: str
+    question: str
+    steps: tuple[str, ...]
+    answer: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def difficulty(self) -> int:
+        return len(self.steps)
+
+
+class FakeLatentLM:
+    """Scripted generation: the first prompt word ``qN`` selects the output word list."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, script: dict[str, str]) -> None:
+        self.tok = tokenizer
+        self.script = script
+        self.thinking_token_id = tokenizer.convert_tokens_to_ids("<thinking>")
+        self.calls: list[dict] = []
+        self.training = True
+
+    def eval(self) -> FakeLatentLM:
+        self.training = False
+        return self
+
+    def train(self, mode: bool = True) -> FakeLatentLM:
+        self.training = mode
+        return self
+
+    def generate(
+        self, input_ids, attention_mask, max_new_tokens, *, eos_token_id=None, without_thinking=False
+    ):
+        assert not torch.is_grad_enabled()
+        self.calls.append(
+            {"shape": tuple(input_ids.shape), "mask": attention_mask.clone(), "ids": input_ids.clone()}
+        )
+        rows, nlat, lens = [], [], []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            first = mask.index(1)
+            assert all(m == 0 for m in mask[:first]) and all(m == 1 for m in mask[first:]), (
+                "must be LEFT padded"
+            )
+            key = next(w for w in self.tok.convert_ids_to_tokens(ids[first:]) if w in self.script)
+            words = self.script[key].split()
+            if without_thinking:
+                words = [w for w in words if w != "<thinking>"]
+            out = self.tok.convert_tokens_to_ids(words)[:max_new_tokens]
+            if len(out) < max_new_tokens and eos_token_id is not None:
+                out.append(eos_token_id)
+            rows.append(out)
+            nlat.append(sum(t == self.thinking_token_id for t in out))
+            lens.append(len(out))
+        width = max(lens)
+        seq = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            seq[i, : len(r)] = torch.tensor(r)
+        return SimpleNamespace(sequences=seq, num_latent=torch.tensor(nlat), lengths=torch.tensor(lens))
+
+
+def prompt_fn(tokenizer, question: str) -> list[int]:
+    return tokenizer.encode(f"Q: {question} A:", add_special_tokens=False)
+
+
+SCRIPT = {
+    "q0": "Step 7 <thinking> #### 18",  # correct
+    "q1": "Step <thinking> <thinking> #### 18.0",  # numeric-only correct
+    "q2": "Step 7 #### 7",  # wrong
+    "q3": "#### -3",  # correct, negative
+    "q4": "Step <thinking> the answer is 1,000",  # no '#': official fails, numeric finds 1000
+    "q5": "Step Step Step Step Step Step Step Step Step Step Step Step",  # truncated at 8
+    "q6": "#### 18",
+}
+GOLD = {"q0": "18", "q1": "18", "q2": "18", "q3": "-3", "q4": "1000", "q5": "18", "q6": "18"}
+
+
+def make_records(n: int = 7) -> list[FakeRecord]:
+    recs = []
+    for i in range(n):
+        q = f"q{i % 7}" + " long question words" * (i % 3)  # varied prompt lengths
+        recs.append(FakeRecord(id=f"r{i}", question=q, steps=("s",) * (1 + i % 2), answer=GOLD[f"q{i % 7}"]))
+    return recs
+
+
+def run(records, world_size=1, rank=0, batch_size=3, **kw):
+    tok = make_tokenizer()
+    model = FakeLatentLM(tok, SCRIPT)
+    summary, ex = evaluate(
+        model,
+        tok,
+        records,
+        batch_size=batch_size,
+        max_new_tokens=8,
+        progress=False,
+        rank=rank,
+        world_size=world_size,
+        prompt_fn=prompt_fn,
+        **kw,
+    )
+    return summary, ex, model
+
+
+def test_per_example_fields_and_metrics() -> None:
+    records = make_records(7)
+    summary, ex, model = run(records)
+    assert [e["id"] for e in ex] == [r.id for r in records]  # original order restored
+    assert [e["index"] for e in ex] == list(range(7))
+    by_id = {e["id"]: e for e in ex}
+    assert by_id["r0"]["prediction"] == "18" and by_id["r0"]["correct"] and by_id["r0"]["correct_numeric"]
+    assert by_id["r0"]["num_latent"] == 1 and by_id["r0"]["num_generated"] == 6  # 5 tokens + EOS
+    assert "<thinking>" in by_id["r0"]["generated_text"] and "</s>" not in by_id["r0"]["generated_text"]
+    assert (
+        by_id["r1"]["prediction"] == "18.0" and not by_id["r1"]["correct"] and by_id["r1"]["correct_numeric"]
+    )
+    assert by_id["r1"]["num_latent"] == 2
+    assert not by_id["r2"]["correct"] and not by_id["r2"]["correct_numeric"]
+    assert by_id["r3"]["correct"] and by_id["r3"]["gold"] == "-3"
+    assert by_id["r4"]["prediction"].split() == ["Step", "the", "answer", "is", "1000"]
+    assert not by_id["r4"]["correct"] and by_id["r4"]["correct_numeric"]
+    assert by_id["r5"]["truncated"] and by_id["r5"]["num_generated"] == 8 and not by_id["r0"]["truncated"]
+    for e in ex:
+        assert set(e) >= {
+            "id", "question", "gold", "prediction", "correct", "correct_numeric",
+            "num_latent", "num_generated", "difficulty", "generated_text",
+        }  # fmt: skip
+    assert summary.n == 7
+    assert summary.accuracy_official == pytest.approx(3 / 7)  # r0, r3, r6
+    assert summary.accuracy_numeric == pytest.approx(5 / 7)  # + r1, r4
+    assert summary.mean_latent_tokens == pytest.approx((1 + 2 + 1) / 7)
+    assert summary.num_truncated == 1
+    assert set(summary.by_difficulty) == {1, 2}
+    assert summary.by_difficulty[1]["n"] == 4 and summary.by_difficulty[2]["n"] == 3
+    # batches: ceil(7/3) = 3 calls, longest prompts first
+    assert len(model.calls) == 3
+    widths = [c["shape"][1] for c in model.calls]
+    assert widths == sorted(widths, reverse=True)
+
+
+def test_restores_train_mode() -> None:
+    tok = make_tokenizer()
+    model = FakeLatentLM(tok, SCRIPT)
+    model.training = True
+    evaluate(model, tok, make_records(3), progress=False, prompt_fn=prompt_fn, max_new_tokens=8)
+    assert model.training is True
+
+
+def test_without_thinking_is_forwarded() -> None:
+    summary, ex, _ = run(make_records(7), without_thinking=True)
+    assert summary.mean_latent_tokens == 0
+    assert all("<thinking>" not in e["generated_text"] for e in ex)
+
+
+@pytest.mark.parametrize("n", [7, 8, 1])
+def test_sharding_world2_matches_single_rank(n: int) -> None:
+    records = make_records(n)
+    single, single_ex, _ = run(records, batch_size=2)
+    shards, calls = [], []
+    for rank in range(2):
+        _, ex, model = run(records, world_size=2, rank=rank, batch_size=2)
+        assert [e["index"] for e in ex] == list(range(rank, n, 2))
+        shards.append(ex)
+        calls.append(len(model.calls))
+    assert calls[0] == calls[1], "ranks must make the same number of generate calls (ZeRO-3 lockstep)"
+    merged = merge_results(shards)
+    assert sorted(e["index"] for e in shards[0] + shards[1]) == list(range(n))  # each exactly once
+    assert merged == single_ex
+    assert summarize(shards[0] + shards[1]) == single
+    assert summarize(shards[1] + shards[0]) == single
+
+
+def test_summarize_dedups_and_empty() -> None:
+    _, ex, _ = run(make_records(4))
+    assert summarize(ex + ex[:2]) == summarize(ex)
+    empty = summarize([])
+    assert empty.n == 0 and empty.accuracy_official == 0.0 and empty.by_difficulty == {}
+
+
+def test_invalid_rank() -> None:
+    with pytest.raises(ValueError):
+        run(make_records(2), world_size=2, rank=2)
+
+
+def test_decode_generated_paths() -> None:
+    tok = make_tokenizer()
+    ids = tok.convert_tokens_to_ids(["Step", "<thinking>", "####", "7"])
+    think = tok.convert_tokens_to_ids("<thinking>")
+    assert decode_generated(tok, ids, think) == "Step <thinking> #### 7"
+    # a placeholder spelled differently in the vocabulary is still rendered as <thinking>
+    words = [w if w != "<thinking>" else "<lat>" for w in WORDS]
+    tok2 = make_tokenizer(words)
+    assert decode_generated(tok2, ids, think) == "Step<thinking>#### 7"
+    assert decode_generated(tok2, [], think) == ""
+
+
+def test_write_results_round_trip(tmp_path) -> None:
+    summary, ex, _ = run(make_records(7))
+    out = tmp_path / "sub" / "results.json"
+    paths = write_results(summary, ex, out, meta={"checkpoint": "x"})
+    assert paths == (out, tmp_path / "sub" / "results.examples.jsonl") and examples_path(out) == paths[1]
+    data = json.loads(out.read_text())
+    assert data["meta"] == {"checkpoint": "x"}
+    assert EvalSummary.from_dict(data) == summary
+    lines = [json.loads(line) for line in paths[1].read_text().splitlines()]
+    assert lines == ex
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["results.examples.jsonl", "results.json"]
+
+
+def test_scalars_and_format_table() -> None:
+    summary, _, _ = run(make_records(7))
+    sc = summary.scalars("eval/synth")
+    assert sc["eval/synth/accuracy"] == summary.accuracy_official
+    table = format_table([{"stage": 1, **summary.to_dict()}, {"stage": 2, "accuracy_official": 0.5}])
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| stage")
+    assert "42.86" in lines[2] and "71.43" in lines[2]
+    assert lines[3].count("-") >= 3  # missing values
+    assert len({len(line) for line in lines}) == 1  # aligned
+
+
+def test_default_prompt_fn_uses_formatting_module() -> None:
+    pytest.importorskip("ltscale.data.formatting", reason="ltscale.data.formatting not written yet")
+    tok = make_tokenizer()
+    model = FakeLatentLM(tok, SCRIPT)
+    summary, ex = evaluate(
+        model, tok, make_records(3), progress=False, max_new_tokens=8, use_chat_template=False
+    )
+    assert summary.n == 3 and [e["prediction"] for e in ex] == ["18", "18.0", "7"]
+
+
+def test_real_latent_lm_batched_equals_one_by_one() -> None:
+    """Against the real LatentLM (tiny random Llama, fp64): the eval loop's left padding and
+    length-sorted batching give the same per-example results as batch size 1."""
+    model_pkg = pytest.importorskip("ltscale.model", reason="ltscale.model not written yet")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    base = LlamaForCausalLM(cfg).double()
+    think = tok.convert_tokens_to_ids("<thinking>")
+    with torch.no_grad():  # make <thinking> likely so latent steps are exercised
+        base.lm_head.weight[think] += 0.5 * base.lm_head.weight.abs().mean(dim=0).sign()
+    model = model_pkg.LatentLM(base, think, mode="fusion")
+    records = make_records(5)
+    kw = {"max_new_tokens": 6, "progress": False, "prompt_fn": prompt_fn}
+    _, batched = evaluate(model, tok, records, batch_size=3, **kw)
+    _, single = evaluate(model, tok, records, batch_size=1, **kw)
+    assert batched == single
+    assert all(e["num_generated"] >= 1 for e in batched)

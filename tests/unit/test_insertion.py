@@ -1,0 +1,184 @@
+"""Confidence-driven insertion: gold probabilities, site selection rules, application, persistence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ltscale.data import (
+    IGNORE_INDEX,
+    Encoded,
+    InsertionParams,
+    apply_insertions,
+    gold_token_probs,
+    insertion_fingerprint,
+    load_insertions,
+    save_insertions,
+    select_sites,
+)
+
+P = InsertionParams(tau=0.3, max_sites=6, insert_prob=0.85, double_insert_prob=0.15)
+
+
+def _sel(probs, prompt_len=0, params=P, seed=0, sample_index=0, stage=2):
+    return select_sites(
+        np.asarray(probs), prompt_len, params, seed=seed, sample_index=sample_index, stage=stage
+    )
+
+
+def test_threshold_and_prompt_region():
+    always = InsertionParams(tau=0.5, max_sites=100, insert_prob=1.0, double_insert_prob=0.0)
+    probs = [np.nan, 0.1, 0.9, 0.49, 0.5, 0.2, 0.7, 0.0]
+    assert _sel(probs, prompt_len=0, params=always) == [1, 3, 5, 7]
+    assert _sel(probs, prompt_len=3, params=always) == [3, 5, 7]  # t == prompt_len allowed
+    assert _sel(probs, prompt_len=4, params=always) == [5, 7]
+    assert _sel([np.nan], params=always) == []
+    assert _sel([np.nan, 0.9, 0.8], params=always) == []
+
+
+def test_caps_and_doubles():
+    rng = np.random.default_rng(0)
+    doubles = 0
+    for i in range(200):
+        probs = rng.random(60)
+        probs[0] = np.nan
+        sites = _sel(probs, prompt_len=10, sample_index=i)
+        assert sites == sorted(sites)
+        distinct = set(sites)
+        assert len(distinct) <= P.max_sites
+        assert all(sites.count(t) <= 2 for t in distinct)
+        assert all(t >= 10 and probs[t] < P.tau for t in distinct)
+        doubles += len(sites) - len(distinct)
+    assert doubles > 0  # double insertion happens (p=0.15 per kept site)
+
+
+def test_all_candidates_taken_when_few():
+    every = InsertionParams(tau=0.3, max_sites=8, insert_prob=1.0, double_insert_prob=1.0)
+    assert _sel([np.nan, 0.1, 0.5, 0.2], params=every) == [1, 1, 3, 3]
+
+
+def test_zero_probabilities_give_no_sites():
+    probs = np.full(40, 0.01)
+    assert _sel(probs, params=InsertionParams(0.3, 6, 0.0, 1.0)) == []
+    assert _sel(probs, params=InsertionParams(0.3, 0, 1.0, 1.0)) == []
+    assert _sel(probs, params=InsertionParams(0.0, 6, 1.0, 1.0)) == []
+    with pytest.raises(ValueError):
+        InsertionParams(0.3, 6, 1.5, 0.0)
+
+
+def test_deterministic_and_seed_sensitive():
+    probs = np.full(200, 0.05)
+    base = _sel(probs, seed=1, sample_index=5, stage=2)
+    assert base == _sel(probs, seed=1, sample_index=5, stage=2)
+    others = [_sel(probs, seed=2, sample_index=5, stage=2), _sel(probs, seed=1, sample_index=6, stage=2)]
+    others.append(_sel(probs, seed=1, sample_index=5, stage=3))
+    assert all(o != base for o in others)
+
+
+def test_apply_insertions_shifts_and_labels():
+    ex = Encoded(
+        input_ids=[1, 10, 11, 20, 21, 22, 2], labels=[-100, -100, -100, 20, 21, 22, 2], prompt_len=3, id="e"
+    )
+    out = apply_insertions(ex, [3, 3, 5], thinking_id=99)
+    assert out.input_ids == [1, 10, 11, 99, 99, 20, 21, 99, 22, 2]
+    assert out.labels == [-100, -100, -100, 99, 99, 20, 21, 99, 22, 2]
+    assert out.prompt_len == 3 and out.id == "e"
+    assert apply_insertions(ex, [], 99) == ex
+    for bad in ([2], [7]):
+        with pytest.raises(ValueError, match="outside the response"):
+            apply_insertions(ex, bad, 99)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_gold_token_probs_match_per_example():
+    model = _tiny_llama()
+    rng = np.random.default_rng(0)
+    examples = []
+    for i, n in enumerate([5, 17, 9, 1, 12]):
+        ids = rng.integers(4, 64, size=n).tolist()
+        examples.append(Encoded(input_ids=ids, labels=list(ids), prompt_len=min(2, n), id=f"x{i}"))
+    calls = []
+
+    def fwd(input_ids, attention_mask):
+        calls.append(tuple(input_ids.shape))
+        assert torch.all(attention_mask[:, :-1] >= attention_mask[:, 1:])  # right padded
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.to(torch.bfloat16)
+
+    got = gold_token_probs(fwd, examples, batch_size=2, pad_id=0)
+    assert calls == [(2, 17), (2, 9), (1, 1)]  # longest first
+    with torch.no_grad():
+        for ex, p in zip(examples, got):
+            assert p.shape == (len(ex.input_ids),) and np.isnan(p[0])
+            ids = torch.tensor([ex.input_ids])
+            logits = model(input_ids=ids).logits[0].to(torch.bfloat16).float()
+            ref = torch.softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0].numpy()
+            np.testing.assert_allclose(p[1:], ref, rtol=1e-4, atol=1e-6)
+    # a model output object (with .logits) is accepted as well
+    again = gold_token_probs(
+        lambda i, m: model(input_ids=i, attention_mask=m), examples[:2], batch_size=4, pad_id=0
+    )
+    np.testing.assert_allclose(again[1], got[1], rtol=2e-2, atol=1e-4)
+
+
+def test_fingerprint():
+    fp = insertion_fingerprint(P, 0, 2, ["a", "b"])
+    assert fp == insertion_fingerprint(P, 0, 2, ["a", "b"]) and len(fp) == 64
+    changed = [
+        insertion_fingerprint(P, 1, 2, ["a", "b"]),
+        insertion_fingerprint(P, 0, 3, ["a", "b"]),
+        insertion_fingerprint(P, 0, 2, ["b", "a"]),
+        insertion_fingerprint(P, 0, 2, ["ab"]),
+        insertion_fingerprint(InsertionParams(0.2, 6, 0.85, 0.15), 0, 2, ["a", "b"]),
+        insertion_fingerprint(P, 0, 2, ["a", "b"], extra={"step": 10}),
+    ]
+    assert len({fp, *changed}) == len(changed) + 1
+
+
+def test_save_load_round_trip(tmp_path):
+    path = tmp_path / "run" / "insertions-stage2"
+    ids = ["a", "b", "c"]
+    sites = [[3, 3, 7], [], [12]]
+    meta = {"fingerprint": insertion_fingerprint(P, 0, 2, ids), "stage": 2}
+    save_insertions(path, ids, sites, meta)
+    got, got_meta = load_insertions(path)
+    assert got == {"a": [3, 3, 7], "b": [], "c": [12]} and got_meta == meta
+    # overwrite atomically, no temp dirs left behind
+    save_insertions(path, ["z"], [[]], {"stage": 3})
+    assert load_insertions(path) == ({"z": []}, {"stage": 3})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["insertions-stage2"]
+    assert json.loads((path / "meta.json").read_text()) == {"stage": 3}
+    with pytest.raises(ValueError, match="duplicate"):
+        save_insertions(path, ["a", "a"], [[], []], {})
+    with pytest.raises(FileNotFoundError):
+        load_insertions(tmp_path / "nothing")
+
+
+def test_end_to_end_pipeline_labels_only_in_response():
+    ex = Encoded(
+        input_ids=[1, 5, 6, 7, 8, 9, 2], labels=[IGNORE_INDEX] * 3 + [7, 8, 9, 2], prompt_len=3, id="q"
+    )
+    probs = np.array([np.nan, 0.01, 0.01, 0.01, 0.9, 0.01, 0.01])
+    params = InsertionParams(tau=0.3, max_sites=8, insert_prob=1.0, double_insert_prob=0.0)
+    sites = select_sites(probs, ex.prompt_len, params, seed=0, sample_index=0, stage=2)
+    assert sites == [3, 5, 6]
+    out = apply_insertions(ex, sites, 63)
+    assert out.input_ids[: ex.prompt_len] == ex.input_ids[: ex.prompt_len]
+    assert out.labels.count(63) == 3 and out.labels[: ex.prompt_len] == [IGNORE_INDEX] * 3
