@@ -283,4 +283,6 @@ class Trainer:
 
 
 def train(cfg: RunConfig, stage: str = "all") -> dict[int, dict]:
+    # Fail on stage ordering before paying for data, model and engine set-up on every rank.
+    select_stages(cfg, Path(cfg.run_dir), stage)
     return Trainer(cfg).train(stage)

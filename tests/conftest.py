@@ -151,7 +151,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def run_ranks(repo_root: Path, free_port: Callable[[], int]) -> Callable[..., subprocess.CompletedProcess]:
     """Launch ``script`` on ``nproc`` local ranks with torchrun (gloo, 127.0.0.1).
 
-    ``run_ranks(script, nproc=2, args=(), timeout=300, env=None, cwd=None, check=True)`` returns
+    ``run_ranks(script, nproc=2, args=(), timeout=300, env=None, cwd=None, check=True,
+    launcher="torchrun"|"deepspeed")`` returns
     the ``CompletedProcess`` (text stdout/stderr).  With ``check`` (default) a non-zero exit
     raises ``RanksFailed`` with the captured output; a timeout always raises, after the whole
     process group has been killed.  ``env`` entries are added to the test environment
@@ -174,14 +175,21 @@ def run_ranks(repo_root: Path, free_port: Callable[[], int]) -> Callable[..., su
         env: dict[str, str] | None = None,
         cwd: str | os.PathLike | None = None,
         check: bool = True,
+        launcher: str = "torchrun",
     ) -> subprocess.CompletedProcess:
         port = free_port()
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port),
-            str(script), *map(str, args),
-        ]  # fmt: skip
+        if launcher == "deepspeed":  # the product's own launch line (`deepspeed ltscale/train.py`)
+            cmd = [
+                str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+                "--master_port", str(port), str(script), *map(str, args),
+            ]  # fmt: skip
+        else:
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", "1", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(port),
+                str(script), *map(str, args),
+            ]  # fmt: skip
         run_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
         run_env.update(
             DS_ACCELERATOR="cpu",

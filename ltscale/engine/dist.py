@@ -48,10 +48,18 @@ __all__ = [
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = "29500"
 
-# Open MPI (mpirun / mpiexec) and MPICH / Intel MPI / Slurm-PMI (PMI_*) export these.
-_MPI_ENV = (
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+# (rank, size, local rank, local size) as exported by Open MPI (mpirun), by MPICH / Intel MPI /
+# Slurm's PMI, and by an `srun` job step (batch steps have one task, so they never match).
+_LAUNCHER_ENV = (
+    (
+        "mpi",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    ("mpi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", None),
 )
 
 
@@ -75,8 +83,11 @@ def _free_port() -> int:
 def _prepare_env() -> str:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the launcher; return its name.
 
-    Precedence: an explicit RANK+WORLD_SIZE (torchrun, deepspeed launcher, our Slurm scripts) wins;
-    then MPI variables; otherwise this is a single process.
+    Precedence: an explicit RANK+WORLD_SIZE (torchrun, deepspeed launcher, our Slurm scripts)
+    wins; then MPI / PMI variables; then an ``srun`` step with more than one task; otherwise
+    this is a single process (with a free port, so concurrent single-process runs don't clash).
+    MASTER_ADDR defaults to loopback only when every rank is on this node: a multi-node MPI/srun
+    launch without MASTER_ADDR is an error, not a hang on 127.0.0.1.
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -84,21 +95,33 @@ def _prepare_env() -> str:
         env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
         env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
         return "env"
-    for rank_k, size_k, local_k in _MPI_ENV:
-        if rank_k in env and size_k in env:
-            env["RANK"] = env[rank_k]
-            env["WORLD_SIZE"] = env[size_k]
-            env["LOCAL_RANK"] = env.get(local_k, "0")
-            # Never `hostname -I`: multi-node MPI users must export MASTER_ADDR themselves.
-            env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
-            env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
-            return "mpi"
     for k in ("RANK", "WORLD_SIZE"):
         if k in env:
+            other = "WORLD_SIZE" if k == "RANK" else "RANK"
             raise RuntimeError(
-                f"environment has {k}={env[k]!r} but not "
-                f"{'WORLD_SIZE' if k == 'RANK' else 'RANK'}; launch with torchrun/deepspeed/mpirun or unset {k}"
+                f"environment has {k}={env[k]!r} but no {other}; launch with torchrun/deepspeed/mpirun or unset {k}"
             )
+    for how, rank_k, size_k, local_k, local_size_k in _LAUNCHER_ENV:
+        if rank_k not in env or size_k not in env:
+            continue
+        world = int(env[size_k])
+        if how == "srun" and world <= 1:
+            continue
+        if local_size_k is not None and local_size_k in env:
+            multi_node = int(env[local_size_k]) < world
+        else:
+            multi_node = int(env.get("SLURM_STEP_NUM_NODES", "1")) > 1
+        if multi_node and "MASTER_ADDR" not in env:
+            raise RuntimeError(
+                f"{how} launch across several nodes ({size_k}={world}) without MASTER_ADDR: export "
+                "MASTER_ADDR (the first node's address) and MASTER_PORT; ltscale never guesses it"
+            )
+        env["RANK"] = env[rank_k]
+        env["WORLD_SIZE"] = str(world)
+        env["LOCAL_RANK"] = env.get(local_k, "0")
+        env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
+        env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
+        return how
     env["RANK"] = "0"
     env["WORLD_SIZE"] = "1"
     env["LOCAL_RANK"] = "0"

@@ -137,11 +137,14 @@ def _find_autos(obj: Any, prefix: str = "") -> list[str]:
 
 
 def resolve_precision(precision: str) -> str:
-    """``"auto"`` -> bf16 on a CUDA device that supports it, fp32 otherwise (CPU runs are fp32)."""
+    """``"auto"`` -> bf16 on a CUDA device that supports it, fp32 otherwise (CPU runs are fp32,
+    including ``DS_ACCELERATOR=cpu`` on a machine that has a GPU)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
+    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu":
+        return "fp32"
     try:
         import torch
 

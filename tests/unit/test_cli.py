@@ -93,7 +93,6 @@ def test_argparse_errors_return_2(capsys) -> None:
 
 
 def test_data_synth_and_check(tmp_path, capsys) -> None:
-    pytest.importorskip("ltscale.data.synthetic", reason="ltscale.data.synthetic not written yet")
     out = tmp_path / "syn" / "train.jsonl"
     assert main(["data", "synth", "--n", "12", "--seed", "3", "--out", str(out)]) == 0
     assert "12 records" in capsys.readouterr().out
@@ -107,7 +106,6 @@ def test_data_synth_and_check(tmp_path, capsys) -> None:
 
 
 def test_data_check_invalid_and_missing(tmp_path, capsys) -> None:
-    pytest.importorskip("ltscale.data.records", reason="ltscale.data.records not written yet")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "question": "q", "steps": [], "answer": "1"}) + "\n{not json\n")
     assert main(["data", "check", str(bad)]) == 1
@@ -136,7 +134,6 @@ def fake_model_io(monkeypatch):
 
 
 def test_eval_end_to_end(tmp_path, capsys, fake_model_io) -> None:
-    pytest.importorskip("ltscale.data.formatting", reason="ltscale.data.formatting not written yet")
     run = tmp_path / "run"
     _hf(run / "stage3" / "hf")
     data = tmp_path / "test.jsonl"
@@ -163,7 +160,6 @@ def test_eval_end_to_end(tmp_path, capsys, fake_model_io) -> None:
 
 
 def test_eval_limit(tmp_path, fake_model_io) -> None:
-    pytest.importorskip("ltscale.data.formatting", reason="ltscale.data.formatting not written yet")
     hf = _hf(tmp_path / "hf")
     data = tmp_path / "test.jsonl"
     data.write_text(
@@ -176,7 +172,6 @@ def test_eval_limit(tmp_path, fake_model_io) -> None:
 
 
 def test_generate_shows_latent_steps(tmp_path, capsys, fake_model_io) -> None:
-    pytest.importorskip("ltscale.data.formatting", reason="ltscale.data.formatting not written yet")
     hf = _hf(tmp_path / "hf")
     assert main(["generate", "--checkpoint", str(hf), "q1", "--max-new-tokens", "16", "--marker", "[L]"]) == 0
     out = capsys.readouterr().out

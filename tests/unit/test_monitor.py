@@ -76,7 +76,8 @@ def test_purge_step_hides_steps_of_crashed_run(tmp_path) -> None:
 
 
 def test_figure(tmp_path) -> None:
-    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib not installed")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
