@@ -335,6 +335,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.init: a model built from scratch (no model.name_or_path) needs init kwargs")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
         raise ConfigError("model.tokenizer: required when model.name_or_path is not set ('sentencepiece' trains one)")
+    if cfg.model.hidden_layer != -1:
+        raise ConfigError("model.hidden_layer: only -1 (the last layer's post-norm output, spec §10.7) is supported")
     if cfg.model.adapter and cfg.model.adapter_hidden < 1:
         raise ConfigError("model.adapter_hidden: must be >= 1")
 

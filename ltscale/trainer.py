@@ -27,7 +27,7 @@ from ltscale.config import RunConfig, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
 from ltscale.engine import dist
-from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config, zero_stage
+from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config
 from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm
 from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
 from ltscale.methods.lt_tuning import score_and_select, stage_examples
@@ -94,7 +94,6 @@ class Trainer:
                                    weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
                                    eps=cfg.optim.eps, scheduler=self.schedule.multiplier,
                                    external_parameters=self.lm.zero3_external_parameters())
-        self.zero3 = zero_stage(self.ds_config) == 3
         self.sampler = Sampler(len(self.data.train), seed=t.seed, micro=t.micro_batch_size, accum=t.grad_accum,
                                world=self.info.world_size, rank=self.info.rank)
         self.monitor: Monitor | None = None
@@ -154,16 +153,21 @@ class Trainer:
             seed=cfg.train.seed, compute_sites=lambda: self._score(examples_=self.data.train, k=k),
             is_main=self.info.is_main, barrier=dist.barrier)
         n_steps = self.schedule.steps[k - 1]
-        log.info("stage %d (%s): %d steps from step %d, %d examples", k, st.mode, n_steps, start_step, len(examples))
+        # Every step of the stage runs the same number of sequential passes: the most latents any
+        # example of the stage holds, plus one. Ranks stay in lockstep under ZeRO-3 without a
+        # collective per step, and DeepSpeed's recorded parameter trace stays valid, so gathered
+        # weights are reused across passes instead of re-gathered (a changing pass count
+        # invalidates the trace every step).
+        passes = 1 + max(sum(t == self.data.thinking_id for t in e.input_ids) for e in examples) \
+            if lm.uses_rollout else 1
+        log.info("stage %d (%s): %d steps from step %d, %d examples, %d passes per step", k, st.mode, n_steps,
+                 start_step, len(examples), passes)
         pad_id = self.data.tokenizer.pad_token_id
         window = {"loss": 0.0, "n": 0, "tokens": 0, "latent": 0, "samples": 0, "t0": time.perf_counter()}
         self.engine.train()
         for step in range(start_step, n_steps):
             for a in range(cfg.train.grad_accum):
                 batch = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
-                passes = lm.count_passes(batch["input_ids"], batch["attention_mask"])
-                if self.zero3 and lm.uses_rollout:
-                    passes = dist.all_reduce_max(passes)
                 out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                                   min_passes=passes, return_logits=False)
                 self.engine.backward(out.loss)
@@ -285,4 +289,8 @@ class Trainer:
 def train(cfg: RunConfig, stage: str = "all") -> dict[int, dict]:
     # Fail on stage ordering before paying for data, model and engine set-up on every rank.
     select_stages(cfg, Path(cfg.run_dir), stage)
-    return Trainer(cfg).train(stage)
+    try:
+        return Trainer(cfg).train(stage)
+    finally:
+        # Without an orderly process-group teardown ranks intermittently abort at exit (134).
+        dist.shutdown_distributed()

@@ -10,6 +10,7 @@ but feeds no latent content. The insertion result is stored in the stage dir and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,7 +73,13 @@ def stage_examples(examples: Sequence[Encoded], stage: StageConfig, *, stage_ind
         return list(examples), {"latent_tokens": 0}
     params = insertion_params(stage)
     ids = [e.id for e in examples]
-    fingerprint = insertion_fingerprint(params, seed, stage_index, ids)
+    # The token ids are part of the identity: a new tokenizer, template or max_length with the same
+    # example ids must not reuse stale positions.
+    tokens = hashlib.sha256()
+    for e in examples:
+        tokens.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+        tokens.update(b"|")
+    fingerprint = insertion_fingerprint(params, seed, stage_index, ids, extra={"tokens": tokens.hexdigest()})
     path = stage_dir / "insertions"
     cached = None
     if (path / "meta.json").is_file():

@@ -58,7 +58,7 @@ def test_three_stages_two_ranks(tiny_run, run_ranks, repo_root):
             assert marker["insertion"]["latent_tokens"] > 0, "no <thinking> inserted: the latent stage is vacuous"
             assert (sdir / "insertions" / "meta.json").is_file()
     scalars = read_scalars(run_dir / "tb")
-    assert TAGS <= scalars.keys(), f"missing TensorBoard tags: {TAGS - scalars.keys()}"
+    assert scalars.keys() >= TAGS, f"missing TensorBoard tags: {TAGS - scalars.keys()}"
     steps = [s for s, _ in scalars["train/loss"]]
     assert steps == sorted(set(steps)), "duplicated or unordered steps in train/loss"
     assert max(v for _, v in scalars["latent/tokens_per_sample"]) > 0
