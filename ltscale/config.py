@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ltscale.fsutil import atomic_write_text
+
 LATENT_MODES = ("cot", "hidden", "fusion", "pause")
 
 
@@ -54,6 +56,8 @@ class SyntheticConfig:
     seed: int = 1234
     min_steps: int = 1
     max_steps: int = 5
+    max_value: int = 99
+    max_operand: int = 20
 
 
 @dataclass
@@ -343,9 +347,4 @@ def validate(cfg: RunConfig) -> None:
 
 def save_resolved(cfg: RunConfig, run_dir: Path) -> Path:
     """Write the config that actually ran; a resumed run compares against it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.resolved.yaml"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(out)
-    return out
+    return atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

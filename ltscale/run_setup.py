@@ -45,7 +45,8 @@ def load_split_records(cfg: RunConfig, which: str) -> list[Record]:
     limit = d.train_limit if which == "train" else d.eval_limit
     if source == "synthetic":
         s = d.synthetic
-        train, test = synthetic_splits(s.n_train, s.n_test, s.seed, min_steps=s.min_steps, max_steps=s.max_steps)
+        train, test = synthetic_splits(s.n_train, s.n_test, s.seed, min_steps=s.min_steps, max_steps=s.max_steps,
+                                       max_value=s.max_value, max_operand=s.max_operand)
         records = train if which == "train" else test
         return records[:limit] if limit is not None else records
     return load_records(source, split=split, strict=d.strict, limit=limit)

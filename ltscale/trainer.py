@@ -182,7 +182,8 @@ class Trainer:
                 self._log_window(k, step + 1, n_steps, global_step, window)
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < n_steps:
                 self._save(k, f"step-{step + 1:06d}", step + 1, complete=False)
-        self._save(k, FINAL, n_steps, complete=True)
+        if start_step < n_steps:  # else: resumed from this stage's final checkpoint (killed during export/eval)
+            self._save(k, FINAL, n_steps, complete=True)
         self._finish_stage(k, stats)
 
     def _score(self, examples_, k: int) -> list[list[int]]:

@@ -27,6 +27,13 @@ MAX_VALUE = 99
 MAX_OPERAND = 20
 MAX_FACTOR = 5  # multiplier / divisor range 2..5 keeps products small and steps learnable
 
+
+@dataclass(frozen=True)
+class _Ranges:
+    max_value: int = MAX_VALUE
+    max_operand: int = MAX_OPERAND
+    max_factor: int = MAX_FACTOR
+
 _NAMES = (
     ("Tom", "He"),
     ("Ann", "She"),
@@ -71,45 +78,45 @@ def _pick(rng: random.Random, seq):
     return seq[_randint(rng, 0, len(seq) - 1)]
 
 
-def _feasible_ops(r: int) -> list[str]:
-    """Operations that keep the result in 0..MAX_VALUE with an operand in range."""
+def _feasible_ops(r: int, rg: _Ranges = _Ranges()) -> list[str]:
+    """Operations that keep the result in 0..max_value with an operand in range."""
     ops = []
-    if r < MAX_VALUE:
+    if r < rg.max_value:
         ops.append("+")
     if r >= 1:
         ops.append("-")
-    if r >= 1 and 2 * r <= MAX_VALUE:
+    if r >= 1 and 2 * r <= rg.max_value:
         ops.append("*")
-    if any(r % b == 0 for b in range(2, min(MAX_FACTOR, r) + 1)):
+    if any(r % b == 0 for b in range(2, min(rg.max_factor, r) + 1)):
         ops.append("/")
     return ops
 
 
-def _apply(rng: random.Random, r: int, op: str) -> tuple[int, int]:
+def _apply(rng: random.Random, r: int, op: str, rg: _Ranges = _Ranges()) -> tuple[int, int]:
     """Draw an operand for ``op`` on ``r`` -> (operand, result)."""
     if op == "+":
-        b = _randint(rng, 1, min(MAX_OPERAND, MAX_VALUE - r))
+        b = _randint(rng, 1, min(rg.max_operand, rg.max_value - r))
         return b, r + b
     if op == "-":
-        b = _randint(rng, 1, min(MAX_OPERAND, r))
+        b = _randint(rng, 1, min(rg.max_operand, r))
         return b, r - b
     if op == "*":
-        b = _randint(rng, 2, min(MAX_FACTOR, MAX_VALUE // r))
+        b = _randint(rng, 2, min(rg.max_factor, rg.max_value // r))
         return b, r * b
-    divisors = [b for b in range(2, min(MAX_FACTOR, r) + 1) if r % b == 0]
+    divisors = [b for b in range(2, min(rg.max_factor, r) + 1) if r % b == 0]
     b = _pick(rng, divisors)
     return b, r // b
 
 
-def _make_problem(rng: random.Random, n_steps: int) -> _Problem:
+def _make_problem(rng: random.Random, n_steps: int, rg: _Ranges = _Ranges()) -> _Problem:
     name, pronoun = _pick(rng, _NAMES)
     singular, plural = _pick(rng, _OBJECTS)
-    r = _randint(rng, 1, MAX_OPERAND)
+    r = _randint(rng, 1, rg.max_operand)
     sentences = [f"{name} has {r} {singular if r == 1 else plural}."]
     steps = []
     for _ in range(n_steps):
-        op = _pick(rng, _feasible_ops(r))
-        b, result = _apply(rng, r, op)
+        op = _pick(rng, _feasible_ops(r, rg))
+        b, result = _apply(rng, r, op, rg)
         sentences.append(_pick(rng, _PHRASES[op]).format(P=pronoun, n=b))
         steps.append(f"{r}{op}{b}={result}")
         r = result
@@ -117,10 +124,13 @@ def _make_problem(rng: random.Random, n_steps: int) -> _Problem:
     return _Problem(question=" ".join(sentences), steps=tuple(steps), answer=r)
 
 
-def _stream(rng: random.Random, min_steps: int, max_steps: int) -> Iterator[tuple[_Problem, int]]:
+def _stream(rng: random.Random, min_steps: int, max_steps: int,
+            rg: _Ranges = _Ranges()) -> Iterator[tuple[_Problem, int]]:
+    if rg.max_operand < 1 or rg.max_value < rg.max_operand or rg.max_factor < 2:
+        raise ValueError(f"need 1 <= max_operand <= max_value and max_factor >= 2, got {rg}")
     while True:
         k = _randint(rng, min_steps, max_steps)
-        yield _make_problem(rng, k), k
+        yield _make_problem(rng, k, rg), k
 
 
 def _check_args(n: int, min_steps: int, max_steps: int) -> None:
@@ -143,6 +153,8 @@ def generate_problems(
     min_steps: int = 1,
     max_steps: int = 5,
     id_prefix: str = "syn",
+    max_value: int = MAX_VALUE,
+    max_operand: int = MAX_OPERAND,
 ) -> list[Record]:
     """``n`` problems whose step count is uniform in [min_steps, max_steps]; deterministic per seed.
 
@@ -150,7 +162,7 @@ def generate_problems(
     survives a JSONL round trip and can be grouped on in eval without recounting.
     """
     _check_args(n, min_steps, max_steps)
-    stream = _stream(random.Random(seed), min_steps, max_steps)
+    stream = _stream(random.Random(seed), min_steps, max_steps, _Ranges(max_value, max_operand))
     return [_to_record(p, k, f"{id_prefix}-{i:05d}") for i, (p, k) in zip(range(n), stream)]
 
 
@@ -176,21 +188,26 @@ def synthetic_splits(
     *,
     min_steps: int = 1,
     max_steps: int = 5,
+    max_value: int = MAX_VALUE,
+    max_operand: int = MAX_OPERAND,
 ) -> tuple[list[Record], list[Record]]:
     """Train and test sets with no question text in common (and no repeats within test).
 
     The two splits come from separately seeded streams, so the test set depends only on
     (n_test, seed), not on n_train: growing the training set never changes what is evaluated.
     Train problems whose question appears in test are dropped and replaced by later draws.
+    ``max_value``/``max_operand`` bound every intermediate result / added or subtracted operand
+    (smaller numbers: an easier task for a tinier model).
     """
+    rg = _Ranges(max_value, max_operand)
     _check_args(n_train, min_steps, max_steps)
     _check_args(n_test, min_steps, max_steps)
-    test_stream = _stream(random.Random(f"ltscale-synthetic-test-{seed}"), min_steps, max_steps)
+    test_stream = _stream(random.Random(f"ltscale-synthetic-test-{seed}"), min_steps, max_steps, rg)
     test = _unique(test_stream, n_test, set(), "test")
     test_questions = {p.question for p, _ in test}
     train_rng = random.Random(f"ltscale-synthetic-train-{seed}")
     train = []
-    for attempts, (p, k) in enumerate(_stream(train_rng, min_steps, max_steps)):
+    for attempts, (p, k) in enumerate(_stream(train_rng, min_steps, max_steps, rg)):
         if len(train) >= n_train:
             break
         if attempts > 50 * n_train + 1000:

@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ltscale.fsutil import atomic_write_text, fsync_dir
+
 from .dist import barrier, dist_info
 
 log = logging.getLogger(__name__)
@@ -74,20 +76,6 @@ TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # --------------------------------------------------------------------------- small helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename/create in ``path`` (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _check_json(obj: Any, where: str = "") -> None:
     """Raise TypeError naming the first key path that JSON cannot represent."""
     if obj is None or isinstance(obj, (str, bool, int)):
@@ -113,44 +101,9 @@ def _check_json(obj: Any, where: str = "") -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON so readers see the old file or the new one, never a torn one.
-
-    Temp file in the same directory, fsync, ``os.replace``, fsync of the directory.
-    """
-    path = Path(path)
+    """Write ``obj`` as JSON so readers see the old file or the new one, never a torn one."""
     _check_json(obj)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are read by other users/tools
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are read by other users/tools
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _validate_tag(tag: str) -> None:
@@ -328,6 +281,10 @@ def _clean_stale(root: Path) -> None:
             _remove_tree(child)
 
 
+def _write_latest(root: Path, tag: str) -> None:
+    atomic_write_text(root / LATEST, tag)
+
+
 def _commit(root: Path, tmp: Path, final: Path) -> None:
     """Make ``tmp`` the checkpoint ``final`` and point ``latest`` at it (rank 0 only).
 
@@ -354,8 +311,8 @@ def _commit(root: Path, tmp: Path, final: Path) -> None:
         _remove_tree(trash)
         os.rename(final, trash)
     os.rename(tmp, final)
-    _fsync_dir(root)
-    _write_text_atomic(root / LATEST, final.name)
+    fsync_dir(root)
+    _write_latest(root, final.name)
     if trash is not None:
         _remove_tree(trash)
 

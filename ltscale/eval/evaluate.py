@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ltscale.eval.extraction import THINKING_TOKEN, extract_answer, numeric_correct, official_correct
+from ltscale.fsutil import atomic_write_text  # noqa: F401  (re-exported: callers import it from here)
 
 if TYPE_CHECKING:  # the model and data packages are imported lazily at call time
     from ltscale.data.records import Record
@@ -372,19 +371,6 @@ def summarize(per_example: Sequence[dict[str, Any]]) -> EvalSummary:
 
 
 # ------------------------------------------------------------------------------------- output
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + ``os.replace`` so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def examples_path(output: Path) -> Path:

@@ -112,7 +112,7 @@ def test_crash_between_rename_and_latest(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise RuntimeError("killed before latest (simulated)")
 
-    monkeypatch.setattr(ck, "_write_text_atomic", crash)
+    monkeypatch.setattr(ck, "_write_latest", crash)
     with pytest.raises(RuntimeError):
         _save(tmp_path, "step2", 2.0)
     # step2 is complete (renamed after all writes), latest still names the complete step1.
