@@ -87,6 +87,8 @@ class StageConfig:
     alpha: float = 0.6
     temperature: float = 1.0
     top_p: float = 0.9
+    # Multiplies the LR schedule during this stage (1.0 = the official single schedule).
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -302,6 +304,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{k}.temperature: must be > 0")
         if st.epochs <= 0:
             raise ConfigError(f"{k}.epochs: must be > 0")
+        if st.lr_scale <= 0:
+            raise ConfigError(f"{k}.lr_scale: must be > 0")
         for name in ("tau", "insert_prob", "double_insert_prob"):
             v = getattr(st, name)
             if not 0.0 <= v <= 1.0:

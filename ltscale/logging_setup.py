@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -15,9 +16,15 @@ def setup_logging(level: int | None = None) -> None:
     if level is None:
         level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        force=True)
+                        force=True, stream=sys.stderr)
     logging.getLogger("ltscale").setLevel(level)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:  # "Loading weights" / "Writing model shards" bars on every stage export and eval load
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     # torch 2.13 warns on every DeepSpeed all_gather_into_tensor / reduce_scatter_tensor call.
     warnings.filterwarnings("ignore", category=FutureWarning)

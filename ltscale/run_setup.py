@@ -110,6 +110,7 @@ class Schedule:
     warmup_ratio: float
     kind: str
     strategy: str
+    lr_scales: list[float] | None = None
 
     @property
     def start(self) -> list[int]:
@@ -126,12 +127,17 @@ class Schedule:
             return max(0.0, 1.0 - progress)
         return 1.0
 
-    def multiplier(self, step: int) -> float:
-        if self.strategy == "continue":
-            return self._shape(step, sum(self.steps))
+    def stage_of(self, step: int) -> int:
+        """0-based stage index of a global step (steps past the end belong to the last stage)."""
         starts = self.start
-        k = max(i for i in range(len(self.steps)) if starts[i] <= step) if step < starts[-1] else len(self.steps) - 1
-        return self._shape(step - starts[k], self.steps[k])
+        return max(i for i in range(len(self.steps)) if starts[i] <= step) if step < starts[-1] else len(self.steps) - 1
+
+    def multiplier(self, step: int) -> float:
+        k = self.stage_of(step)
+        scale = self.lr_scales[k] if self.lr_scales else 1.0
+        if self.strategy == "continue":
+            return scale * self._shape(step, sum(self.steps))
+        return scale * self._shape(step - self.start[k], self.steps[k])
 
 
 def stage_steps(cfg: RunConfig, n_examples: int, world_size: int) -> list[int]:

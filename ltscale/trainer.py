@@ -89,7 +89,8 @@ class Trainer:
         if self.info.is_main:
             write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
         self.schedule = Schedule(stage_steps(cfg, len(self.data.train), self.info.world_size),
-                                 cfg.optim.warmup_ratio, cfg.optim.schedule, cfg.optim.stage_strategy)
+                                 cfg.optim.warmup_ratio, cfg.optim.schedule, cfg.optim.stage_strategy,
+                                 [st.lr_scale for st in cfg.stages])
         self.engine = build_engine(self.lm, ds_config=self.ds_config, lr=cfg.optim.lr,
                                    weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
                                    eps=cfg.optim.eps, scheduler=self.schedule.multiplier,

@@ -404,6 +404,7 @@ def write_results(
 
 _COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("stage", ("stage",), "str"),
+    ("mode", ("mode",), "str"),
     ("n", ("n",), "int"),
     ("accuracy (%)", ("accuracy_official", "accuracy"), "pct"),
     ("numeric acc. (%)", ("accuracy_numeric",), "pct"),

@@ -55,3 +55,8 @@ def test_sampler_partitions_each_global_batch_and_is_world_size_invariant():
     assert not np.array_equal(one.order(2, steps)[:n], one.order(3, steps)[:n])
     # every example once per epoch
     assert sorted(one.order(1, steps)[:n].tolist()) == list(range(n))
+
+
+def test_lr_scale_per_stage():
+    sched = Schedule([10, 10], warmup_ratio=0.0, kind="constant", strategy="reset", lr_scales=[1.0, 0.25])
+    assert sched.multiplier(3) == 1.0 and sched.multiplier(12) == 0.25 and sched.stage_of(19) == 1
