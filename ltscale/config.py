@@ -349,6 +349,18 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.adapter_hidden: must be >= 1")
 
 
+def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved-config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += diff_configs(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in diff_configs(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
 def save_resolved(cfg: RunConfig, run_dir: Path) -> Path:
     """Write the config that actually ran; a resumed run compares against it."""
     return atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from ltscale.config import RunConfig, save_resolved
+from ltscale.config import RunConfig, diff_configs, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
 from ltscale.engine import dist
@@ -55,7 +57,10 @@ def stage_complete(run_dir: Path, k: int) -> bool:
 def select_stages(cfg: RunConfig, run_dir: Path, stage_arg: str) -> list[int]:
     n = len(cfg.stages)
     if stage_arg == "all":
-        return [k for k in range(1, n + 1) if not stage_complete(run_dir, k)]
+        todo = [k for k in range(1, n + 1) if not stage_complete(run_dir, k)]
+        if not todo:
+            log.info("all %d stages in %s are already complete; nothing to do", n, run_dir)
+        return todo
     if not stage_arg.isdigit() or not 1 <= int(stage_arg) <= n:
         raise ValueError(f"--stage: {stage_arg!r} is not 'all' or a stage number 1..{n}")
     k = int(stage_arg)
@@ -75,6 +80,7 @@ class Trainer:
         self.info = dist.init_distributed()
         self.run_dir = Path(cfg.run_dir)
         if self.info.is_main:
+            warn_on_config_change(cfg, self.run_dir)
             save_resolved(cfg, self.run_dir)
         dist.barrier()
         self.data: RunData = prepare_data(cfg, self.run_dir, is_main=self.info.is_main, barrier=dist.barrier)
@@ -101,15 +107,8 @@ class Trainer:
         self.results: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ entry
-    def train(self, stage_arg: str = "all") -> dict[int, dict]:
-        stages = select_stages(self.cfg, self.run_dir, stage_arg)
-        for k in range(1, len(self.cfg.stages) + 1):
-            done = stage_dir(self.run_dir, k) / "eval.json"
-            if stage_complete(self.run_dir, k) and done.is_file():
-                self.results[k] = json.loads(done.read_text())
-        if not stages:
-            self._print_table()
-            return self.results
+    def train(self, stages: list[int]) -> dict[int, dict]:
+        self.results = finished_results(self.cfg, self.run_dir)
         first = stages[0]
         start_step = self._restore(first)
         self.monitor = Monitor.for_rank(self.run_dir / "tb", self.info.rank,
@@ -119,7 +118,8 @@ class Trainer:
                 self.run_stage(k, start_step if k == first else 0)
         finally:
             self.monitor.close()
-        self._print_table()
+        if self.info.is_main:
+            print_results_table(self.cfg, self.run_dir, self.results)
         return self.results
 
     def _restore(self, k: int) -> int:
@@ -279,20 +279,46 @@ class Trainer:
         sched.last_epoch = step - 1
         sched.step()
 
-    def _print_table(self) -> None:
-        if not self.info.is_main or not self.results:
-            return
-        rows = [{"stage": k, "mode": self.cfg.stages[k - 1].mode, **v} for k, v in sorted(self.results.items()) if v]
-        table = format_table(rows)
-        (self.run_dir / "eval_table.md").write_text(table + "\n")
-        print(table, flush=True)
+
+
+def warn_on_config_change(cfg: RunConfig, run_dir: Path) -> None:
+    """A resumed run may change logging knobs, but a changed data/model/stage key deserves a look."""
+    old_file = run_dir / "config.resolved.yaml"
+    if not old_file.is_file():
+        return
+    changed = diff_configs(yaml.safe_load(old_file.read_text()) or {}, cfg.to_dict())
+    if changed:
+        log.warning("%s differs from this run's config at: %s (the new config is used and saved)", old_file,
+                    ", ".join(changed))
+
+
+def finished_results(cfg: RunConfig, run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for k in range(1, len(cfg.stages) + 1):
+        done = stage_dir(run_dir, k) / "eval.json"
+        if stage_complete(run_dir, k) and done.is_file():
+            out[k] = json.loads(done.read_text())
+    return out
+
+
+def print_results_table(cfg: RunConfig, run_dir: Path, results: dict[int, dict]) -> None:
+    rows = [{"stage": k, "mode": cfg.stages[k - 1].mode, **v} for k, v in sorted(results.items()) if v]
+    if not rows:
+        return
+    table = format_table(rows)
+    (run_dir / "eval_table.md").write_text(table + "\n")
+    print(table, flush=True)
 
 
 def train(cfg: RunConfig, stage: str = "all") -> dict[int, dict]:
     # Fail on stage ordering before paying for data, model and engine set-up on every rank.
-    select_stages(cfg, Path(cfg.run_dir), stage)
+    stages = select_stages(cfg, Path(cfg.run_dir), stage)
+    if not stages:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_results_table(cfg, Path(cfg.run_dir), finished_results(cfg, Path(cfg.run_dir)))
+        return finished_results(cfg, Path(cfg.run_dir))
     try:
-        return Trainer(cfg).train(stage)
+        return Trainer(cfg).train(stages)
     finally:
         # Without an orderly process-group teardown ranks intermittently abort at exit (134).
         dist.shutdown_distributed()

@@ -70,3 +70,12 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_resolved(cfg, tmp_path)
     again = config_from_dict(yaml.safe_load(path.read_text()))
     assert again == cfg and isinstance(again, RunConfig)
+
+
+def test_diff_configs_names_changed_keys():
+    from ltscale.config import diff_configs
+
+    a = load_config(None).to_dict()
+    b = load_config(None, ["stages.2.alpha=0.1", "train.log_every=3"]).to_dict()
+    assert diff_configs(a, b) == ["stages.2.alpha", "train.log_every"]
+    assert diff_configs(a, a) == []
