@@ -36,10 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ltscale: config error: {err}", file=sys.stderr)
         return 2
     from ltscale.data import DataError
-    from ltscale.trainer import StageOrderError, train
+    from ltscale.trainer import Preempted, StageOrderError, train
 
     try:
         train(cfg, args.stage)
+    except Preempted as stop:
+        # 143 = 128 + SIGTERM: what a job killed by the signal would report; the Slurm scripts
+        # requeue on it. The checkpoint is complete, so a re-launch continues exactly.
+        print(f"ltscale: {stop}", file=sys.stderr)
+        return 143
     except (DataError, StageOrderError, FileNotFoundError, ValueError) as err:
         rank = os.environ.get("RANK", "0")
         logging.getLogger("ltscale").error("rank %s: %s", rank, err)

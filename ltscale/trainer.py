@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import yaml
 from ltscale.config import RunConfig, diff_configs, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
-from ltscale.engine import dist
+from ltscale.engine import comm_stats, dist
 from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config
 from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm
 from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
@@ -44,6 +45,41 @@ FINAL = "final"
 
 class StageOrderError(RuntimeError):
     """A stage was asked for before the stage it starts from has finished."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; every rank saved at the same step boundary and the run stopped."""
+
+    def __init__(self, stage: int, step: int, checkpoint: Path):
+        super().__init__(f"stopped by signal at stage {stage} step {step}; resume from {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+class StopSignal:
+    """Records SIGTERM (preemption, scancel) and SIGUSR1 (Slurm's ``--signal`` lead warning).
+
+    The handler only sets a flag: the loop checks it at step boundaries, all ranks agree through
+    one all-reduce (a rank that missed the signal still stops with the others), save, and exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = signum
+        log.warning("received %s: will checkpoint and stop at the next step boundary", signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def stage_dir(run_dir: Path, k: int) -> Path:
@@ -105,6 +141,8 @@ class Trainer:
                                world=self.info.world_size, rank=self.info.rank)
         self.monitor: Monitor | None = None
         self.results: dict[int, dict] = {}
+        self.allgather = comm_stats.install()
+        self.stop = StopSignal()
 
     # ------------------------------------------------------------------ entry
     def train(self, stages: list[int]) -> dict[int, dict]:
@@ -114,8 +152,9 @@ class Trainer:
         self.monitor = Monitor.for_rank(self.run_dir / "tb", self.info.rank,
                                         purge_step=self.schedule.start[first - 1] + start_step)
         try:
-            for k in stages:
-                self.run_stage(k, start_step if k == first else 0)
+            with self.stop:
+                for k in stages:
+                    self.run_stage(k, start_step if k == first else 0)
         finally:
             self.monitor.close()
         if self.info.is_main:
@@ -164,9 +203,15 @@ class Trainer:
         log.info("stage %d (%s): %d steps from step %d, %d examples, %d passes per step", k, st.mode, n_steps,
                  start_step, len(examples), passes)
         pad_id = self.data.tokenizer.pad_token_id
-        window = {"loss": 0.0, "n": 0, "tokens": 0, "latent": 0, "samples": 0, "t0": time.perf_counter()}
+        window = {"loss": 0.0, "n": 0, "tokens": 0, "latent": 0, "samples": 0, "t0": time.perf_counter(),
+                  "gathered": self.allgather.bytes}
         self.engine.train()
         for step in range(start_step, n_steps):
+            if dist.any_rank(self.stop.received is not None):
+                tag = f"step-{step:06d}"
+                self._save(k, tag, step, complete=False)
+                self.monitor.flush()
+                raise Preempted(k, step, stage_dir(self.run_dir, k) / "ckpt" / tag)
             for a in range(cfg.train.grad_accum):
                 batch = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
                 out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
@@ -211,13 +256,14 @@ class Trainer:
         latent = dist.all_reduce_sum(float(w["latent"])) / max(dist.all_reduce_sum(float(w["samples"])), 1.0)
         lr = self.engine.get_lr()[0]
         gnorm = grad_norm(self.engine)
+        gathered = (self.allgather.bytes - w["gathered"]) / max(w["n"] // self.cfg.train.grad_accum, 1)
         self.monitor.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
                               "latent/tokens_per_sample": latent, "perf/tokens_per_s": tokens / elapsed,
-                              "train/stage": k}, global_step)
+                              "perf/allgather_bytes": gathered, "train/stage": k}, global_step)
         if self.info.is_main:
             log.info("stage %d step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  latent/sample %.2f  tok/s %.0f",
                      k, step, n_steps, loss, lr, gnorm, latent, tokens / elapsed)
-        w.update(loss=0.0, n=0, tokens=0, latent=0, samples=0, t0=time.perf_counter())
+        w.update(loss=0.0, n=0, tokens=0, latent=0, samples=0, t0=time.perf_counter(), gathered=self.allgather.bytes)
 
     def _save(self, k: int, tag: str, step_in_stage: int, *, complete: bool) -> None:
         state = {"stage": k, "step_in_stage": step_in_stage, "stage_complete": complete,

@@ -112,7 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """``free_port()`` -> an unused TCP port on 127.0.0.1."""
     return _free_port
@@ -147,7 +147,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_ranks(repo_root: Path, free_port: Callable[[], int]) -> Callable[..., subprocess.CompletedProcess]:
     """Launch ``script`` on ``nproc`` local ranks with torchrun (gloo, 127.0.0.1).
 
