@@ -1,4 +1,4 @@
-"""The ``ltscale`` console script: ``eval``, ``generate``, ``data synth``, ``data check``.
+"""The ``ltscale`` console script: ``eval``, ``generate``, ``export``, ``env``, ``data synth``, ``data check``.
 
 Exit codes: 0 success; 1 ``data check`` found invalid records (a validation result, like a
 linter); 2 user error (missing checkpoint or data file, bad arguments, unreadable data) — reported
@@ -313,6 +313,30 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Thin: all logic (and all deepspeed use) lives in ``ltscale.engine.export``."""
+    from ltscale.engine.export import ExportError, export_checkpoint, resolve_source
+
+    try:
+        src = resolve_source(args.checkpoint, tag=args.tag, stage=args.stage)
+        out = export_checkpoint(
+            src.ckpt_root, src.tag, Path(args.output), run_dir=src.run_dir, stage=src.stage, dtype=args.dtype
+        )
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    source = json.loads((out / "ltscale_latent.json").read_text())["source"]
+    print(f"exported {source['checkpoint']} (stage {src.stage}, step {source['step_in_stage']}) -> {out}")
+    return EXIT_OK
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from ltscale.envinfo import collect, format_report
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------- parser
 
 
@@ -351,7 +375,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltscale", description="LT-Tuning latent-reasoning toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,generate,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,generate,export,env,data}")
 
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
     _model_args(p)
@@ -372,6 +396,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--marker", default="\u27e8latent\u27e9", help="how a latent step is shown (default: ⟨latent⟩)"
     )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="consolidate a ZeRO checkpoint offline into an HF save_pretrained dir")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run dir (highest finished stage, or --stage), stage dir, stage<N>/ckpt, or one tag dir",
+    )
+    p.add_argument("--output", required=True, help="HF dir to write (only an earlier export is replaced)")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. final or step-000200 (default: latest)")
+    p.add_argument("--stage", type=_positive_int, default=None, help="stage number (with a run dir)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="weights dtype (default: the training precision, as the stage's own hf export)",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("env", help="versions, accelerator, MPI, extension and env vars (like ds_report)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("data", help="synthetic data and record validation")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="{synth,check}")

@@ -149,8 +149,10 @@ class Trainer:
         self.results = finished_results(self.cfg, self.run_dir)
         first = stages[0]
         start_step = self._restore(first)
+        # Events are logged at global step = optimizer steps done; a dead run may have logged past
+        # its last checkpoint, so everything after the resume point is purged from the display.
         self.monitor = Monitor.for_rank(self.run_dir / "tb", self.info.rank,
-                                        purge_step=self.schedule.start[first - 1] + start_step)
+                                        purge_step=self.schedule.start[first - 1] + start_step + 1)
         try:
             with self.stop:
                 for k in stages:
