@@ -330,7 +330,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from ltscale.envinfo import collect, format_report
+    from ltscale.engine.envinfo import collect, format_report
 
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_report(info))

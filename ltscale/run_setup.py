@@ -175,6 +175,11 @@ class Sampler:
             self._orders[key] = np.concatenate([rng.permutation(self.n) for _ in range(epochs)])
         return self._orders[key]
 
+    def used_indices(self, stage: int, n_steps: int) -> list[int]:
+        """Every example index the stage will draw, sorted (what its confidence pass must score)."""
+        need = n_steps * self.micro * self.accum * self.world
+        return sorted(set(self.order(stage, n_steps)[:need].tolist()))
+
     def indices(self, stage: int, n_steps: int, step: int, micro_step: int) -> list[int]:
         start = (step * self.accum + micro_step) * self.micro * self.world + self.rank * self.micro
         return self.order(stage, n_steps)[start:start + self.micro].tolist()

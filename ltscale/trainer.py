@@ -190,17 +190,23 @@ class Trainer:
         lm.set_latent_mode(st.mode, alpha=st.alpha, temperature=st.temperature, top_p=st.top_p)
         if start_step == 0 and k > 1 and cfg.optim.stage_strategy == "reset":
             self._reset_optimizer_state()
-        examples, stats = stage_examples(
-            self.data.train, st, stage_index=k, stage_dir=sdir, thinking_id=self.data.thinking_id,
-            seed=cfg.train.seed, compute_sites=lambda: self._score(examples_=self.data.train, k=k),
-            is_main=self.info.is_main, barrier=dist.barrier)
         n_steps = self.schedule.steps[k - 1]
+        # Only the examples this stage will draw are scored: a stage of 0.2 epochs pays for 20%.
+        used = self.sampler.used_indices(k, n_steps)
+        subset = [self.data.train[i] for i in used]
+        scored, stats = stage_examples(
+            subset, st, stage_index=k, stage_dir=sdir, thinking_id=self.data.thinking_id,
+            seed=cfg.train.seed, compute_sites=lambda: self._score(examples_=subset, k=k),
+            is_main=self.info.is_main, barrier=dist.barrier)
+        examples = list(self.data.train)
+        for i, ex in zip(used, scored):
+            examples[i] = ex
         # Every step of the stage runs the same number of sequential passes: the most latents any
         # example of the stage holds, plus one. Ranks stay in lockstep under ZeRO-3 without a
         # collective per step, and DeepSpeed's recorded parameter trace stays valid, so gathered
         # weights are reused across passes instead of re-gathered (a changing pass count
         # invalidates the trace every step).
-        passes = 1 + max(sum(t == self.data.thinking_id for t in e.input_ids) for e in examples) \
+        passes = 1 + max(sum(t == self.data.thinking_id for t in e.input_ids) for e in scored) \
             if lm.uses_rollout else 1
         log.info("stage %d (%s): %d steps from step %d, %d examples, %d passes per step", k, st.mode, n_steps,
                  start_step, len(examples), passes)

@@ -98,7 +98,7 @@ def stage_examples(examples: Sequence[Encoded], stage: StageConfig, *, stage_ind
                                                 "double_insert_prob": params.double_insert_prob, "seed": seed})
         barrier()
     out = [apply_insertions(e, s, thinking_id) for e, s in zip(examples, cached)]
-    counts = np.array([len(s) for s in cached])
+    counts = np.array([len(s) for s in cached])  # over the examples the stage draws
     stats = {"latent_tokens": int(counts.sum()), "latent_per_sample": float(counts.mean()) if len(counts) else 0.0,
              "samples_with_latents": float((counts > 0).mean()) if len(counts) else 0.0}
     log.info("stage %d: %d <thinking> tokens inserted (%.2f per sample)", stage_index, stats["latent_tokens"],

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from ltscale import envinfo
 from ltscale.cli import main
+from ltscale.engine import envinfo
 
 
 @pytest.fixture(scope="module")

@@ -60,3 +60,12 @@ def test_sampler_partitions_each_global_batch_and_is_world_size_invariant():
 def test_lr_scale_per_stage():
     sched = Schedule([10, 10], warmup_ratio=0.0, kind="constant", strategy="reset", lr_scales=[1.0, 0.25])
     assert sched.multiplier(3) == 1.0 and sched.multiplier(12) == 0.25 and sched.stage_of(19) == 1
+
+
+def test_used_indices_cover_exactly_what_the_stage_draws():
+    s = Sampler(100, seed=1, micro=4, accum=1, world=2, rank=0)
+    used = s.used_indices(stage=2, n_steps=3)
+    drawn = {i for r in range(2) for step in range(3)
+             for i in Sampler(100, seed=1, micro=4, accum=1, world=2, rank=r).indices(2, 3, step, 0)}
+    assert used == sorted(drawn) and len(used) == 24
+    assert Sampler(10, seed=1, micro=4, accum=1, world=2, rank=0).used_indices(1, 5) == list(range(10))
