@@ -21,8 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ltscale.engine import build_engine, init_distributed, render_ds_config, shutdown_distributed  # noqa: E402
-from ltscale.engine import comm_stats  # noqa: E402
+from ltscale.engine import (  # noqa: E402
+    build_engine,
+    comm_stats,  # noqa: E402
+    init_distributed,
+    render_ds_config,
+    shutdown_distributed,
+)
 from ltscale.model import LatentLM  # noqa: E402
 
 VOCAB, THINK = 512, 511

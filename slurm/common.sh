@@ -1,0 +1,357 @@
+# shellcheck shell=bash
+# slurm/common.sh -- the logic behind slurm/stage{1,2,3}.sh (sourced by them; not a job script).
+#
+# Two entry points:
+#   ltscale_stage_main N [override ...]     the batch shell of a stage job (runs on the first node)
+#   bash slurm/common.sh node -- ARGS...    one srun task per node: starts this node's launcher
+#
+# What a stage job does, in order (each step says why in its function):
+#   1. read and check its inputs (LTSCALE_RUN_DIR, LTSCALE_CONFIG, ...) -> exit 2 with one clear
+#      line in the job log on bad input, before any rank starts;
+#   2. stage bookkeeping: stage N already COMPLETE -> no-op, exit 0; stage N-1 not COMPLETE ->
+#      exit 2 naming RUN_DIR/stage{N-1}/COMPLETE (the trainer has the same checks; doing them here
+#      fails the job in a second instead of after every rank has imported torch);
+#   3. `python -m launcher` (launcher/) turns the allocation into a DeepSpeed hostfile and, on each
+#      node, a `deepspeed --no_ssh --node_rank R ...` (or torchrun) command -- no ssh, no pdsh;
+#   4. `srun --ntasks-per-node=1` runs that command once per node, in the background, so the batch
+#      shell can trap signals while it waits (bash runs traps only between foreground commands);
+#   5. stop signals: SIGUSR1 (the `--signal=B:USR1@lead` warning) or SIGTERM reaching the batch shell
+#      are forwarded to the step as SIGUSR1 via srun, which hands them to every process of the
+#      step.  Launchers ignore SIGUSR1/SIGTERM (the node wrapper starts them with both ignored), so
+#      only the training ranks react: they agree at the next step boundary, checkpoint, exit 143;
+#   6. exit 143 after a SIGUSR1 -> `scontrol requeue $SLURM_JOB_ID` (bounded by LTSCALE_MAX_RESTARTS);
+#      the requeued job keeps its id (afterok dependents keep waiting) and resumes exactly.
+#      After a SIGTERM Slurm itself decides (preemption requeues the job; scancel or the time
+#      limit end it), so the script never requeues then: `scancel` must stay a way to stop a job.
+#      Any other non-zero exit fails the job: a crash must not loop.
+#
+# Environment read by the stage scripts (documented for users in slurm/README.md):
+#   LTSCALE_RUN_DIR (required), LTSCALE_CONFIG (required), LTSCALE_ARGS, LTSCALE_NPROC_PER_NODE,
+#   LTSCALE_LAUNCHER (deepspeed|torchrun), LTSCALE_MASTER_ADDR, LTSCALE_MASTER_PORT, LTSCALE_PYTHON,
+#   LTSCALE_MAX_RESTARTS, LTSCALE_SEEDS (with job arrays), LTSCALE_SRUN_ARGS, LTSCALE_REPO.
+
+LTSCALE_EXIT_USAGE=2      # bad input / stage order: same code as ltscale/train.py
+LTSCALE_EXIT_STOPPED=143  # ltscale/train.py: every rank checkpointed at a step boundary, then stopped
+LTSCALE_RESIGNAL_S=30     # re-send the stop signal this often until the ranks have stopped
+
+ltscale_log() { echo "[ltscale-slurm $(date +%H:%M:%S)] $*"; }
+ltscale_err() { echo "[ltscale-slurm $(date +%H:%M:%S)] ERROR: $*" >&2; }
+ltscale_die() {  # ltscale_die CODE MESSAGE
+  ltscale_err "$2"
+  exit "$1"
+}
+
+# ------------------------------------------------------------------------------------- inputs
+
+ltscale_python() {
+  # The interpreter that has ltscale + deepspeed: explicit, else the repo's venv (what `make
+  # install` builds), else python3 from PATH (an activated venv is exported to the job by sbatch).
+  if [ -n "${LTSCALE_PYTHON:-}" ]; then
+    echo "$LTSCALE_PYTHON"
+  elif [ -x "$LTSCALE_REPO/.venv/bin/python" ]; then
+    echo "$LTSCALE_REPO/.venv/bin/python"
+  else
+    command -v python3 || echo python3
+  fi
+}
+
+ltscale_abspath() {  # relative paths are relative to the job's working dir (the submit dir)
+  case "$1" in
+    /*) echo "$1" ;;
+    *) echo "$PWD/$1" ;;
+  esac
+}
+
+ltscale_resolve_inputs() {  # sets RUN_DIR CONFIG SEED PY TRAIN_ARGS (array) from the environment
+  local stage=$1
+  shift
+  [ -n "${SLURM_JOB_ID:-}" ] ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "not inside a Slurm job: submit this script with sbatch (see slurm/README.md)"
+  [ -n "${LTSCALE_RUN_DIR:-}" ] ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_RUN_DIR is not set: export LTSCALE_RUN_DIR=/shared/path/run before sbatch (the run dir must be on storage every node sees)"
+  [ -n "${LTSCALE_CONFIG:-}" ] ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_CONFIG is not set: export LTSCALE_CONFIG=configs/<name>.yaml before sbatch"
+  CONFIG=$(ltscale_abspath "$LTSCALE_CONFIG")
+  # A relative config that is not under the submit dir is looked up in the repo (configs/...).
+  if [ ! -f "$CONFIG" ] && [ "${LTSCALE_CONFIG#/}" = "$LTSCALE_CONFIG" ] && [ -f "$LTSCALE_REPO/$LTSCALE_CONFIG" ]; then
+    CONFIG=$LTSCALE_REPO/$LTSCALE_CONFIG
+  fi
+  [ -f "$CONFIG" ] ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_CONFIG=$LTSCALE_CONFIG: no such file (looked in $PWD and $LTSCALE_REPO)"
+  BASE_RUN_DIR=$(ltscale_abspath "$LTSCALE_RUN_DIR")
+  RUN_DIR=$BASE_RUN_DIR
+
+  # Seeds: one array task per seed, each in RUN_DIR/seed<S> with train.seed=S (pipeline.sh).
+  SEED=
+  if [ -n "${LTSCALE_SEEDS:-}" ]; then
+    local seeds
+    read -r -a seeds <<<"$LTSCALE_SEEDS"
+    if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+      [ "$SLURM_ARRAY_TASK_ID" -lt "${#seeds[@]}" ] ||
+        ltscale_die "$LTSCALE_EXIT_USAGE" "array task $SLURM_ARRAY_TASK_ID but LTSCALE_SEEDS has ${#seeds[@]} seeds ($LTSCALE_SEEDS): submit with --array=0-$((${#seeds[@]} - 1))"
+      SEED=${seeds[$SLURM_ARRAY_TASK_ID]}
+    elif [ "${#seeds[@]}" -eq 1 ]; then
+      SEED=${seeds[0]}
+    else
+      ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_SEEDS has ${#seeds[@]} seeds but this is not an array job: submit with --array=0-$((${#seeds[@]} - 1)) (slurm/pipeline.sh does)"
+    fi
+    [[ $SEED =~ ^[0-9]+$ ]] || ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_SEEDS: '$SEED' is not a non-negative integer"
+    RUN_DIR=$BASE_RUN_DIR/seed$SEED
+  fi
+
+  PY=$(ltscale_python)
+  command -v "$PY" >/dev/null 2>&1 || [ -x "$PY" ] ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "python '$PY' not found: set LTSCALE_PYTHON or run 'make install' in $LTSCALE_REPO"
+
+  # Trainer arguments: config, stage, overrides. LTSCALE_ARGS is split on whitespace (values with
+  # spaces go as script arguments instead); run_dir comes last so the job's run dir always wins.
+  local extra=()
+  [ -n "${LTSCALE_ARGS:-}" ] && read -r -a extra <<<"$LTSCALE_ARGS"
+  TRAIN_ARGS=(--config "$CONFIG" --stage "$stage" "${extra[@]+"${extra[@]}"}" "$@")
+  [ -n "$SEED" ] && TRAIN_ARGS+=("train.seed=$SEED")
+  TRAIN_ARGS+=("run_dir=$RUN_DIR")
+  return 0
+}
+
+# ------------------------------------------------------------------------------------- logs
+
+ltscale_setup_log() {
+  # `#SBATCH --output` cannot name the run dir (no env vars there), so unless the job's output
+  # already goes under it (pipeline.sh passes --output=RUN_DIR/logs/%x-%j.out), the batch shell
+  # copies everything it and the ranks print into RUN_DIR/logs/<job name>-<job id>.out.
+  # Appending keeps one log across requeues, like --open-mode=append does for Slurm's file.
+  mkdir -p "$RUN_DIR/logs" ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "cannot create $RUN_DIR/logs (LTSCALE_RUN_DIR=$LTSCALE_RUN_DIR)"
+  local out
+  out=$(readlink -f /proc/$$/fd/1 2>/dev/null || true)
+  case "$out" in
+    "$BASE_RUN_DIR"/*) LTSCALE_LOG=$out ;;
+    *)
+      local id=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+      LTSCALE_LOG=$RUN_DIR/logs/${SLURM_JOB_NAME:-ltscale}-${id:-$SLURM_JOB_ID}.out
+      # tee ignores the stop signals: Slurm sends SIGTERM to every process of the batch step, and
+      # a dead tee would take the batch shell and srun down with SIGPIPE while ranks checkpoint.
+      exec > >(trap '' TERM USR1 INT HUP; exec tee -a "$LTSCALE_LOG") 2>&1
+      LTSCALE_TEE_PID=$!
+      # On exit, close our ends of the pipe and give tee a moment to write the last lines
+      # (the error that explains a failure is usually the last line).
+      trap 'ltscale_flush_log' EXIT
+      ;;
+  esac
+}
+
+ltscale_flush_log() {
+  exec 1>&- 2>&-
+  local i
+  for ((i = 0; i < 50; i++)); do
+    kill -0 "$LTSCALE_TEE_PID" 2>/dev/null || return 0
+    sleep 0.1
+  done
+}
+
+# ------------------------------------------------------------------------------------- stages
+
+ltscale_check_stage_order() {  # exit 0 if done, exit 2 if the previous stage is missing
+  local stage=$1
+  if [ -f "$RUN_DIR/stage$stage/COMPLETE" ]; then
+    ltscale_log "stage $stage is already complete ($RUN_DIR/stage$stage/COMPLETE); nothing to do"
+    exit 0
+  fi
+  if [ "$stage" -gt 1 ] && [ ! -f "$RUN_DIR/stage$((stage - 1))/COMPLETE" ]; then
+    ltscale_die "$LTSCALE_EXIT_USAGE" "stage $stage starts from stage $((stage - 1))'s final checkpoint, but $RUN_DIR/stage$((stage - 1))/COMPLETE does not exist; run --stage $((stage - 1)) first (sbatch slurm/stage$((stage - 1)).sh, or slurm/pipeline.sh which chains the stages with afterok)"
+  fi
+  return 0
+}
+
+# ------------------------------------------------------------------------------------- launch
+
+ltscale_launch_setup() {
+  # Everything the per-node wrapper needs, exported so srun hands it to every node.
+  export LTSCALE_REPO PY
+  export LTSCALE_LAUNCHER=${LTSCALE_LAUNCHER:-deepspeed}
+  case "$LTSCALE_LAUNCHER" in
+    deepspeed | torchrun) ;;
+    *) ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_LAUNCHER=$LTSCALE_LAUNCHER: expected deepspeed or torchrun" ;;
+  esac
+  export PYTHONPATH=$LTSCALE_REPO${PYTHONPATH:+:$PYTHONPATH}  # `python -m launcher` from a checkout
+
+  # Master address: the first node, unless overridden. A name that does not resolve would make
+  # every rank wait for a rendezvous that never happens, so refuse it here instead.
+  local first
+  first=$("$PY" -c 'import os, launcher; print(launcher.master_addr(launcher.slurm_context(os.environ)))' 2>&1) ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "cannot read the Slurm allocation: $first"
+  export LTSCALE_MASTER_ADDR=${LTSCALE_MASTER_ADDR:-$first}
+  if ! [[ $LTSCALE_MASTER_ADDR =~ ^[0-9.]+$|: ]] && ! getent hosts "$LTSCALE_MASTER_ADDR" >/dev/null 2>&1; then
+    ltscale_die "$LTSCALE_EXIT_USAGE" "master node '$LTSCALE_MASTER_ADDR' does not resolve on $(hostname); set LTSCALE_MASTER_ADDR to its address (on slurm/local-cluster.sh: LTSCALE_MASTER_ADDR=127.0.0.1)"
+  fi
+
+  # DeepSpeed needs the same hostfile on every node (run dir = shared storage).
+  LTSCALE_HOSTFILE=
+  if [ "$LTSCALE_LAUNCHER" = deepspeed ]; then
+    LTSCALE_HOSTFILE=$RUN_DIR/logs/hostfile-$SLURM_JOB_ID
+    local slots=()
+    [ -n "${LTSCALE_NPROC_PER_NODE:-}" ] && slots=(--slots "$LTSCALE_NPROC_PER_NODE")
+    local text
+    text=$("$PY" -m launcher hostfile "${slots[@]+"${slots[@]}"}" 2>&1) ||
+      ltscale_die "$LTSCALE_EXIT_USAGE" "$(ltscale_nproc_hint "$text")"
+    printf '%s\n' "$text" >"$LTSCALE_HOSTFILE"
+  fi
+  export LTSCALE_HOSTFILE
+
+  # Dry run of node 0's command in the batch shell: a bad allocation (no GPUs and no
+  # LTSCALE_NPROC_PER_NODE, malformed node list) fails here with the launcher's message.
+  local cmd
+  cmd=$(ltscale_node_command "${TRAIN_ARGS[@]}" 2>&1) ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "$(ltscale_nproc_hint "$cmd")"
+  ltscale_log "node 0 command: $cmd"
+}
+
+ltscale_nproc_hint() {  # add the knob to the launcher's "no GPUs" message
+  case "$1" in
+    *"no GPUs found"*) echo "$1 (CPU partition: set LTSCALE_NPROC_PER_NODE=<ranks per node> and DS_ACCELERATOR=cpu)" ;;
+    *) echo "$1" ;;
+  esac
+}
+
+ltscale_node_command() {  # this node's launcher command line, shell-quoted, from `python -m launcher`
+  local opts=(command --launcher "$LTSCALE_LAUNCHER" --python "$PY" --master-addr "$LTSCALE_MASTER_ADDR")
+  [ -n "${LTSCALE_MASTER_PORT:-}" ] && opts+=(--master-port "$LTSCALE_MASTER_PORT")
+  [ -n "${LTSCALE_NPROC_PER_NODE:-}" ] && opts+=(--nproc-per-node "$LTSCALE_NPROC_PER_NODE")
+  [ -n "${LTSCALE_HOSTFILE:-}" ] && opts+=(--hostfile "$LTSCALE_HOSTFILE")
+  "$PY" -m launcher "${opts[@]}" -- "$LTSCALE_REPO/ltscale/train.py" "$@"
+}
+
+ltscale_node_main() {  # bash slurm/common.sh node -- TRAIN_ARGS...: one srun task per node
+  # SIGUSR1/SIGTERM are ignored here and therefore in the launcher processes started below (an
+  # ignored disposition survives exec). Why: the deepspeed runner has no handler for either and
+  # launch.py none for SIGUSR1, so the default action would kill them -- and with them the step --
+  # while the ranks are still writing their checkpoint. The ranks install their own handlers
+  # (ltscale.trainer.StopSignal); deepspeed's launch.py still handles SIGTERM by passing it on
+  # to its ranks with a 30 s grace, which is what Slurm preemption (SIGTERM, KillWait later
+  # SIGKILL) needs.
+  trap '' USR1 TERM
+  [ "${1:-}" = "--" ] && shift
+  local quoted rc=0
+  quoted=$(ltscale_node_command "$@") || exit "$LTSCALE_EXIT_USAGE"
+  local cmd
+  eval "cmd=($quoted)"  # shlex.join output: POSIX-quoted words
+  "${cmd[@]}" || rc=$?
+  [ "$rc" -eq 0 ] || echo "[ltscale-slurm] node ${SLURM_NODEID:-?} ($(hostname)): launcher exited with $rc" >&2
+  exit "$rc"
+}
+
+# ------------------------------------------------------------------------------------- signals
+
+ltscale_on_signal() {  # trap handler in the batch shell: remember, forward, keep waiting
+  LTSCALE_STOP=${LTSCALE_STOP:-$1}
+  [ "$1" = TERM ] && LTSCALE_STOP=TERM  # a TERM (preemption, scancel, time limit) overrides USR1
+  ltscale_log "received SIG$1: asking every rank to checkpoint at the next step boundary"
+  ltscale_forward_stop
+}
+
+ltscale_forward_stop() {
+  # SIGUSR1 to srun, which relays it to every process of the step on every node; only the ranks
+  # act on it (the launchers ignore it). USR1 even when the batch shell got TERM: the ranks treat
+  # both alike, and a TERM would make srun/launch.py tear the step down instead.
+  if [ -n "${LTSCALE_SRUN_PID:-}" ] && kill -0 "$LTSCALE_SRUN_PID" 2>/dev/null; then
+    kill -USR1 "$LTSCALE_SRUN_PID" 2>/dev/null || true
+    LTSCALE_LAST_FORWARD=$SECONDS
+  fi
+}
+
+ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCALE_STEP_RC
+  local srun_extra=()
+  [ -n "${LTSCALE_SRUN_ARGS:-}" ] && read -r -a srun_extra <<<"$LTSCALE_SRUN_ARGS"
+  # --kill-on-bad-exit: a rank that crashes on one node must end the step, not leave the other
+  # nodes waiting in a collective. It also fires on 143, which is safe: a rank raises its stop
+  # only after the checkpoint's final barrier, so every node has written its part by then.
+  srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
+    --kill-on-bad-exit=1 --label "${srun_extra[@]+"${srun_extra[@]}"}" \
+    bash "$LTSCALE_REPO/slurm/common.sh" node -- "${TRAIN_ARGS[@]}" &
+  LTSCALE_SRUN_PID=$!
+  # A stop signal that arrived before srun existed is forwarded now.
+  [ -n "${LTSCALE_STOP:-}" ] && ltscale_forward_stop
+  # Poll instead of a bare `wait $pid`: traps run at once (wait returns on a signal), and the
+  # stop signal is re-sent every LTSCALE_RESIGNAL_S s, because a rank still starting up (imports,
+  # engine set-up) ignores it until the trainer installs its handler.
+  while kill -0 "$LTSCALE_SRUN_PID" 2>/dev/null; do
+    sleep 1 &
+    wait $! 2>/dev/null || true
+    if [ -n "${LTSCALE_STOP:-}" ] && ((SECONDS - ${LTSCALE_LAST_FORWARD:-0} >= LTSCALE_RESIGNAL_S)); then
+      ltscale_forward_stop
+    fi
+  done
+  LTSCALE_STEP_RC=0
+  wait "$LTSCALE_SRUN_PID" || LTSCALE_STEP_RC=$?
+  LTSCALE_SRUN_PID=
+}
+
+ltscale_requeue() {
+  local restarts=${SLURM_RESTART_COUNT:-0} max=${LTSCALE_MAX_RESTARTS:-20}
+  if [ "$restarts" -ge "$max" ]; then
+    ltscale_die "$LTSCALE_EXIT_STOPPED" "stopped and checkpointed, but this job was already restarted $restarts times (LTSCALE_MAX_RESTARTS=$max): not requeueing again; resubmit to continue from the checkpoint"
+  fi
+  ltscale_log "checkpoint written; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max); it resumes from the checkpoint"
+  local out
+  if ! out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+    ltscale_die "$LTSCALE_EXIT_STOPPED" "scontrol requeue $SLURM_JOB_ID failed: $out (was the job submitted with --requeue, and is JobRequeue allowed?); resubmit to continue from the checkpoint"
+  fi
+  exit 0  # the job is PENDING again; Slurm ends this incarnation
+}
+
+# ------------------------------------------------------------------------------------- main
+
+ltscale_stage_main() {  # ltscale_stage_main N [override ...]
+  local stage=$1
+  shift
+  LTSCALE_STOP=
+  # Installed first: a signal during the checks below is remembered and acted on.
+  trap 'ltscale_on_signal USR1' USR1
+  trap 'ltscale_on_signal TERM' TERM
+
+  ltscale_resolve_inputs "$stage" "$@"
+  ltscale_setup_log
+  ltscale_log "job ${SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+ (array task $SLURM_ARRAY_TASK_ID)} stage $stage restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NUM_NODES} node(s) ${SLURM_JOB_NODELIST}"
+  ltscale_log "run dir $RUN_DIR${SEED:+ (seed $SEED)}; config $CONFIG; log $LTSCALE_LOG"
+  ltscale_check_stage_order "$stage"
+  [ -z "${LTSCALE_NPROC_PER_NODE:-}" ] || [[ $LTSCALE_NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] ||
+    ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_NPROC_PER_NODE=$LTSCALE_NPROC_PER_NODE is not a positive integer"
+  ltscale_launch_setup
+
+  ltscale_run_step
+  local rc=$LTSCALE_STEP_RC
+  ltscale_log "training step ended with exit code $rc${LTSCALE_STOP:+ (after SIG$LTSCALE_STOP)}"
+  if [ "$rc" -eq 0 ]; then
+    # The deepspeed runner reports 0 when launch.py dies from a signal, so trust the marker only.
+    [ -f "$RUN_DIR/stage$stage/COMPLETE" ] ||
+      ltscale_die 1 "the launcher exited 0 but $RUN_DIR/stage$stage/COMPLETE was not written; see the rank output above"
+    ltscale_log "stage $stage complete: $RUN_DIR/stage$stage/COMPLETE"
+    exit 0
+  fi
+  if [ "$rc" -eq "$LTSCALE_EXIT_STOPPED" ] && [ "${LTSCALE_STOP:-}" != TERM ]; then
+    # The ranks stopped on a SIGUSR1: the lead warning via this shell, or one sent straight to
+    # the step (--signal=USR1@lead without B:, scancel --signal=USR1).
+    ltscale_requeue
+  fi
+  if [ "${LTSCALE_STOP:-}" = TERM ]; then
+    ltscale_die "$rc" "stopped by SIGTERM (preemption, scancel or time limit): Slurm requeues a preempted --requeue job itself; otherwise resubmit to resume from the last checkpoint"
+  fi
+  ltscale_die "$rc" "stage $stage failed (exit code $rc); not requeueing"
+}
+
+# Run as a script: the per-node wrapper inside srun.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  set -euo pipefail
+  case "${1:-}" in
+    node)
+      shift
+      LTSCALE_REPO=${LTSCALE_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+      PY=${PY:-$(ltscale_python)}
+      ltscale_node_main "$@"
+      ;;
+    *)
+      echo "usage: bash slurm/common.sh node -- TRAIN_ARGS... (used by the stage scripts inside srun)" >&2
+      exit 2
+      ;;
+  esac
+fi
