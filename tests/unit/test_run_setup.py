@@ -36,7 +36,7 @@ def test_linear_and_constant():
 def test_stage_steps_and_too_small_dataset():
     cfg = load_config(None, ["train.micro_batch_size=4", "train.grad_accum=2"])
     steps = stage_steps(cfg, 100, world_size=2)
-    assert steps == [int(st.epochs * 100) // 16 for st in cfg.stages]
+    assert steps == [max(1, int(st.epochs * 100) // 16) for st in cfg.stages]
     with pytest.raises(ValueError, match="global batch"):
         stage_steps(cfg, 10, world_size=2)
 
