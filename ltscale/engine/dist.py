@@ -91,6 +91,15 @@ def _prepare_env() -> str:
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
+        for how, rank_k, size_k, *_ in _LAUNCHER_ENV:
+            # Inherited, stale torch variables under another launcher: every rank would claim the
+            # same rank and the rendezvous would hang. Say so instead.
+            if how != "srun" and rank_k in env and size_k in env and \
+                    (env[rank_k], env[size_k]) != (env["RANK"], env["WORLD_SIZE"]):
+                raise RuntimeError(
+                    f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} contradict the {how} launcher's "
+                    f"{rank_k}={env[rank_k]} {size_k}={env[size_k]}: stale variables inherited from another "
+                    "launch? unset RANK/WORLD_SIZE/LOCAL_RANK")
         env.setdefault("LOCAL_RANK", "0")
         env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
         env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)

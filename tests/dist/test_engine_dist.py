@@ -277,7 +277,9 @@ def test_launcher_env_mapping(monkeypatch, given, how, want):
     from ltscale.engine import dist
 
     for k in _LAUNCH_VARS:
-        monkeypatch.delenv(k, raising=False)
+        # setenv first so monkeypatch records the variable and removes what _prepare_env sets
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     for k, v in given.items():
         monkeypatch.setenv(k, v)
     assert dist._prepare_env() == how
@@ -291,6 +293,8 @@ def test_launcher_env_mapping(monkeypatch, given, how, want):
         {"RANK": "0"},
         {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
         {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2"},
+        # stale torch variables inherited into an mpirun launch: every rank would claim rank 1
+        {"RANK": "1", "WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"},
     ],
 )
 def test_launcher_env_errors(monkeypatch, given):
@@ -298,7 +302,9 @@ def test_launcher_env_errors(monkeypatch, given):
     from ltscale.engine import dist
 
     for k in _LAUNCH_VARS:
-        monkeypatch.delenv(k, raising=False)
+        # setenv first so monkeypatch records the variable and removes what _prepare_env sets
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     for k, v in given.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(RuntimeError, match="WORLD_SIZE|MASTER_ADDR"):

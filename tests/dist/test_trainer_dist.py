@@ -39,6 +39,17 @@ TWO_RANKS = ["train.grad_accum=1"]
 ONE_RANK = ["train.grad_accum=2"]
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
+               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without launcher variables another test may have left."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning", **extra)
+    return env
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     return dict(read_scalars(run_dir / "tb")["train/loss"])
 
@@ -82,9 +93,7 @@ def test_reference_run_trained_all_stages(reference):
 
 def test_one_rank_equals_two_ranks(reference, workdir, repo_root):
     run_dir = workdir / "one"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = clean_env()
     subprocess.run([sys.executable, str(repo_root / "ltscale" / "train.py"), *BASE, *ONE_RANK, f"run_dir={run_dir}"],
                    check=True, env=env, cwd=repo_root, capture_output=True, timeout=600)
     assert_same_trajectory(losses(run_dir), losses(reference))
@@ -95,8 +104,8 @@ def test_one_rank_equals_two_ranks(reference, workdir, repo_root):
                     reason="Open MPI (mpirun) not installed; .ci/run installs it")
 def test_mpirun_launch_gives_the_same_losses(reference, workdir, repo_root):
     run_dir = workdir / "mpi"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "MASTER_PORT": str(29400 + os.getpid() % 500)}
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                    MASTER_PORT=str(29400 + os.getpid() % 500))
     subprocess.run(["mpirun", "-np", "2", "--oversubscribe", sys.executable, str(repo_root / "ltscale" / "train.py"),
                     *BASE, *TWO_RANKS, f"run_dir={run_dir}"], check=True, env=env, cwd=repo_root,
                    capture_output=True, timeout=600)
@@ -106,7 +115,7 @@ def test_mpirun_launch_gives_the_same_losses(reference, workdir, repo_root):
 def _launch_torchrun(repo_root: Path, port: int, args: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), str(repo_root / "ltscale" / "train.py"), *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    env = clean_env()
     return subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
