@@ -25,6 +25,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -152,7 +153,7 @@ def run_ranks(repo_root: Path, free_port: Callable[[], int]) -> Callable[..., su
     """Launch ``script`` on ``nproc`` local ranks with torchrun (gloo, 127.0.0.1).
 
     ``run_ranks(script, nproc=2, args=(), timeout=300, env=None, cwd=None, check=True,
-    launcher="torchrun"|"deepspeed")`` returns
+    launcher="torchrun"|"deepspeed"|"deepspeed_hostfile")`` returns
     the ``CompletedProcess`` (text stdout/stderr).  With ``check`` (default) a non-zero exit
     raises ``RanksFailed`` with the captured output; a timeout always raises, after the whole
     process group has been killed.  ``env`` entries are added to the test environment
@@ -182,6 +183,14 @@ def run_ranks(repo_root: Path, free_port: Callable[[], int]) -> Callable[..., su
             cmd = [
                 str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
                 "--master_port", str(port), str(script), *map(str, args),
+            ]  # fmt: skip
+        elif launcher == "deepspeed_hostfile":  # what the Slurm scripts run on each node: no ssh
+            hosts = Path(tempfile.mkdtemp(prefix="ltscale-hosts-")) / "hostfile"
+            hosts.write_text(f"localhost slots={nproc}\n")
+            cmd = [
+                str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hosts), "--no_ssh",
+                "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                str(script), *map(str, args),
             ]  # fmt: skip
         else:
             cmd = [

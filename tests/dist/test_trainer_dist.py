@@ -1,7 +1,8 @@
 """The whole trainer under ZeRO-3 on CPU: world-size invariance, launchers, exact resume after SIGTERM.
 
 Every run trains the same shrunk 3-stage curriculum (8 steps per stage, loss logged every step).
-The reference is a 2-rank `deepspeed` run; the others must reproduce its `train/loss` trajectory:
+The reference is a 2-rank `deepspeed --hostfile --no_ssh` run; the others must reproduce its
+`train/loss` trajectory:
 
 * 1 rank with grad_accum=2 (same global batch and micro-batches) -> equal to 1e-5 relative;
 * `torchrun` and `mpirun` launches -> the same losses;
@@ -78,8 +79,10 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(workdir, run_ranks, repo_root) -> Path:
     run_dir = workdir / "ref"
+    # `deepspeed --hostfile H --no_ssh --node_rank 0 --master_addr ...`: the multi-node form the Slurm
+    # scripts run on every node (the plain `deepspeed --num_gpus` form is the e2e test's)
     run_ranks(repo_root / "ltscale" / "train.py", nproc=2, args=BASE + TWO_RANKS + [f"run_dir={run_dir}"],
-              timeout=600, launcher="deepspeed")
+              timeout=600, launcher="deepspeed_hostfile")
     return run_dir
 
 
