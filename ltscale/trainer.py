@@ -111,8 +111,9 @@ def select_stages(cfg: RunConfig, run_dir: Path, stage_arg: str) -> list[int]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, stop: StopSignal | None = None):
         self.cfg = cfg
+        self.stop = stop or StopSignal()
         self.info = dist.init_distributed()
         self.run_dir = Path(cfg.run_dir)
         if self.info.is_main:
@@ -142,7 +143,6 @@ class Trainer:
         self.monitor: Monitor | None = None
         self.results: dict[int, dict] = {}
         self.allgather = comm_stats.install()
-        self.stop = StopSignal()
 
     # ------------------------------------------------------------------ entry
     def train(self, stages: list[int]) -> dict[int, dict]:
@@ -154,9 +154,8 @@ class Trainer:
         self.monitor = Monitor.for_rank(self.run_dir / "tb", self.info.rank,
                                         purge_step=self.schedule.start[first - 1] + start_step + 1)
         try:
-            with self.stop:
-                for k in stages:
-                    self.run_stage(k, start_step if k == first else 0)
+            for k in stages:
+                self.run_stage(k, start_step if k == first else 0)
         finally:
             self.monitor.close()
         if self.info.is_main:
@@ -372,7 +371,9 @@ def train(cfg: RunConfig, stage: str = "all") -> dict[int, dict]:
             print_results_table(cfg, Path(cfg.run_dir), finished_results(cfg, Path(cfg.run_dir)))
         return finished_results(cfg, Path(cfg.run_dir))
     try:
-        return Trainer(cfg).train(stages)
+        # Handlers go in before the minutes of set-up, so a signal then is not lost.
+        with StopSignal() as stop:
+            return Trainer(cfg, stop).train(stages)
     finally:
         # Without an orderly process-group teardown ranks intermittently abort at exit (134).
         dist.shutdown_distributed()

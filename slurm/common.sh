@@ -25,7 +25,7 @@
 #      limit end it), so the script never requeues then: `scancel` must stay a way to stop a job.
 #      Any other non-zero exit fails the job: a crash must not loop.
 #
-# Environment read by the stage scripts (documented for users in slurm/README.md):
+# Environment read by the stage scripts (documented for users in README.md, section "Slurm"):
 #   LTSCALE_RUN_DIR (required), LTSCALE_CONFIG (required), LTSCALE_ARGS, LTSCALE_NPROC_PER_NODE,
 #   LTSCALE_LAUNCHER (deepspeed|torchrun), LTSCALE_MASTER_ADDR, LTSCALE_MASTER_PORT, LTSCALE_PYTHON,
 #   LTSCALE_MAX_RESTARTS, LTSCALE_SEEDS (with job arrays), LTSCALE_SRUN_ARGS, LTSCALE_REPO.
@@ -55,6 +55,12 @@ ltscale_python() {
   fi
 }
 
+ltscale_launcher() {  # python -m launcher ..., run from the repo
+  # From the repo, not the submit dir: `python -m` puts the working dir first on sys.path, and a
+  # launcher.py or launcher/ next to the user's job files would shadow ours.
+  (cd "$LTSCALE_REPO" && "$PY" -m launcher "$@")
+}
+
 ltscale_abspath() {  # relative paths are relative to the job's working dir (the submit dir)
   case "$1" in
     /*) echo "$1" ;;
@@ -66,7 +72,7 @@ ltscale_resolve_inputs() {  # sets RUN_DIR CONFIG SEED PY TRAIN_ARGS (array) fro
   local stage=$1
   shift
   [ -n "${SLURM_JOB_ID:-}" ] ||
-    ltscale_die "$LTSCALE_EXIT_USAGE" "not inside a Slurm job: submit this script with sbatch (see slurm/README.md)"
+    ltscale_die "$LTSCALE_EXIT_USAGE" "not inside a Slurm job: submit this script with sbatch (README.md, section Slurm)"
   [ -n "${LTSCALE_RUN_DIR:-}" ] ||
     ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_RUN_DIR is not set: export LTSCALE_RUN_DIR=/shared/path/run before sbatch (the run dir must be on storage every node sees)"
   [ -n "${LTSCALE_CONFIG:-}" ] ||
@@ -100,7 +106,11 @@ ltscale_resolve_inputs() {  # sets RUN_DIR CONFIG SEED PY TRAIN_ARGS (array) fro
   fi
 
   PY=$(ltscale_python)
-  command -v "$PY" >/dev/null 2>&1 || [ -x "$PY" ] ||
+  case "$PY" in
+    */*) PY=$(ltscale_abspath "$PY") ;;
+    *) PY=$(command -v "$PY" 2>/dev/null || echo "$PY") ;;
+  esac
+  [ -x "$PY" ] ||
     ltscale_die "$LTSCALE_EXIT_USAGE" "python '$PY' not found: set LTSCALE_PYTHON or run 'make install' in $LTSCALE_REPO"
 
   # Trainer arguments: config, stage, overrides. LTSCALE_ARGS is split on whitespace (values with
@@ -173,12 +183,11 @@ ltscale_launch_setup() {
     deepspeed | torchrun) ;;
     *) ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_LAUNCHER=$LTSCALE_LAUNCHER: expected deepspeed or torchrun" ;;
   esac
-  export PYTHONPATH=$LTSCALE_REPO${PYTHONPATH:+:$PYTHONPATH}  # `python -m launcher` from a checkout
 
   # Master address: the first node, unless overridden. A name that does not resolve would make
   # every rank wait for a rendezvous that never happens, so refuse it here instead.
   local first
-  first=$("$PY" -c 'import os, launcher; print(launcher.master_addr(launcher.slurm_context(os.environ)))' 2>&1) ||
+  first=$(cd "$LTSCALE_REPO" && "$PY" -c 'import os, launcher; print(launcher.master_addr(launcher.slurm_context(os.environ)))' 2>&1) ||
     ltscale_die "$LTSCALE_EXIT_USAGE" "cannot read the Slurm allocation: $first"
   export LTSCALE_MASTER_ADDR=${LTSCALE_MASTER_ADDR:-$first}
   if ! [[ $LTSCALE_MASTER_ADDR =~ ^[0-9.]+$|: ]] && ! getent hosts "$LTSCALE_MASTER_ADDR" >/dev/null 2>&1; then
@@ -192,7 +201,7 @@ ltscale_launch_setup() {
     local slots=()
     [ -n "${LTSCALE_NPROC_PER_NODE:-}" ] && slots=(--slots "$LTSCALE_NPROC_PER_NODE")
     local text
-    text=$("$PY" -m launcher hostfile "${slots[@]+"${slots[@]}"}" 2>&1) ||
+    text=$(ltscale_launcher hostfile "${slots[@]+"${slots[@]}"}" 2>&1) ||
       ltscale_die "$LTSCALE_EXIT_USAGE" "$(ltscale_nproc_hint "$text")"
     printf '%s\n' "$text" >"$LTSCALE_HOSTFILE"
   fi
@@ -218,7 +227,7 @@ ltscale_node_command() {  # this node's launcher command line, shell-quoted, fro
   [ -n "${LTSCALE_MASTER_PORT:-}" ] && opts+=(--master-port "$LTSCALE_MASTER_PORT")
   [ -n "${LTSCALE_NPROC_PER_NODE:-}" ] && opts+=(--nproc-per-node "$LTSCALE_NPROC_PER_NODE")
   [ -n "${LTSCALE_HOSTFILE:-}" ] && opts+=(--hostfile "$LTSCALE_HOSTFILE")
-  "$PY" -m launcher "${opts[@]}" -- "$LTSCALE_REPO/ltscale/train.py" "$@"
+  ltscale_launcher "${opts[@]}" -- "$LTSCALE_REPO/ltscale/train.py" "$@"
 }
 
 ltscale_node_main() {  # bash slurm/common.sh node -- TRAIN_ARGS...: one srun task per node
@@ -334,7 +343,15 @@ ltscale_stage_main() {  # ltscale_stage_main N [override ...]
     ltscale_requeue
   fi
   if [ "${LTSCALE_STOP:-}" = TERM ]; then
-    ltscale_die "$rc" "stopped by SIGTERM (preemption, scancel or time limit): Slurm requeues a preempted --requeue job itself; otherwise resubmit to resume from the last checkpoint"
+    # Slurm sent the TERM because it is ending this incarnation. If it is requeueing the job
+    # (preemption, `scontrol requeue`), its restart counter is already ahead of ours.
+    local restarts
+    restarts=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2 || true)
+    if [ -n "$restarts" ] && [ "$restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]; then
+      ltscale_log "stopped by SIGTERM: Slurm is requeueing job $SLURM_JOB_ID (preemption or scontrol requeue); the restart resumes from the last checkpoint"
+      exit "$rc"
+    fi
+    ltscale_die "$rc" "stopped by SIGTERM (scancel, time limit or node failure): resubmit this stage to resume from the last checkpoint"
   fi
   ltscale_die "$rc" "stage $stage failed (exit code $rc); not requeueing"
 }

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # slurm/local-cluster.sh start|stop|status|restart -- a throwaway Slurm cluster on this one host.
+# `start` returns once every node is idle (exit 1 with the daemon logs if not within 60 s);
+# `status` exits 0 only if every daemon is up; `stop` exits 0 also when nothing runs.
 #
 # For trying the stage scripts on a workstation and for CI (tests/slurm/): munge + slurmctld +
 # N slurmd "nodes" (n1..nN), all on 127.0.0.1, all state under one directory.  Run as root.
@@ -132,8 +134,13 @@ EOF
   mv -f "$tmp" "$CONF"
   chmod 644 "$CONF"
   if [ "$ETC" = 1 ]; then
-    if [ -e "$ETC_CONF" ] && ! grep -qF "$MARKER" "$ETC_CONF"; then
+    # Never overwrite a foreign slurm.conf, nor the one of another live local cluster.
+    local owner=
+    [ -e "$ETC_CONF" ] && owner=$(sed -n "s|^$MARKER (dir \(.*\))\$|\1|p" "$ETC_CONF" | head -n 1)
+    if [ -e "$ETC_CONF" ] && [ -z "$owner" ]; then
       log "not touching $ETC_CONF (not written by this script); use: export SLURM_CONF=$CONF"
+    elif [ -n "$owner" ] && [ "$owner" != "$DIR" ] && pid_alive "$owner/run/slurmctld.pid"; then
+      log "not touching $ETC_CONF (it belongs to the cluster in $owner); use: export SLURM_CONF=$CONF"
     else
       mkdir -p "$(dirname "$ETC_CONF")"
       cp -f "$CONF" "$ETC_CONF"
@@ -204,8 +211,8 @@ wait_idle() {  # until every node is idle/mixed/allocated; revive nodes left DOW
   return 1
 }
 
-show_failure() {
-  log "cluster did not become idle within 60 s"
+show_failure() {  # show_failure WHAT: sinfo and the tail of every log
+  log "$1"
   sinfo -N -l >&2 || true
   local f
   for f in "$DIR"/log/*.log; do
@@ -225,9 +232,18 @@ cmd_start() {
   export_conf
   start_daemons
   if ! wait_idle; then
-    show_failure
+    show_failure "the nodes did not become idle within 60 s"
     exit 1
   fi
+  # Idle nodes could also be another cluster answering on the same ports (ours then failed to
+  # bind and exited): every daemon from our pid files must be alive.
+  local f
+  for f in "$DIR/run/slurmctld.pid" $(nodes | sed "s|^|$DIR/run/slurmd-|; s|\$|.pid|"); do
+    if ! pid_alive "$f"; then
+      show_failure "$(basename "$f" .pid) exited"
+      die "$(basename "$f" .pid) is not running (port $PORT..$((PORT + NODES)) taken by another Slurm?)"
+    fi
+  done
   log "up: $NODES node(s) n[1-$NODES], $CPUS CPUs and ${MEM} MB each, conf $CONF"
   [ "$ETC" = 1 ] || log "export SLURM_CONF=$CONF"
   log "jobs must use LTSCALE_MASTER_ADDR=127.0.0.1 (the node names do not resolve)"
@@ -249,13 +265,31 @@ stop_pids() {  # stop_pids PIDFILE...: SIGTERM, wait up to 10 s, SIGKILL; remove
   rm -f "$@"
 }
 
-stepd_pids() {  # slurmstepd processes of this cluster: their environment names our slurm.conf
+tree_pids() {  # tree_pids PID: PID and all its descendants (from /proc: no procps needed)
+  local pairs=() f rest todo=("$1") pid
+  for f in /proc/[0-9]*/stat; do
+    rest=$(cat "$f" 2>/dev/null) || continue
+    rest=${rest##*) }  # after "pid (comm) ": "state ppid ..."; comm may contain spaces
+    rest=${rest#* }
+    pairs+=("${rest%% *}:$(basename "$(dirname "$f")")")  # "ppid:pid"
+  done
+  while [ ${#todo[@]} -gt 0 ]; do
+    pid=${todo[0]}
+    todo=("${todo[@]:1}")
+    echo "$pid"
+    for f in "${pairs[@]}"; do
+      if [ "${f%%:*}" = "$pid" ]; then todo+=("${f#*:}"); fi
+    done
+  done
+}
+
+stepd_pids() {  # slurmstepd processes of this cluster: they run in our log dir (slurmd's cwd)
   local p
   for p in /proc/[0-9]*; do
-    [ "$(tr -d '\0' <"$p/comm" 2>/dev/null)" = slurmstepd ] || continue
-    if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"; then
-      echo "${p#/proc/}"
-    fi
+    [ "$(cat "$p/comm" 2>/dev/null)" = slurmstepd ] || continue
+    case "$(readlink "$p/cwd" 2>/dev/null)" in
+      "$DIR"/*) echo "${p#/proc/}" ;;
+    esac
   done
 }
 
@@ -283,13 +317,15 @@ cmd_stop() {
   local files=("$DIR/run/slurmctld.pid") n
   for n in $(nodes) $(ls "$DIR/spool" 2>/dev/null); do files+=("$DIR/run/slurmd-$n.pid"); done
   stop_pids "${files[@]}"
-  # A step whose slurmd died first would survive it; its processes inherited our SLURM_CONF.
-  local left
+  # A step that outlived its slurmd (stuck past KillWait) would survive it: kill its slurmstepd.
+  local left pid
   left=$(stepd_pids)
   if [ -n "$left" ]; then
-    log "killing leftover slurmstepd: $(tr '\n' ' ' <<<"$left")"
-    # shellcheck disable=SC2086
-    kill -KILL $left 2>/dev/null || true
+    log "killing leftover job steps (slurmstepd $(tr '\n' ' ' <<<"$left")and their processes)"
+    for pid in $left; do
+      # shellcheck disable=SC2046  # one pid per word
+      kill -KILL $(tree_pids "$pid") 2>/dev/null || true
+    done
   fi
   stop_pids "$DIR/run/munged.pid"  # only exists if start launched munged
   if [ -f "$ETC_CONF" ] && grep -qF "$MARKER (dir $DIR)" "$ETC_CONF"; then rm -f "$ETC_CONF"; fi

@@ -6,7 +6,7 @@
 #   sbatch [-N 4] [--gpus-per-node=4] [-p PART] [-t 12:00:00] slurm/stage1.sh [key=value ...]
 #
 # Any #SBATCH default below can be overridden on the sbatch command line. slurm/pipeline.sh
-# submits all three stages chained with afterok; see slurm/README.md for the whole story.
+# submits all three stages chained with afterok; see README.md, section "Slurm", for the whole story.
 #
 # Inputs (environment; sbatch passes the submitting shell's environment to the job):
 #   LTSCALE_RUN_DIR         required. Run directory, on storage that every node sees (checkpoints,
