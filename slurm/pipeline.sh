@@ -3,7 +3,7 @@
 # three chained Slurm jobs (stage1 -> stage2 -> stage3, each starting only if the previous one
 # ended with exit 0) and print their job ids.
 #
-#   export LTSCALE_RUN_DIR=/shared/runs/exp1 LTSCALE_CONFIG=configs/llama-3.2-1b.yaml
+#   export LTSCALE_RUN_DIR=/shared/runs/exp1 LTSCALE_CONFIG=configs/tiny.yaml
 #   slurm/pipeline.sh -N 2 --gpus-per-node=8 -p gpu -- train.micro_batch_size=4
 #
 # stdout: one "stage<N> <jobid>" line per submitted stage (for scripts); progress goes to stderr.

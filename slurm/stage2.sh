@@ -2,7 +2,7 @@
 # slurm/stage2.sh -- LT-Tuning stage 2: latent <thinking> tokens from hidden states (mode hidden); its confidence scoring runs inside the job,
 # as one checkpointed, requeueable Slurm job.
 #
-#   export LTSCALE_RUN_DIR=/shared/runs/exp1 LTSCALE_CONFIG=configs/llama-3.2-1b.yaml
+#   export LTSCALE_RUN_DIR=/shared/runs/exp1 LTSCALE_CONFIG=configs/tiny.yaml
 #   sbatch [-N 4] [--gpus-per-node=4] [-p PART] [-t 12:00:00] slurm/stage2.sh [key=value ...]
 #
 # Any #SBATCH default below can be overridden on the sbatch command line. slurm/pipeline.sh

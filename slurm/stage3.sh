@@ -2,7 +2,7 @@
 # slurm/stage3.sh -- LT-Tuning stage 3: Context-Prediction Fusion (mode fusion); its confidence scoring runs inside the job,
 # as one checkpointed, requeueable Slurm job.
 #
-#   export LTSCALE_RUN_DIR=/shared/runs/exp1 LTSCALE_CONFIG=configs/llama-3.2-1b.yaml
+#   export LTSCALE_RUN_DIR=/shared/runs/exp1 LTSCALE_CONFIG=configs/tiny.yaml
 #   sbatch [-N 4] [--gpus-per-node=4] [-p PART] [-t 12:00:00] slurm/stage3.sh [key=value ...]
 #
 # Any #SBATCH default below can be overridden on the sbatch command line. slurm/pipeline.sh
