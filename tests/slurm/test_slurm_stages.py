@@ -42,7 +42,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 # (so a signal sent after the step-2 checkpoint lands mid-stage), stage 3 x 1 = 8.
 STEPS = {1: 48, 2: 32, 3: 8}
 ARGS = [*SMALL, "stages.0.epochs=6", "stages.1.epochs=4"]
-NODES = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+# The lead must be well under the time limit: the scripts' default --signal=B:USR1@600 with a
+# 10-minute limit would signal every (re)start at once and requeue it again and again.
+NODES = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", "--signal=B:USR1@30"]
 
 
 def job_env(slurm, run_dir: Path | None, *, eval_: bool = True, **extra: str) -> dict[str, str]:
