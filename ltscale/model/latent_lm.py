@@ -155,21 +155,14 @@ class LatentLM(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        cfg = self.base.config
-        if self.uses_rollout:
-            res = latent_rollout(
-                decoder=self.decoder(), config=cfg, embed=self.embed, lm_head=self.lm_head,
-                latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask,
-                labels=labels, thinking_token_id=self.thinking_token_id, min_passes=min_passes,
-                gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits)
-        else:
-            # One pass; `latent_rollout` with no latent function degenerates to exactly this, and
-            # sharing it keeps masking/position handling identical across modes.
-            res = latent_rollout(
-                decoder=self.decoder(), config=cfg, embed=self.embed, lm_head=self.lm_head,
-                latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask,
-                labels=labels, thinking_token_id=-1, min_passes=1,
-                gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits)
+        # Modes without a latent function run the same code path with no latent slots: one pass,
+        # identical masking and position handling.
+        rollout = self.uses_rollout
+        res = latent_rollout(
+            decoder=self.decoder(), config=self.base.config, embed=self.embed, lm_head=self.lm_head,
+            latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+            thinking_token_id=self.thinking_token_id if rollout else -1, min_passes=min_passes if rollout else 1,
+            gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits)
         loss = None
         if labels is not None:
             loss = res.loss_sum / max(res.n_targets, 1)
