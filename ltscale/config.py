@@ -117,6 +117,9 @@ class TrainConfig:
     keep_last_n: int = 2
     max_steps_per_stage: int | None = None
     scoring_batch_size: int = 32
+    # Steps with a non-finite loss/gradient on any rank are skipped (no weight change); after
+    # this many in a run, training stops with a checkpoint and an error (docs/RELIABILITY.md).
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -124,6 +127,8 @@ class EngineConfig:
     ds_config: str = "zero3"
     precision: str = "auto"
     fused: str = "auto"  # auto | on | off  (fused fusion op; the torch path is the reference)
+    # A collective waiting longer than this (a dead or hung rank) fails instead of hanging.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -134,9 +139,53 @@ class EvalConfig:
 
 
 @dataclass
+class CoconutConfig:
+    """``method: coconut`` (baselines.md §3): stage ``s`` replaces the first ``s`` steps by ``s*c_thought``
+    continuous thoughts between begin/end markers; stages past ``max_latent_stage`` drop every step."""
+
+    c_thought: int = 2
+    max_latent_stage: int = 3
+    # Coconut stage of the first configured stage: 0 = CoT with markers inside the run (ProsQA
+    # recipe); 1 = the run starts from a CoT checkpoint (GSM8K recipe, model.name_or_path).
+    start_stage: int = 0
+    # Past max_latent_stage every sample gets max_latent_stage*c thoughts (the original's flag).
+    pad_latent_to_max: bool = True
+    # Marker rows are copied from this token (the original copies "<<"; EOS when not one token).
+    init_token: str = "<<"
+
+
+@dataclass
+class SoftThinkingConfig:
+    """Soft-Thinking decoding (baselines.md §7), training-free; ``ltscale eval --method soft_thinking``."""
+
+    temperature: float = 0.6
+    top_k: int = 10
+    top_p: float = 0.95
+    # Cold Stop: after the entropy stays below the threshold for this many steps, decode explicitly.
+    entropy_threshold: float = 0.01
+    cold_stop_steps: int = 256
+    # Soft mode also ends when the top-1 token is this one (our CoT format has no </think>).
+    think_end: str | None = None
+
+
+@dataclass
+class SoftCoTConfig:
+    """``method: softcot`` (baselines.md §6): a frozen assistant's soft thoughts, projected."""
+
+    # An HF dir / hub name sharing the main model's tokenizer, or a run-config YAML whose
+    # model.init builds a random assistant over the main tokenizer (tests: configs/tiny-assistant.yaml).
+    assistant: str | None = None
+    n_thoughts: int = 4
+    train_base: bool = False
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/default"
     method: str = "lt_tuning"
+    coconut: CoconutConfig = field(default_factory=CoconutConfig)
+    soft_thinking: SoftThinkingConfig = field(default_factory=SoftThinkingConfig)
+    softcot: SoftCoTConfig = field(default_factory=SoftCoTConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: default_lt_stages())
@@ -146,6 +195,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # "auto": resume from the run dir's latest checkpoint when there is one; "never"; "must".
     resume: str = "auto"
+    # A damaged latest checkpoint (checksum mismatch): true resumes from the newest intact older one.
+    resume_fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,6 +331,9 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
         key, text = item.split("=", 1)
         _set_dotted(merged, key.strip(), yaml.safe_load(text), merged)
     cfg = _build(RunConfig, merged)
+    from ltscale.methods import resolve_method  # noqa: PLC0415 - methods build on this module
+
+    cfg = resolve_method(cfg)  # unknown method -> ConfigError naming `method`; method-specific rules
     validate(cfg)
     return cfg
 
@@ -312,7 +366,7 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"{k}.{name}: {v} outside [0, 1]")
         if st.max_sites < 0:
             raise ConfigError(f"{k}.max_sites: must be >= 0")
-        if st.mode != "cot" and (st.max_sites == 0 or st.insert_prob == 0 or st.tau == 0):
+        if st.mode != "cot" and _inserts(cfg) and (st.max_sites == 0 or st.insert_prob == 0 or st.tau == 0):
             raise ConfigError(f"{k}: a latent stage ({st.mode}) needs tau, max_sites and insert_prob > 0")
         if st.mode == "cot" and st.max_sites > 0:
             raise ConfigError(f"{k}.max_sites: a cot stage inserts no <thinking> tokens; set mode or max_sites=0")
@@ -339,6 +393,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"engine.precision: {cfg.engine.precision!r} not in auto|fp32|bf16|fp16")
     if cfg.resume not in ("auto", "never", "must"):
         raise ConfigError(f"resume: {cfg.resume!r} not in auto|never|must")
+    if t.max_skipped_steps < 0:
+        raise ConfigError("train.max_skipped_steps: must be >= 0")
+    if cfg.engine.collective_timeout_s <= 0:
+        raise ConfigError("engine.collective_timeout_s: must be > 0")
     if cfg.model.name_or_path is None and not cfg.model.init:
         raise ConfigError("model.init: a model built from scratch (no model.name_or_path) needs init kwargs")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
@@ -347,6 +405,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.hidden_layer: only -1 (the last layer's post-norm output, spec §10.7) is supported")
     if cfg.model.adapter and cfg.model.adapter_hidden < 1:
         raise ConfigError("model.adapter_hidden: must be >= 1")
+
+
+def _inserts(cfg: RunConfig) -> bool:
+    """Whether the method places <thinking> by confidence insertion (LT-Tuning and its ablations)."""
+    from ltscale.methods import get_method  # noqa: PLC0415
+
+    return get_method(cfg.method).confidence_insertion
 
 
 def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:

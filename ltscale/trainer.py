@@ -33,7 +33,8 @@ from ltscale.engine import comm_stats, dist
 from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config
 from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm
 from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
-from ltscale.methods.lt_tuning import score_and_select, stage_examples
+from ltscale.methods import StageContext, get_method, inference_for
+from ltscale.methods.lt_tuning import score_and_select
 from ltscale.model.io import load_latent_model, save_latent_model
 from ltscale.monitor import Monitor
 from ltscale.run_setup import RunData, Sampler, Schedule, build_latent_model, prepare_data, stage_steps
@@ -114,12 +115,13 @@ class Trainer:
     def __init__(self, cfg: RunConfig, stop: StopSignal | None = None):
         self.cfg = cfg
         self.stop = stop or StopSignal()
-        self.info = dist.init_distributed()
+        self.info = dist.init_distributed(timeout_s=cfg.engine.collective_timeout_s)
         self.run_dir = Path(cfg.run_dir)
         if self.info.is_main:
             warn_on_config_change(cfg, self.run_dir)
             save_resolved(cfg, self.run_dir)
         dist.barrier()
+        self.method = get_method(cfg.method)
         self.data: RunData = prepare_data(cfg, self.run_dir, is_main=self.info.is_main, barrier=dist.barrier)
         self.lm = build_latent_model(cfg, self.data)
         t = cfg.train
@@ -167,7 +169,7 @@ class Trainer:
         own = stage_dir(self.run_dir, k) / "ckpt"
         resume = self.cfg.resume
         if resume != "never" and ckpt.latest_tag(own) is not None:
-            state = ckpt.load_checkpoint(self.engine, own)
+            state = ckpt.load_checkpoint(self.engine, own, fallback=self.cfg.resume_fallback)
             log.info("resuming stage %d at step %d from %s", k, state["step_in_stage"], own)
             return int(state["step_in_stage"])
         if resume == "must":
@@ -193,10 +195,12 @@ class Trainer:
         # Only the examples this stage will draw are scored: a stage of 0.2 epochs pays for 20%.
         used = self.sampler.used_indices(k, n_steps)
         subset = [self.data.train[i] for i in used]
-        scored, stats = stage_examples(
-            subset, st, stage_index=k, stage_dir=sdir, thinking_id=self.data.thinking_id,
-            seed=cfg.train.seed, compute_sites=lambda: self._score(examples_=subset, k=k),
-            is_main=self.info.is_main, barrier=dist.barrier)
+        ctx = StageContext(cfg=cfg, stage_index=k, stage_dir=sdir, tokenizer=self.data.tokenizer,
+                           thinking_id=self.data.thinking_id, special_ids=self.data.special_ids,
+                           records_by_id={r.id: r for r in self.data.train_records},
+                           compute_sites=lambda: self._score(examples_=subset, k=k), is_main=self.info.is_main,
+                           barrier=dist.barrier, model=self.engine.module)
+        scored, stats = self.method.stage_examples(subset, ctx)
         examples = list(self.data.train)
         for i, ex in zip(used, scored):
             examples[i] = ex
@@ -284,7 +288,9 @@ class Trainer:
         state = gather_state_dict(self.engine)
         if self.info.is_main:
             save_latent_model(sdir / "hf", config=self.lm.base.config, latent_state=state,
-                              tokenizer=self.data.tokenizer, latent_config=self.lm.latent_config())
+                              tokenizer=self.data.tokenizer,
+                              latent_config={**self.lm.latent_config(),
+                                             **self.method.checkpoint_meta(self.cfg, k, self.data.special_ids)})
         del state
         dist.barrier()
         summary = self._evaluate(k, sdir)
@@ -300,10 +306,12 @@ class Trainer:
         if not self.cfg.eval.after_each_stage or not records:
             return None
         lm, tokenizer = load_latent_model(sdir / "hf")
+        how = inference_for(lm, tokenizer, sdir / "hf", cfg=self.cfg)  # the method's decoding
         torch.manual_seed(0)
-        _, mine = evaluate(lm, tokenizer, records, batch_size=self.cfg.eval.batch_size,
+        _, mine = evaluate(how.model, tokenizer, records, batch_size=self.cfg.eval.batch_size,
                            max_new_tokens=self.cfg.eval.max_new_tokens, use_chat_template=self.cfg.model.use_chat_template,
-                           progress=self.info.is_main, rank=self.info.rank, world_size=self.info.world_size)
+                           progress=self.info.is_main, rank=self.info.rank, world_size=self.info.world_size,
+                           without_thinking=how.without_thinking, prompt_fn=how.prompt_fn)
         shards = dist.all_gather_object(mine)
         if not self.info.is_main:
             return None

@@ -9,7 +9,8 @@ Layout under ``root``::
         zero_pp_rank_*_model_states.pt, *_optim_states.pt   DeepSpeed (per rank)
         rng_rank{r}.pt       python/numpy/torch(/cuda) RNG of rank r (tensors only)
         train_state.json     the trainer's state (step, consumed samples, stage, ...)
-        ltscale_meta.json    world size, zero stage, versions, save time (also our "this is ours" marker)
+        ltscale_meta.json    world size, zero stage, versions, save time, and the size + sha256 of
+                             every other file (the completion marker: written after all of them)
       .tmp-<tag>/            a save in progress (or a crashed one; removed by the next save)
 
 Why the dance: a crash (preemption, OOM, node loss) in the middle of ``engine.save_checkpoint``
@@ -26,10 +27,19 @@ loaded at another data-parallel world size (see ``_check_world_size`` for what c
 weights-only load ignores the tag and reads ``latest`` (worked around in ``load_checkpoint``).
 Under ZeRO-3 an engine must not ``load_checkpoint`` right after its own ``save_checkpoint``
 (DeepSpeed docstring): load into a freshly built engine.
+
+Integrity: atomicity protects against a crash, not against a file damaged later (a truncated
+copy, a bad disk, a half-synced object store). Every file's size and sha256 go into the meta
+file; :func:`load_checkpoint` verifies them before DeepSpeed reads anything (DeepSpeed itself
+unpickles its files, so this also keeps a swapped file from ever reaching ``torch.load``) and
+names the damaged file. With ``fallback=True`` it resumes from the newest older checkpoint that
+verifies. Hashing is split over ranks by the rank number in the file name (each rank hashes
+the shards it wrote or will read), so it scales with the job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -45,13 +55,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ltscale import faults
 from ltscale.fsutil import atomic_write_text, fsync_dir
 
-from .dist import barrier, dist_info
+from .dist import all_gather_object, barrier, dist_info
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CheckpointCorruptError",
+    "verify_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "latest_tag",
@@ -68,7 +81,9 @@ TRASH_PREFIX = ".trash-"
 META_FILE = "ltscale_meta.json"
 TRAIN_STATE_FILE = "train_state.json"
 RNG_FILE = "rng_rank{rank}.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta carries "files" (size + sha256 of every file)
+HASH_CHUNK = 1 << 22
+_RANK_IN_NAME = re.compile(r"rank_?(\d+)")
 # Tags we create and are allowed to delete: no leading dot (tmp/trash dirs), no path separators.
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -135,6 +150,97 @@ def _read_meta(ckpt_dir: Path) -> dict[str, Any] | None:
         log.warning("ignoring unreadable %s: %s", meta, e)
         return None
     return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint file is missing, truncated or altered; the message names every such file."""
+
+    def __init__(self, path: Path, problems: list[str], hint: str = ""):
+        self.path = path
+        self.problems = problems
+        super().__init__(f"checkpoint {path} is damaged: " + "; ".join(problems) + hint)
+
+
+def _owner(name: str, world_size: int) -> int:
+    """Which rank hashes a file: the rank number in its name (DeepSpeed's ``zero_pp_rank_3_...``,
+    our ``rng_rank3.pt``) modulo the world size, else rank 0."""
+    m = _RANK_IN_NAME.search(name)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _checkpoint_files(ckpt_dir: Path) -> list[str]:
+    """Relative paths of the regular files in a checkpoint dir except the meta file (no symlinks)."""
+    out = []
+    for dirpath, dirnames, files in os.walk(ckpt_dir):
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+        for fname in files:
+            p = Path(dirpath) / fname
+            rel = p.relative_to(ckpt_dir).as_posix()
+            if rel != META_FILE and not p.is_symlink() and p.is_file():
+                out.append(rel)
+    return sorted(out)
+
+
+def _hash_share(ckpt_dir: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+    return {
+        rel: _file_entry(ckpt_dir / rel)
+        for rel in _checkpoint_files(ckpt_dir)
+        if _owner(Path(rel).name, world_size) == rank
+    }
+
+
+def verify_checkpoint(path: str | Path, *, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Check ``path`` against the sizes and sha256 sums in its meta file; return the problems.
+
+    Not collective: ``rank``/``world_size`` select the share of files this caller checks (the
+    defaults check all of them). An empty list means intact. A checkpoint written before
+    checksums existed (no ``files`` in its meta) is reported as unverifiable only in the log.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    if meta is None:
+        return [f"{path / META_FILE}: missing or unreadable (the completion marker)"] if rank == 0 else []
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        if rank == 0:
+            log.warning("%s has no checksums (written by an older ltscale); not verified", path)
+        return []
+    problems = []
+    for rel, want in sorted(files.items()):
+        if _owner(Path(rel).name, world_size) != rank:
+            continue
+        p = path / rel
+        if p.is_symlink() or not p.is_file():
+            problems.append(f"{p}: missing")
+            continue
+        size = p.stat().st_size
+        if size != want.get("size"):
+            how = "truncated" if size < int(want.get("size", 0)) else "grown"
+            problems.append(f"{p}: {how}, {size} bytes instead of {want.get('size')}")
+            continue
+        if _file_entry(p)["sha256"] != want.get("sha256"):
+            problems.append(f"{p}: contents changed (sha256 mismatch)")
+    return problems
+
+
+def _verify_collective(path: Path) -> list[str]:
+    """Every rank checks its share; every rank gets all problems (so all decide alike)."""
+    info = dist_info()
+    mine = verify_checkpoint(path, rank=info.rank, world_size=info.world_size)
+    return [p for share in all_gather_object(mine) for p in share]
 
 
 # --------------------------------------------------------------------------- RNG
@@ -312,6 +418,7 @@ def _commit(root: Path, tmp: Path, final: Path) -> None:
         os.rename(final, trash)
     os.rename(tmp, final)
     fsync_dir(root)
+    faults.check("ckpt_before_latest")
     _write_latest(root, final.name)
     if trash is not None:
         _remove_tree(trash)
@@ -358,6 +465,12 @@ def save_checkpoint(
         torch.save(capture_rng_state(), tmp / RNG_FILE.format(rank=info.rank))
     if info.is_main:
         write_json_atomic(tmp / TRAIN_STATE_FILE, train_state)
+    barrier()  # every rank's files are in tmp
+    faults.check("ckpt_written")
+    files: dict[str, Any] = {}
+    for share in all_gather_object(_hash_share(tmp, info.rank, info.world_size)):
+        files.update(share)
+    if info.is_main:
         meta = {
             "format": FORMAT_VERSION,
             "tag": tag,
@@ -368,11 +481,10 @@ def save_checkpoint(
             "saved_at_ns": time.time_ns(),
             "torch_version": torch.__version__,
             "deepspeed_version": _ds_version(),
+            "files": files,
         }
-        write_json_atomic(tmp / META_FILE, meta)
-    barrier()  # every rank's files are in tmp
-
-    if info.is_main:
+        write_json_atomic(tmp / META_FILE, meta)  # the completion marker, written last
+        faults.check("ckpt_before_commit")
         _commit(root, tmp, final)
         if keep_last_n is not None:
             _rotate(root, keep_last_n, protect={tag})
@@ -451,6 +563,8 @@ def load_checkpoint(
     tag: str | None = None,
     *,
     load_optimizer: bool = True,
+    verify: bool = True,
+    fallback: bool = False,
 ) -> dict[str, Any]:
     """Restore ``engine`` (weights, and with ``load_optimizer`` optimizer + LR schedule) and this
     rank's RNG from ``root/tag`` (``tag=None``: the latest). Returns the saved ``train_state``.
@@ -459,6 +573,11 @@ def load_checkpoint(
     only, fresh optimizer and schedule (also allowed from a checkpoint written on more ranks).
     Raises FileNotFoundError naming the path when there is nothing to resume from, and
     RuntimeError when the world size differs in a way DeepSpeed cannot reshard.
+
+    ``verify`` checks every file against the checksums in the meta file first (split over
+    ranks) and raises :class:`CheckpointCorruptError` naming the damaged files; with
+    ``fallback`` it loads the newest older complete checkpoint that verifies instead (warning
+    which one), and raises only when none does.
     """
     root = Path(root)
     info = dist_info()
@@ -473,6 +592,9 @@ def load_checkpoint(
     path = root / tag
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if verify:
+        tag = _verified_tag(root, tag, fallback)
+        path = root / tag
     meta = _read_meta(path)
 
     stage = _zero_stage(engine)
@@ -520,6 +642,36 @@ def load_checkpoint(
         train_state = {}
     log.info("rank %d: resumed from %s", info.rank, path)
     return train_state
+
+
+def _verified_tag(root: Path, tag: str, fallback: bool) -> str:
+    """``tag`` if it verifies; else (``fallback``) the newest older checkpoint that does. Collective."""
+    problems = _verify_collective(root / tag)
+    if not problems:
+        return tag
+    done = list_checkpoints(root)
+    older = done[: done.index(tag)] if tag in done else done
+    older = [t for t in reversed(older) if t != tag]
+    if not fallback:
+        hint = (
+            f"; set resume_fallback=true to resume from the previous complete checkpoint {root / older[0]}, "
+            f"or delete {root / tag}"
+            if older
+            else "; there is no older complete checkpoint to fall back to"
+        )
+        raise CheckpointCorruptError(root / tag, problems, hint)
+    for cand in older:
+        bad = _verify_collective(root / cand)
+        if not bad:
+            log.warning(
+                "checkpoint %s is damaged (%s); falling back to %s",
+                root / tag,
+                "; ".join(problems),
+                root / cand,
+            )
+            return cand
+        problems += bad
+    raise CheckpointCorruptError(root / tag, problems, "; no older complete checkpoint verifies either")
 
 
 def _sync_lr_from_scheduler(engine: Any) -> None:

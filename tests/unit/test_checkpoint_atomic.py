@@ -235,3 +235,81 @@ def test_zero3_weights_only_load_sees_requested_tag_as_latest(tmp_path):
     assert torch.equal(eng.w, torch.full((3,), 1.0))
     assert (tmp_path / "latest").read_text() == "step2"  # the real pointer is untouched
     assert (tmp_path / "step1").is_dir()  # removing the view did not follow its symlink
+
+
+# --------------------------------------------------------------------------- integrity (checksums)
+
+SHARD = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+def _flip(p):
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[:-7])
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "reason"),
+    [
+        (_flip, SHARD, "contents changed"),
+        (_truncate, SHARD, "truncated"),
+        (lambda p: p.unlink(), SHARD, "missing"),
+        (_flip, "rng_rank0.pt", "contents changed"),
+        (_truncate, ck.TRAIN_STATE_FILE, "truncated"),
+    ],
+)
+def test_damaged_file_is_named_and_fallback_loads_previous(tmp_path, damage, file, reason):
+    _save(tmp_path, "step1", 1.0)
+    _save(tmp_path, "step2", 2.0)
+    meta = json.loads((tmp_path / "step2" / ck.META_FILE).read_text())
+    assert set(meta["files"]) == {SHARD, "rng_rank0.pt", ck.TRAIN_STATE_FILE}
+    assert ck.verify_checkpoint(tmp_path / "step2") == []
+    damage(tmp_path / "step2" / file)
+    bad = tmp_path / "step2" / file
+    problems = ck.verify_checkpoint(tmp_path / "step2")
+    assert len(problems) == 1 and problems[0].startswith(f"{bad}: {reason}")
+
+    eng = FakeEngine(-1.0)
+    with pytest.raises(ck.CheckpointCorruptError, match=rf"{bad}: {reason}.*resume_fallback=true.*step1"):
+        ck.load_checkpoint(eng, tmp_path)
+    assert torch.equal(eng.w, torch.full((3,), -1.0))  # nothing was loaded from the damaged checkpoint
+    assert ck.load_checkpoint(eng, tmp_path, fallback=True) == {"step": 1.0}
+    assert torch.equal(eng.w, torch.full((3,), 1.0))
+
+
+def test_fallback_without_an_intact_older_checkpoint_fails_naming_all(tmp_path):
+    _save(tmp_path, "step1", 1.0)
+    _save(tmp_path, "step2", 2.0)
+    _flip(tmp_path / "step1" / SHARD)
+    (tmp_path / "step2" / "rng_rank0.pt").unlink()
+    with pytest.raises(
+        ck.CheckpointCorruptError, match=r"step2/rng_rank0\.pt: missing.*step1/zero_pp.*no older"
+    ):
+        ck.load_checkpoint(FakeEngine(), tmp_path, fallback=True)
+    with pytest.raises(ck.CheckpointCorruptError, match="no older complete checkpoint to fall back to"):
+        ck.load_checkpoint(FakeEngine(), tmp_path, "step1")
+
+
+def test_checkpoint_without_checksums_still_loads(tmp_path, caplog):
+    path = _save(tmp_path, "step1", 1.0)
+    meta = json.loads((path / ck.META_FILE).read_text())
+    del meta["files"]
+    (path / ck.META_FILE).write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        assert ck.load_checkpoint(FakeEngine(), tmp_path) == {"step": 1.0}
+    assert "no checksums" in caplog.text
+
+
+def test_hash_share_splits_files_by_rank_in_name(tmp_path):
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+                 "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt", "rng_rank1.pt", "train_state.json"):  # fmt: skip
+        (tmp_path / name).write_bytes(name.encode())
+    shares = [set(ck._hash_share(tmp_path, r, 2)) for r in (0, 1)]
+    assert shares[0] == {"zero_pp_rank_0_mp_rank_00_model_states.pt", "train_state.json"}
+    assert shares[1] == {"zero_pp_rank_1_mp_rank_00_model_states.pt", "rng_rank1.pt",
+                         "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt"}  # fmt: skip
+    assert ck._hash_share(tmp_path, 0, 1)["rng_rank1.pt"]["size"] == len(b"rng_rank1.pt")
