@@ -10,7 +10,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from ltscale.data import Encoded, Record, encode_records, load_records
 from ltscale.data.formatting import assistant_text
 from ltscale.data.synthetic import synthetic_splits
 from ltscale.data.tokenizer import add_thinking_token, load_tokenizer, train_sentencepiece
+from ltscale.methods import get_method
 from ltscale.model import LatentLM
 from ltscale.model.builder import build_base_model, init_thinking_embedding
 
@@ -36,6 +37,7 @@ class RunData:
     train: list[Encoded]
     eval_records: list[Record]
     train_records: list[Record]
+    special_ids: dict[str, int] = field(default_factory=dict)  # the method's extra tokens -> ids
 
 
 def load_split_records(cfg: RunConfig, which: str) -> list[Record]:
@@ -76,12 +78,15 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, is_main: bool, barrier: Calla
     eval_records = load_split_records(cfg, "eval")
     tokenizer = prepare_tokenizer(cfg, run_dir, train_records, is_main=is_main, barrier=barrier)
     thinking_id = add_thinking_token(tokenizer, cfg.model.thinking_token)
+    method = get_method(cfg.method)
+    method.check_data(cfg, train_records)
+    special_ids = {tok: add_thinking_token(tokenizer, tok) for tok in method.extra_tokens(cfg)}
     train = encode_records(tokenizer, train_records, use_chat_template=cfg.model.use_chat_template,
                            max_length=cfg.data.max_length, strict=cfg.data.strict)
     if not train:
         raise ValueError(f"data.train: no usable training examples in {cfg.data.train!r}")
     return RunData(tokenizer=tokenizer, thinking_id=thinking_id, train=train, eval_records=eval_records,
-                   train_records=train_records)
+                   train_records=train_records, special_ids=special_ids)
 
 
 def build_latent_model(cfg: RunConfig, data: RunData) -> LatentLM:
@@ -91,10 +96,13 @@ def build_latent_model(cfg: RunConfig, data: RunData) -> LatentLM:
                             dtype=torch.float32, attn_implementation=m.attn_implementation,
                             gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code, seed=cfg.train.seed)
     init_thinking_embedding(base, data.tokenizer, data.thinking_id, m.thinking_init_token)
+    method = get_method(cfg.method)
+    method.init_model(base, data.tokenizer, cfg, data.special_ids)
     first = cfg.stages[0]
-    return LatentLM(base, data.thinking_id, mode=first.mode, alpha=first.alpha, temperature=first.temperature,
-                    top_p=first.top_p, adapter=m.adapter, adapter_hidden=m.adapter_hidden,
-                    gradient_checkpointing=m.gradient_checkpointing, fusion_impl=FUSED_TO_IMPL[cfg.engine.fused])
+    lm = LatentLM(base, data.thinking_id, mode=first.mode, alpha=first.alpha, temperature=first.temperature,
+                  top_p=first.top_p, adapter=m.adapter, adapter_hidden=m.adapter_hidden,
+                  gradient_checkpointing=m.gradient_checkpointing, fusion_impl=FUSED_TO_IMPL[cfg.engine.fused])
+    return method.wrap_model(lm, cfg, data)
 
 
 @dataclass

@@ -10,6 +10,7 @@ but feeds no latent content. The insertion result is stored in the stage dir and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltscale.config import StageConfig
+from ltscale.config import RunConfig, StageConfig
 from ltscale.data import (
     Encoded,
     InsertionParams,
@@ -28,6 +29,7 @@ from ltscale.data import (
     save_insertions,
     select_sites,
 )
+from ltscale.methods import Method, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +106,23 @@ def stage_examples(examples: Sequence[Encoded], stage: StageConfig, *, stage_ind
     log.info("stage %d: %d <thinking> tokens inserted (%.2f per sample)", stage_index, stats["latent_tokens"],
              stats["latent_per_sample"])
     return out, stats
+
+
+class LTTuning(Method):
+    """The three-stage curriculum; stage modes come from the config (cot, hidden, fusion, pause)."""
+
+    name = "lt_tuning"
+    confidence_insertion = True
+
+    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
+        return stage_examples(examples, ctx.cfg.stages[ctx.stage_index - 1], stage_index=ctx.stage_index,
+                              stage_dir=ctx.stage_dir, thinking_id=ctx.thinking_id, seed=ctx.cfg.train.seed,
+                              compute_sites=ctx.compute_sites, is_main=ctx.is_main, barrier=ctx.barrier)
+
+
+def rewrite_stages(cfg: RunConfig, stages: list[StageConfig], why: str, **changes) -> RunConfig:
+    """A copy of ``cfg`` with new stages (and top-level section changes), logged when it differs."""
+    out = dataclasses.replace(cfg, stages=stages, **changes)
+    if out.to_dict() != cfg.to_dict():
+        log.info("method %s: %s", cfg.method, why)
+    return out
