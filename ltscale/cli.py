@@ -169,11 +169,41 @@ def _console_marker(marker: str) -> str:
 # ------------------------------------------------------------------------------------ commands
 
 
+def _load_benchmark(source: str, *, split: str | None, limit: int | None) -> list[Any]:
+    """A benchmark name (gsm8k, svamp, asdiv, multiarith) or any source ``load_records`` reads."""
+    from ltscale.eval.benchmarks import BENCHMARKS, load_benchmark
+
+    if source.lower() not in BENCHMARKS:
+        return _load_records(source, split=split, limit=limit)
+    from ltscale.data.records import DataError
+
+    try:
+        return load_benchmark(source, split=split, limit=limit)
+    except (DataError, FileNotFoundError) as e:
+        raise UserError(f"cannot load benchmark {source!r}: {e}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate one checkpoint on one or several benchmarks (sharded over launcher ranks).
+
+    One ``--data`` source writes the single-summary JSON (``<stem>.examples.jsonl`` beside it);
+    several write ``{"benchmarks": {...}, "average": {...}}`` with one examples file per benchmark.
+    """
+    from ltscale.eval.benchmarks import (
+        benchmark_name,
+        expand_sources,
+        suite_examples_path,
+        write_suite_results,
+    )
+
     ckpt = _checkpoint(args.checkpoint)
-    records = _load_records(args.data, split=args.split, limit=args.limit)
-    if not records:
-        raise UserError(f"no records in {args.data}")
+    sources = expand_sources(args.data)
+    datasets = {}
+    for source in sources:  # all data errors surface before the model is loaded
+        records = _load_benchmark(source, split=args.split, limit=args.limit)
+        if not records:
+            raise UserError(f"no records in {source}")
+        datasets[benchmark_name(source)] = (source, records)
     rank, world, local_rank = _dist_context()
 
     from ltscale.eval.evaluate import (
@@ -187,28 +217,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ltscale.model.io import load_latent_model
 
     model, tokenizer = load_latent_model(str(ckpt), mode=args.mode, device=_device(args.device, local_rank))
-    summary, per_example = evaluate(
-        model,
-        tokenizer,
-        records,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        without_thinking=args.without_thinking,
-        use_chat_template=args.chat_template,
-        progress=not args.no_progress,
-        rank=rank,
-        world_size=world,
-    )
-    if world > 1:
-        from ltscale.engine.dist import all_gather_object
+    results = {}
+    for name, (_, records) in datasets.items():
+        if rank == 0 and len(datasets) > 1:
+            logger.info("benchmark %s: %d problems", name, len(records))
+        summary, per_example = evaluate(
+            model,
+            tokenizer,
+            records,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            without_thinking=args.without_thinking,
+            use_chat_template=args.chat_template,
+            progress=not args.no_progress,
+            rank=rank,
+            world_size=world,
+        )
+        if world > 1:
+            from ltscale.engine.dist import all_gather_object
 
-        per_example = merge_results(all_gather_object(per_example))
-        if rank != 0:
-            return EXIT_OK
-        summary = summarize(per_example)
+            per_example = merge_results(all_gather_object(per_example))
+            summary = summarize(per_example)
+        results[name] = (summary, per_example)
+    if rank != 0:
+        return EXIT_OK
     meta = {
         "checkpoint": str(ckpt),
-        "data": args.data,
+        "data": args.data[0] if len(args.data) == 1 else list(args.data),
+        "sources": {name: src for name, (src, _) in datasets.items()},
         "split": args.split,
         "limit": args.limit,
         "mode": args.mode,
@@ -220,20 +256,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "world_size": world,
     }
     output = Path(args.output)
-    write_results(summary, per_example, output, meta=meta)
-    print(
-        format_table([{"stage": ckpt.parent.name if ckpt.name == "hf" else ckpt.name, **summary.to_dict()}])
-    )
-    print(
-        f"\nn={summary.n}  accuracy={100 * summary.accuracy_official:.2f}%  "
-        f"numeric={100 * summary.accuracy_numeric:.2f}%  mean latent tokens={summary.mean_latent_tokens:.2f}  "
-        f"truncated={summary.num_truncated}"
-    )
-    if summary.by_difficulty:
-        print("by difficulty (steps: n, accuracy %, mean latent):")
-        for d, row in summary.by_difficulty.items():
-            print(f"  {d:>3}: {int(row['n']):>5}  {100 * row['accuracy']:6.2f}  {row['mean_latent']:6.2f}")
-    print(f"\nwrote {output} and {examples_path(output)}")
+    stage = ckpt.parent.name if ckpt.name == "hf" else ckpt.name
+    if len(results) == 1:
+        ((name, (summary, per_example)),) = results.items()
+        write_results(summary, per_example, output, meta={**meta, "benchmark": name})
+        written = [examples_path(output)]
+    else:
+        write_suite_results(results, output, meta=meta)
+        written = [suite_examples_path(output, name) for name in results]
+    rows = [{"stage": f"{stage} {name}", **s.to_dict()} for name, (s, _) in results.items()]
+    print(format_table(rows))
+    for name, (summary, _) in results.items():
+        print(
+            f"\n{name}: n={summary.n}  accuracy={100 * summary.accuracy_official:.2f}%  "
+            f"numeric={100 * summary.accuracy_numeric:.2f}%  mean latent tokens={summary.mean_latent_tokens:.2f}  "
+            f"truncated={summary.num_truncated}"
+        )
+        if summary.by_difficulty:
+            print("by difficulty (steps: n, accuracy %, mean latent):")
+            for d, row in summary.by_difficulty.items():
+                print(
+                    f"  {d:>3}: {int(row['n']):>5}  {100 * row['accuracy']:6.2f}  {row['mean_latent']:6.2f}"
+                )
+    if len(results) > 1:
+        from ltscale.eval.benchmarks import suite_average
+
+        avg = suite_average({n: s for n, (s, _) in results.items()})
+        print(
+            f"\naverage over {len(results)} benchmarks: accuracy={100 * avg['accuracy_official']:.2f}%  "
+            f"numeric={100 * avg['accuracy_numeric']:.2f}%  mean latent tokens={avg['mean_latent_tokens']:.2f}"
+        )
+    print(f"\nwrote {output} and {', '.join(str(p) for p in written)}")
     return EXIT_OK
 
 
@@ -379,10 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
     _model_args(p)
-    p.add_argument("--data", required=True, help="JSONL/JSON file or a dataset name")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="one or more of: gsm8k, svamp, asdiv (from $LTSCALE_DATA_DIR), multiarith (hub, online), "
+        "all (= gsm8k svamp asdiv), a JSONL/JSON file, or a hub dataset name",
+    )
     p.add_argument("--split", default=None)
     p.add_argument(
-        "--output", default="results.json", help="summary JSON; examples go to <stem>.examples.jsonl"
+        "--output",
+        default="results.json",
+        help="summary JSON; examples go to <stem>.examples.jsonl (<stem>.<benchmark>.examples.jsonl for several)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N records")

@@ -308,3 +308,151 @@ def test_real_latent_lm_batched_equals_one_by_one() -> None:
     _, single = evaluate(model, tok, records, batch_size=1, **kw)
     assert batched == single
     assert all(e["num_generated"] >= 1 for e in batched)
+
+
+# ------------------------------------------------------------------- benchmarks through `ltscale eval`
+
+
+@pytest.fixture
+def fake_io(monkeypatch):
+    """``ltscale.model.io`` replaced by the scripted model above (the CLI wiring is under test)."""
+    import sys
+    import types
+
+    tok = make_tokenizer()
+    mod = types.ModuleType("ltscale.model.io")
+    mod.load_latent_model = lambda path, *, mode=None, device="cpu", dtype=None: (
+        FakeLatentLM(tok, SCRIPT),
+        tok,
+    )
+    monkeypatch.setitem(sys.modules, "ltscale.model.io", mod)
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def _write_pack(root, sizes: dict[str, int]) -> None:
+    """A miniature data pack with the registry's layout; question ``qN`` selects the script line."""
+    files = {"gsm8k": "gsm8k/test.jsonl", "svamp": "svamp/all.jsonl", "asdiv": "asdiv/all.jsonl"}
+    for name, n in sizes.items():
+        path = root / files[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {
+                "id": f"{name}-{i}",
+                "question": f"q{i % 7}",
+                "steps": ["s"] * (1 + i % 3),
+                "answer": GOLD[f"q{i % 7}"],
+            }
+            for i in range(n)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_cli_eval_several_benchmarks_writes_suite_and_average(tmp_path, monkeypatch, fake_io, capsys) -> None:
+    from ltscale.cli import main
+
+    pack = tmp_path / "pack"
+    _write_pack(pack, {"gsm8k": 7, "svamp": 3, "asdiv": 4})
+    monkeypatch.setenv("LTSCALE_DATA_DIR", str(pack))
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    out = tmp_path / "res.json"
+    argv = ["eval", "--checkpoint", str(ckpt), "--data", "all", "--output", str(out), "--max-new-tokens", "8"]
+    assert main([*argv, "--no-progress"]) == 0
+    payload = json.loads(out.read_text())
+    assert list(payload["benchmarks"]) == ["gsm8k", "svamp", "asdiv"]
+    accs = {k: v["accuracy_official"] for k, v in payload["benchmarks"].items()}
+    # q0 and q3 correct under the official rule; q1 (18.0) and q4 (no '#') only numerically
+    assert accs == {
+        "gsm8k": pytest.approx(3 / 7),
+        "svamp": pytest.approx(1 / 3),
+        "asdiv": pytest.approx(2 / 4),
+    }
+    assert payload["average"]["accuracy_official"] == pytest.approx(sum(accs.values()) / 3)  # unweighted
+    assert payload["average"]["n"] == 14 and payload["average"]["n_benchmarks"] == 3
+    for name, n in (("gsm8k", 7), ("svamp", 3), ("asdiv", 4)):
+        lines = (tmp_path / f"res.{name}.examples.jsonl").read_text().splitlines()
+        assert [json.loads(x)["id"] for x in lines] == [f"{name}-{i}" for i in range(n)]
+        assert payload["benchmarks"][name]["examples"] == f"res.{name}.examples.jsonl"
+    text = capsys.readouterr().out
+    assert "average over 3 benchmarks" in text
+
+
+def test_named_benchmark_missing_pack_is_a_user_error(tmp_path, monkeypatch, fake_io, capsys) -> None:
+    from ltscale.cli import main
+
+    monkeypatch.setenv("LTSCALE_DATA_DIR", str(tmp_path / "nowhere"))
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", "svamp"]) == 2
+    err = capsys.readouterr().err
+    assert "svamp/all.jsonl" in err and "LTSCALE_DATA_DIR" in err
+
+
+def test_real_benchmarks_load(data_dir, monkeypatch) -> None:
+    from ltscale.eval.benchmarks import load_benchmark
+
+    monkeypatch.setenv("LTSCALE_DATA_DIR", str(data_dir))
+    sizes = {name: len(load_benchmark(name)) for name in ("gsm8k", "svamp", "asdiv")}
+    assert sizes == {"gsm8k": 1319, "svamp": 1000, "asdiv": 2159}
+    assert [r.id for r in load_benchmark("gsm8k", limit=2)] == ["gsm8k-test-00000", "gsm8k-test-00001"]
+
+
+_WORKER = r"""
+import importlib.util, json, sys, types
+spec = importlib.util.spec_from_file_location("_fakes", sys.argv[1])
+fakes = importlib.util.module_from_spec(spec)
+sys.modules["_fakes"] = fakes
+spec.loader.exec_module(fakes)
+tok = fakes.make_tokenizer()
+calls = []
+def load(path, *, mode=None, device="cpu", dtype=None):
+    m = fakes.FakeLatentLM(tok, fakes.SCRIPT)
+    calls.append(m)
+    return m, tok
+mod = types.ModuleType("ltscale.model.io")
+mod.load_latent_model = load
+sys.modules["ltscale.model.io"] = mod
+from ltscale.cli import main
+rc = main(sys.argv[2:])
+import torch.distributed as dist
+print(json.dumps({"rank": dist.get_rank(), "generate_calls": len(calls[0].calls)}), flush=True)
+sys.exit(rc)
+"""
+
+
+def test_cli_eval_two_ranks_scores_every_example_exactly_once(tmp_path, run_ranks) -> None:
+    """Real gloo ranks through ``ltscale eval``: 5 problems over 2 ranks, batch 2.
+
+    Rank 0 holds 3 problems (2 batches), rank 1 holds 2 (1 batch + 1 discarded filler batch).
+    """
+    from pathlib import Path
+
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"id": f"r{i}", "question": f"q{i % 7}", "steps": ["s"], "answer": GOLD[f"q{i % 7}"]}
+        for i in range(5)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    out = tmp_path / "r.json"
+    args = [str(Path(__file__).resolve()), "eval", "--checkpoint", str(ckpt), "--data", str(data)]
+    args += ["--output", str(out), "--batch-size", "2", "--max-new-tokens", "8", "--device", "cpu"]
+    proc = run_ranks(worker, nproc=2, args=args, timeout=240)
+    reports = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"rank"')]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert {r["generate_calls"] for r in reports} == {2}, "ranks must make equal generate calls"
+    examples = [json.loads(x) for x in (tmp_path / "r.examples.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in examples] == list(range(5)), "each example exactly once, in order"
+    assert [e["id"] for e in examples] == [f"r{i}" for i in range(5)]
+    summary = json.loads(out.read_text())
+    assert summary["n"] == 5 and summary["meta"]["world_size"] == 2
+    single, _, _ = run([FakeRecord(r["id"], r["question"], ("s",), r["answer"]) for r in rows])
+    assert summary["accuracy_official"] == pytest.approx(single.accuracy_official)
+    assert summary["accuracy_numeric"] == pytest.approx(single.accuracy_numeric)

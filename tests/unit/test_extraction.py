@@ -116,3 +116,27 @@ def test_pipeline_extract_then_score() -> None:
     assert pred == "18.0"
     assert not official_correct(pred, "18")
     assert numeric_correct(pred, "18")
+
+
+@pytest.mark.parametrize(
+    ("generated", "gold", "official", "numeric"),
+    [
+        ("## Step 1: 1000+234=1234\nThe final answer is:\n### 1,234", "1234", True, True),  # commas
+        ("The final answer is:\n### $18", "18", False, True),  # dollar sign
+        ("The final answer is:\n### 18.", "18", False, True),  # trailing period
+        ("The final answer is:\n### -5", "-5", True, True),  # negative
+        ("The final answer is:\n### -5", "5", False, False),  # sign matters
+        ("The final answer is:\n### 18.0", "18", False, True),  # 18.0 vs 18
+        ("The final answer is:\n### 3.50", "3.5", False, True),  # decimal trailing zero
+        ("The final answer is:\n### 18.5", "18", False, False),  # a real decimal is not rounded
+        ("## Step 1: item # 3 costs 4\n## Step 2: 4*2=8\n### 8", "8", True, True),  # several '#'
+        ("#### 7 #### 8", "8", True, True),  # the LAST '#' wins, not the first
+        ("<thinking><thinking>\n### 1,250.50.", "1250.5", False, True),
+        ("The answer is 42 and no hash", "42", False, True),  # official needs '#'
+        ("### 42<|im_end|>", "42", True, True),  # SmolLM2's end-of-turn leaking into the text
+    ],
+)
+def test_tricky_generations_end_to_end(generated: str, gold: str, official: bool, numeric: bool) -> None:
+    pred = extract_answer(generated)
+    assert official_correct(pred, gold) is official
+    assert numeric_correct(pred, gold) is numeric
