@@ -370,11 +370,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{k}: a latent stage ({st.mode}) needs tau, max_sites and insert_prob > 0")
         if st.mode == "cot" and st.max_sites > 0:
             raise ConfigError(f"{k}.max_sites: a cot stage inserts no <thinking> tokens; set mode or max_sites=0")
+    _check_stage_order(cfg)
+    _check_ranges(cfg)
     t = cfg.train
-    if t.micro_batch_size < 1:
-        raise ConfigError("train.micro_batch_size: must be >= 1")
-    if t.grad_accum < 1:
-        raise ConfigError("train.grad_accum: must be >= 1")
     if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * t.grad_accum):
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
@@ -405,6 +403,52 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.hidden_layer: only -1 (the last layer's post-norm output, spec §10.7) is supported")
     if cfg.model.adapter and cfg.model.adapter_hidden < 1:
         raise ConfigError("model.adapter_hidden: must be >= 1")
+
+
+# (dotted key, lowest allowed, allow equal): numeric keys with a simple bound; None values skip.
+_LOWER_BOUNDS = (
+    ("train.micro_batch_size", 1, True), ("train.grad_accum", 1, True), ("train.global_batch_size", 1, True),
+    ("train.log_every", 1, True), ("train.save_every", 1, True), ("train.keep_last_n", 1, True),
+    ("train.max_steps_per_stage", 1, True), ("train.scoring_batch_size", 1, True), ("optim.lr", 0, False),
+    ("optim.eps", 0, False), ("optim.weight_decay", 0, True), ("optim.max_grad_norm", 0, True),
+    ("data.max_length", 1, True), ("eval.batch_size", 1, True), ("eval.max_new_tokens", 1, True),
+    ("model.tokenizer_vocab_size", 1, True),
+)  # fmt: skip
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, low, equal_ok in _LOWER_BOUNDS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and (value < low or (value == low and not equal_ok)):
+            raise ConfigError(f"{key}: {value} must be {'>=' if equal_ok else '>'} {low}")
+    for i, beta in enumerate(cfg.optim.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optim.betas.{i}: {beta} outside [0, 1)")
+
+
+_MODE_ORDER = {"cot": 0, "hidden": 1, "fusion": 2}
+
+
+def _check_stage_order(cfg: RunConfig) -> None:
+    """LT-Tuning's curriculum only moves towards latents: cot -> hidden -> fusion (spec §4).
+
+    A stage starts from the previous stage's weights and its <thinking> sites come from that
+    model's confidence, so e.g. a cot stage after a fusion stage would train away what the
+    latent stages taught. Methods without confidence insertion define their own stage modes.
+    """
+    if not _inserts(cfg):
+        return
+    prev = None
+    for i, st in enumerate(cfg.stages):
+        rank = _MODE_ORDER.get(st.mode)
+        if rank is None:
+            continue
+        if prev is not None and rank < _MODE_ORDER[cfg.stages[prev].mode]:
+            raise ConfigError(f"stages.{i}.mode: {st.mode!r} after stages.{prev}.mode {cfg.stages[prev].mode!r}; "
+                              "the curriculum order is cot -> hidden -> fusion")
+        prev = i
 
 
 def _inserts(cfg: RunConfig) -> bool:

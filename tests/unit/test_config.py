@@ -79,3 +79,69 @@ def test_diff_configs_names_changed_keys():
     b = load_config(None, ["stages.2.alpha=0.1", "train.log_every=3"]).to_dict()
     assert diff_configs(a, b) == ["stages.2.alpha", "train.log_every"]
     assert diff_configs(a, a) == []
+
+
+# Table of bad configs (issue 9): each must fail with ONE ConfigError whose message starts with the key.
+BAD_CONFIGS = [
+    # unknown keys, at every level
+    ({"trian": {}}, "trian: unknown key"),
+    ({"train": {"micro_batch": 4}}, "train.micro_batch: unknown key"),
+    ({"stages": [{"mode": "cot", "alpah": 0.5}]}, "stages.0.alpah: unknown key"),
+    ({"data": {"synthetic": {"n_trian": 4}}}, "data.synthetic.n_trian: unknown key"),
+    # wrong types
+    ({"train": {"grad_accum": 1.5}}, "train.grad_accum: expected an integer"),
+    ({"train": {"grad_accum": True}}, "train.grad_accum: expected an integer"),
+    ({"data": {"strict": "yes"}}, "data.strict: expected true/false"),
+    ({"optim": {"lr": "fast"}}, "optim.lr: expected a number"),
+    ({"optim": {"betas": 0.9}}, "optim.betas: expected a list"),
+    ({"stages": {"mode": "cot"}}, "stages: expected a list"),
+    ({"model": "tiny"}, "model: expected a mapping"),
+    ({"run_dir": None}, "run_dir: must not be null"),
+    ({"resume_fallback": "true"}, "resume_fallback: expected true/false"),
+    # impossible batch arithmetic / counts
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size: 0 must be >= 1"),
+    ({"train": {"grad_accum": 0}}, "train.grad_accum"),
+    ({"train": {"micro_batch_size": 4, "grad_accum": 2, "global_batch_size": 12}}, "train.global_batch_size: 12 is not"),
+    ({"train": {"global_batch_size": 0}}, "train.global_batch_size: 0 must be >= 1"),
+    ({"train": {"keep_last_n": 0}}, "train.keep_last_n"),
+    ({"train": {"save_every": 0}}, "train.save_every"),
+    ({"train": {"max_skipped_steps": -1}}, "train.max_skipped_steps"),
+    ({"engine": {"collective_timeout_s": 0}}, "engine.collective_timeout_s"),
+    ({"optim": {"lr": 0}}, "optim.lr: 0.0 must be > 0"),
+    ({"optim": {"betas": [0.9, 1.0]}}, "optim.betas.1"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas: expected two"),
+    ({"eval": {"batch_size": 0}}, "eval.batch_size"),
+    # stage ordering and ranges
+    ({"stages": []}, "stages: at least one"),
+    ({"stages": [{"mode": "fusion", "tau": 0.2, "max_sites": 2, "insert_prob": 0.5}, {"mode": "cot"}]},
+     "stages.1.mode: 'cot' after stages.0.mode 'fusion'"),
+    ({"stages": [{"mode": "cot"}, {"mode": "fusion", "tau": 0.2, "max_sites": 2, "insert_prob": 0.5},
+                 {"mode": "hidden", "tau": 0.2, "max_sites": 2, "insert_prob": 0.5}]},
+     "stages.2.mode: 'hidden' after stages.1.mode 'fusion'"),
+    ({"stages": [{"mode": "cot", "alpha": -0.1}]}, "stages.0.alpha: -0.1 outside [0, 1]"),
+    ({"stages": [{"mode": "cot", "alpha": 1.01}]}, "stages.0.alpha"),
+    ({"stages": [{"mode": "cot", "top_p": 0.0}]}, "stages.0.top_p: 0.0 outside (0, 1]"),
+    ({"stages": [{"mode": "cot", "top_p": 1.5}]}, "stages.0.top_p"),
+    ({"stages": [{"mode": "cot", "epochs": 0}]}, "stages.0.epochs"),
+    ({"stages": [{"mode": "dream"}]}, "stages.0.mode"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("patch", "message"), BAD_CONFIGS)
+def test_bad_config_table(patch, message):
+    raw = yaml.safe_load(default_config_path().read_text())
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)  # one error, one line
+
+
+def test_edge_values_are_accepted():
+    cfg = load_config(None, ["stages.2.alpha=0", "stages.2.top_p=1", "stages.1.alpha=1", "train.max_skipped_steps=0",
+                             "resume_fallback=true", "train.global_batch_size=32"])  # fmt: skip
+    assert cfg.stages[2].alpha == 0.0 and cfg.stages[2].top_p == 1.0 and cfg.resume_fallback is True
