@@ -23,8 +23,15 @@ def test_default_config_loads_and_has_three_stages():
 
 
 def test_overrides_reach_list_items_and_nested_keys():
-    cfg = load_config(None, ["stages.2.alpha=0.25", "train.micro_batch_size=4", "model.init.hidden_size=48",
-                             "data.synthetic.n_train=10"])
+    cfg = load_config(
+        None,
+        [
+            "stages.2.alpha=0.25",
+            "train.micro_batch_size=4",
+            "model.init.hidden_size=48",
+            "data.synthetic.n_train=10",
+        ],
+    )
     assert cfg.stages[2].alpha == 0.25
     assert cfg.train.micro_batch_size == 4
     assert cfg.model.init["hidden_size"] == 48
@@ -51,7 +58,9 @@ def test_bad_values_name_their_key(override, key):
 
 def test_unknown_key_in_file(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump({"model": {"tokenizer": "sentencepiece", "init": {"hidden_size": 8}, "dropout": 0.1}}))
+    p.write_text(
+        yaml.safe_dump({"model": {"tokenizer": "sentencepiece", "init": {"hidden_size": 8}, "dropout": 0.1}})
+    )
     with pytest.raises(ConfigError, match=r"model\.dropout: unknown key"):
         load_config(p)
 
