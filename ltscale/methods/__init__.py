@@ -88,7 +88,9 @@ class Method:
         """Tokens added to the tokenizer after ``<thinking>`` (e.g. Coconut's markers)."""
         return []
 
-    def init_model(self, base: torch.nn.Module, tokenizer: Any, cfg: RunConfig, special_ids: dict[str, int]) -> None:
+    def init_model(
+        self, base: torch.nn.Module, tokenizer: Any, cfg: RunConfig, special_ids: dict[str, int]
+    ) -> None:
         """Initialise rows of the extra tokens on a fresh base model."""
 
     def wrap_model(self, lm: Any, cfg: RunConfig, data: Any) -> Any:
@@ -101,11 +103,15 @@ class Method:
     def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
         return list(examples), {"latent_tokens": 0}
 
-    def checkpoint_meta(self, cfg: RunConfig, stage_index: int, special_ids: dict[str, int]) -> dict[str, Any]:
+    def checkpoint_meta(
+        self, cfg: RunConfig, stage_index: int, special_ids: dict[str, int]
+    ) -> dict[str, Any]:
         """Extra keys saved in the stage's ``ltscale_latent.json`` (what inference needs)."""
         return {METHOD_META_KEY: self.name}
 
-    def inference(self, lm: Any, tokenizer: Any, meta: dict[str, Any], cfg: RunConfig | None = None) -> Inference:
+    def inference(
+        self, lm: Any, tokenizer: Any, meta: dict[str, Any], cfg: RunConfig | None = None
+    ) -> Inference:
         return Inference(model=lm)
 
 
@@ -128,8 +134,9 @@ def read_meta(hf_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def inference_for(lm: Any, tokenizer: Any, hf_dir: str | Path, *, method: str | None = None,
-                  cfg: RunConfig | None = None) -> Inference:
+def inference_for(
+    lm: Any, tokenizer: Any, hf_dir: str | Path, *, method: str | None = None, cfg: RunConfig | None = None
+) -> Inference:
     """Decoding for a checkpoint: its own method (saved in ``ltscale_latent.json``) unless ``method``
     overrides it (Soft-Thinking runs on any checkpoint)."""
     meta = read_meta(hf_dir)
@@ -137,5 +144,14 @@ def inference_for(lm: Any, tokenizer: Any, hf_dir: str | Path, *, method: str | 
     return get_method(name).inference(lm, tokenizer, meta, cfg)
 
 
-__all__ = ["METHOD_NAMES", "REGISTRY", "Inference", "Method", "StageContext", "get_method", "inference_for",
-           "read_meta", "resolve_method"]
+__all__ = [
+    "METHOD_NAMES",
+    "REGISTRY",
+    "Inference",
+    "Method",
+    "StageContext",
+    "get_method",
+    "inference_for",
+    "read_meta",
+    "resolve_method",
+]

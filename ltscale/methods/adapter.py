@@ -18,5 +18,9 @@ class Adapter(LTTuning):
     def resolve(self, cfg: RunConfig) -> RunConfig:
         if not any(st.mode in ("hidden", "fusion") for st in cfg.stages):
             raise ConfigError("stages: method 'adapter' needs a latent stage (mode hidden or fusion)")
-        return rewrite_stages(cfg, list(cfg.stages), "model.adapter switched on",
-                              model=dataclasses.replace(cfg.model, adapter=True))
+        return rewrite_stages(
+            cfg,
+            list(cfg.stages),
+            "model.adapter switched on",
+            model=dataclasses.replace(cfg.model, adapter=True),
+        )

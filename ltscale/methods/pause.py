@@ -16,8 +16,10 @@ class Pause(LTTuning):
     name = "pause"
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
-        stages = [dataclasses.replace(st, mode="pause") if st.mode in ("hidden", "fusion") else st
-                  for st in cfg.stages]
+        stages = [
+            dataclasses.replace(st, mode="pause") if st.mode in ("hidden", "fusion") else st
+            for st in cfg.stages
+        ]
         if not any(st.mode == "pause" for st in stages):
             raise ConfigError("stages: method 'pause' needs a latent stage (mode hidden, fusion or pause)")
         return rewrite_stages(cfg, stages, "latent stages use mode pause (learned <thinking> embedding)")

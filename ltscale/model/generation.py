@@ -31,7 +31,9 @@ class GenerationOutput:
 @torch.no_grad()
 def generate_batched(lm: LatentLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      max_new_tokens: int, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                     without_thinking: bool = False) -> GenerationOutput:
+                     without_thinking: bool = False, forced: torch.Tensor | None = None) -> GenerationOutput:
+    """``forced``: ids emitted at the first ``len(forced)`` steps instead of the argmax (Coconut's
+    fixed ``<thinking>`` x n + end marker); a forced ``<thinking>`` is a latent step like any other."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = input_ids.device
@@ -64,6 +66,8 @@ def generate_batched(lm: LatentLM, input_ids: torch.Tensor, attention_mask: torc
             scores = scores.clone()
             scores[:, think] = float("-inf")
         nxt = scores.argmax(dim=-1)
+        if forced is not None and step < forced.numel():
+            nxt = forced.reshape(-1)[step].to(nxt).expand_as(nxt)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         active = ~finished
         seqs[:, step] = nxt

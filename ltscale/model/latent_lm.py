@@ -172,8 +172,8 @@ class LatentLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 256, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 without_thinking: bool = False):
+                 without_thinking: bool = False, forced: torch.Tensor | None = None):
         from ltscale.model.generation import generate_batched
 
         return generate_batched(self, input_ids, attention_mask, max_new_tokens, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, without_thinking=without_thinking)
+                                pad_token_id=pad_token_id, without_thinking=without_thinking, forced=forced)

@@ -58,7 +58,8 @@ def reference_forward(lm: LatentLM, input_ids: torch.Tensor, attention_mask: tor
 @torch.no_grad()
 def reference_generate(lm: LatentLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        max_new_tokens: int = 256, *, eos_token_id: int | None = None,
-                       pad_token_id: int | None = None, without_thinking: bool = False):
+                       pad_token_id: int | None = None, without_thinking: bool = False,
+                       forced: torch.Tensor | None = None):
     """One sample at a time, full recompute each step (no cache), the paper's evaluator shape."""
     from ltscale.model.generation import GenerationOutput
 
@@ -79,6 +80,8 @@ def reference_generate(lm: LatentLM, input_ids: torch.Tensor, attention_mask: to
             if without_thinking:
                 scores[:, lm.thinking_token_id] = float("-inf")
             nxt = int(scores.argmax(-1))
+            if forced is not None and step < forced.numel():
+                nxt = int(forced.reshape(-1)[step])
             seqs[b, step] = nxt
             lengths[b] = step + 1
             if eos_token_id is not None and nxt == eos_token_id:
