@@ -217,17 +217,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ltscale.model.io import load_latent_model
 
     model, tokenizer = load_latent_model(str(ckpt), mode=args.mode, device=_device(args.device, local_rank))
+    # The checkpoint's method decides the decoding (Coconut: forced latents) unless --method overrides it.
+    how = _method_inference(args, model, tokenizer, ckpt)
     results = {}
     for name, (_, records) in datasets.items():
         if rank == 0 and len(datasets) > 1:
             logger.info("benchmark %s: %d problems", name, len(records))
         summary, per_example = evaluate(
-            model,
+            how.model,
             tokenizer,
             records,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
-            without_thinking=args.without_thinking,
+            without_thinking=args.without_thinking or how.without_thinking,
+            prompt_fn=how.prompt_fn,
             use_chat_template=args.chat_template,
             progress=not args.no_progress,
             rank=rank,
@@ -243,6 +246,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EXIT_OK
     meta = {
         "checkpoint": str(ckpt),
+        "method": args.method or "(the checkpoint's own)",
+        "method_options": args.method_option or [],
         "data": args.data[0] if len(args.data) == 1 else list(args.data),
         "sources": {name: src for name, (src, _) in datasets.items()},
         "split": args.split,
@@ -288,6 +293,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     print(f"\nwrote {output} and {', '.join(str(p) for p in written)}")
     return EXIT_OK
+
+
+def _method_inference(args: argparse.Namespace, model: Any, tokenizer: Any, ckpt: Path) -> Any:
+    import yaml
+
+    from ltscale.config import ConfigError
+    from ltscale.methods import inference_for
+
+    options: dict[str, dict[str, Any]] = {}
+    for item in args.method_option or []:
+        key, sep, text = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not (sep and dot and field):
+            raise UserError(f"--method-option {item!r}: expected SECTION.KEY=VALUE, e.g. soft_thinking.top_k=5")
+        options.setdefault(section, {})[field] = yaml.safe_load(text)
+    try:
+        return inference_for(model, tokenizer, ckpt, method=args.method, chat=args.chat_template, options=options)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise UserError(f"--method: {e}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -432,6 +456,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
     _model_args(p)
+    p.add_argument(
+        "--method",
+        default=None,
+        help="decoding method (default: the checkpoint's own); soft_thinking works on any checkpoint",
+    )
+    p.add_argument(
+        "--method-option",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="method option, e.g. soft_thinking.cold_stop_steps=8 (repeatable)",
+    )
     p.add_argument(
         "--data",
         required=True,

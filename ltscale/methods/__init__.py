@@ -110,8 +110,16 @@ class Method:
         return {METHOD_META_KEY: self.name}
 
     def inference(
-        self, lm: Any, tokenizer: Any, meta: dict[str, Any], cfg: RunConfig | None = None
+        self,
+        lm: Any,
+        tokenizer: Any,
+        meta: dict[str, Any],
+        cfg: RunConfig | None = None,
+        *,
+        chat: bool | None = None,
     ) -> Inference:
+        """``cfg``: the run's config when the trainer evaluates (else the checkpoint's meta decides);
+        ``chat``: use the tokenizer's chat template (None = auto)."""
         return Inference(model=lm)
 
 
@@ -135,13 +143,24 @@ def read_meta(hf_dir: str | Path) -> dict[str, Any]:
 
 
 def inference_for(
-    lm: Any, tokenizer: Any, hf_dir: str | Path, *, method: str | None = None, cfg: RunConfig | None = None
+    lm: Any,
+    tokenizer: Any,
+    hf_dir: str | Path,
+    *,
+    method: str | None = None,
+    cfg: RunConfig | None = None,
+    chat: bool | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> Inference:
     """Decoding for a checkpoint: its own method (saved in ``ltscale_latent.json``) unless ``method``
     overrides it (Soft-Thinking runs on any checkpoint)."""
     meta = read_meta(hf_dir)
+    for section, values in (options or {}).items():  # e.g. {"soft_thinking": {"top_k": 5}} from the CLI
+        meta[section] = {**meta.get(section, {}), **values}
     name = method or meta.get(METHOD_META_KEY) or "lt_tuning"
-    return get_method(name).inference(lm, tokenizer, meta, cfg)
+    if cfg is not None:
+        chat = cfg.model.use_chat_template
+    return get_method(name).inference(lm, tokenizer, meta, cfg, chat=chat)
 
 
 __all__ = [

@@ -233,14 +233,15 @@ class Coconut(Method):
             },
         }
 
-    def inference(self, lm, tokenizer, meta: dict[str, Any], cfg: RunConfig | None = None) -> Inference:
+    def inference(
+        self, lm, tokenizer, meta: dict[str, Any], cfg: RunConfig | None = None, *, chat: bool | None = None
+    ) -> Inference:
         info = meta.get("coconut")
         if not info:
             raise ValueError(
                 "--method coconut: the checkpoint has no coconut entry in ltscale_latent.json "
                 "(it was not trained with method: coconut)"
             )
-        chat = cfg.model.use_chat_template if cfg is not None else None
         bot = int(info["bot_id"])
 
         def prompt_fn(tok, question: str) -> list[int]:
