@@ -9,10 +9,12 @@ Extension policy, chosen by ``_extensions()``:
   ``ltscale.ops`` falls back to its torch reference implementations.
 * ``LTSCALE_BUILD_EXT=cpu``                                           -> C++ (CPU) extension only.
 * otherwise (default, ``auto``/``1``)                                -> ``CUDAExtension`` with
-  ``csrc/*.cu`` when the installed torch is a CUDA build and a CUDA toolkit is found, else a
-  ``CppExtension``.  A CPU torch always takes the C++ branch (torch then reports
-  ``CUDA_HOME=None`` whatever the environment says).  A CUDA build on a machine without a GPU
-  needs ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"9.0"``).
+  ``csrc/*.cu`` when the installed torch is a CUDA build and ``$CUDA_HOME/bin/nvcc`` exists (no
+  GPU needed), else a ``CppExtension``, with a printed reason.  A CPU torch always takes the C++
+  branch (torch then reports ``CUDA_HOME=None`` whatever the environment says).
+  ``TORCH_CUDA_ARCH_LIST`` defaults to ``"8.0;9.0"`` (Ampere + Hopper); ``FORCE_CUDA=1`` makes a
+  missing CUDA torch or nvcc an error instead of a fallback (the CI compile proof uses it).  On
+  machines whose ``nvcc`` on PATH is a wrapper, set ``CUDA_HOME`` to the real toolkit.
 
 torch is imported lazily, inside ``_extensions()``, and only when there is something to build:
 the project is installed with ``pip install --no-build-isolation`` against the venv's pinned
@@ -23,6 +25,7 @@ isolated build env would resolve a multi-GB CUDA torch).  A pure-Python build ne
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -46,11 +49,46 @@ def _sources(pattern: str, root: Path = ROOT) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in (root / CSRC).glob(pattern))
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0"  # Ampere (A100) and Hopper (H100/H200)
+
+
+def _say(msg: str) -> None:
+    # setuptools' own logging is swallowed by `pip install` unless -v; a plain print to stderr
+    # shows up in pip's output when the build fails and in `pip install -v` otherwise.
+    print(f"setup.py: {msg}", file=sys.stderr, flush=True)
+
+
+def _cuda_plan(torch, cpp_extension, have_cu: bool, mode: str) -> tuple[bool, str]:
+    """(build the CUDA kernel?, why). ``FORCE_CUDA=1`` turns every "no" into an error.
+
+    A GPU is *not* required: a CUDA build of torch plus nvcc compiles the kernel for
+    ``TORCH_CUDA_ARCH_LIST`` (default ``DEFAULT_CUDA_ARCHS``) on a GPU-less machine.
+    """
+    force = os.environ.get("FORCE_CUDA", "0") == "1"
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = Path(cuda_home, "bin", "nvcc") if cuda_home else None
+    if mode == "cpu":
+        why = "LTSCALE_BUILD_EXT=cpu"
+    elif not have_cu:
+        why = f"no {CSRC}/*.cu sources"
+    elif torch.version.cuda is None:
+        why = f"torch {torch.__version__} is not a CUDA build"
+    elif nvcc is None or not nvcc.exists():
+        why = f"no nvcc under CUDA_HOME={cuda_home} (set CUDA_HOME to the toolkit)"
+    else:
+        return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}), nvcc {nvcc}"
+    if force:
+        raise SystemExit(f"setup.py: FORCE_CUDA=1 but the CUDA kernel cannot be built: {why}")
+    return False, why
+
+
 def _extensions(root: Path = ROOT) -> list:
     """The ext_modules list: ``[]`` when there is nothing (or nothing wanted) to build."""
     mode = _build_mode()
     cpp = _sources("*.cpp", root)
     if mode == "0" or not cpp:
+        if cpp:
+            _say(f"LTSCALE_BUILD_EXT=0: not building {EXT_NAME}; ltscale.ops uses its torch implementations")
         return []
 
     try:
@@ -65,16 +103,26 @@ def _extensions(root: Path = ROOT) -> list:
 
     cxx_flags = ["-O3"]
     cuda = _sources("*.cu", root)
-    cuda_ok = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if mode == "auto" and cuda and cuda_ok:
+    use_cuda, why = _cuda_plan(torch, cpp_extension, bool(cuda), mode)
+    if use_cuda:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
+        # torch reads the variable itself when it writes the nvcc command line; without it (and
+        # without a GPU to ask) it fails with an IndexError.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        tag = "_".join(
+            "sm_" + a.strip().replace(".", "") for a in archs.replace(" ", ";").split(";") if a.strip()
+        )
+        tag = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in tag)  # "+PTX" -> "_PTX"
+        _say(f"building {EXT_NAME}: C++ CPU kernel + CUDA kernel for TORCH_CUDA_ARCH_LIST={archs!r} ({why})")
         return [
             cpp_extension.CUDAExtension(
                 EXT_NAME,
                 cpp + cuda,
-                define_macros=[("WITH_CUDA", None)],
+                define_macros=[("WITH_CUDA", None), ("LTSCALE_CUDA_ARCHS", tag)],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             )
         ]
+    _say(f"building {EXT_NAME}: C++ CPU kernel only ({why})")
     return [cpp_extension.CppExtension(EXT_NAME, cpp, extra_compile_args=cxx_flags)]
 
 

@@ -20,15 +20,28 @@ import torch
 IMPLS = ("auto", "fused", "torch", "reference")
 
 
-def _check_args(hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor,
-                alpha: float, temperature: float, top_p: float) -> None:
+def _check_args(
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    embedding_weight: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    top_p: float,
+) -> None:
     if hidden.shape[:-1] != logits.shape[:-1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and logits {tuple(logits.shape)} disagree on leading dims")
-    if embedding_weight.dim() != 2 or embedding_weight.shape[0] < logits.shape[-1] \
-            or embedding_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"embedding_weight {tuple(embedding_weight.shape)} does not fit logits "
-                         f"{tuple(logits.shape)} / hidden {tuple(hidden.shape)} (did ZeRO-3 hand over an "
-                         "empty partition? read it inside a module forward)")
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and logits {tuple(logits.shape)} disagree on leading dims"
+        )
+    if (
+        embedding_weight.dim() != 2
+        or embedding_weight.shape[0] < logits.shape[-1]
+        or embedding_weight.shape[1] != hidden.shape[-1]
+    ):
+        raise ValueError(
+            f"embedding_weight {tuple(embedding_weight.shape)} does not fit logits "
+            f"{tuple(logits.shape)} / hidden {tuple(hidden.shape)} (did ZeRO-3 hand over an "
+            "empty partition? read it inside a module forward)"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} outside [0, 1]")
     if temperature <= 0:
@@ -60,8 +73,9 @@ def top_p_keep_mask_sorted(sorted_probs: torch.Tensor, top_p: float) -> torch.Te
     return keep
 
 
-def fusion_weights_dense(logits: torch.Tensor, *, temperature: float, top_p: float,
-                         exclude_token_id: int | None) -> torch.Tensor:
+def fusion_weights_dense(
+    logits: torch.Tensor, *, temperature: float, top_p: float, exclude_token_id: int | None
+) -> torch.Tensor:
     """``P-hat`` over the full vocabulary (zeros outside the kept set), as in eq. 6."""
     probs = masked_probs(logits, temperature=temperature, exclude_token_id=exclude_token_id)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -71,19 +85,35 @@ def fusion_weights_dense(logits: torch.Tensor, *, temperature: float, top_p: flo
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def fusion_reference(hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor, *,
-                     alpha: float, temperature: float, top_p: float,
-                     exclude_token_id: int | None) -> torch.Tensor:
+def fusion_reference(
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    embedding_weight: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    top_p: float,
+    exclude_token_id: int | None,
+) -> torch.Tensor:
     _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
-    weights = fusion_weights_dense(logits, temperature=temperature, top_p=top_p, exclude_token_id=exclude_token_id)
+    weights = fusion_weights_dense(
+        logits, temperature=temperature, top_p=top_p, exclude_token_id=exclude_token_id
+    )
     vocab = logits.shape[-1]
     e_pred = weights.to(embedding_weight.dtype) @ embedding_weight[:vocab]
     return alpha * hidden + (1.0 - alpha) * e_pred.to(hidden.dtype)
 
 
-def fusion_sparse_torch(hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor, *,
-                        alpha: float, temperature: float, top_p: float,
-                        exclude_token_id: int | None) -> torch.Tensor:
+def fusion_sparse_torch(
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    embedding_weight: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    top_p: float,
+    exclude_token_id: int | None,
+) -> torch.Tensor:
     """Touch only the kept rows of ``E``: K = the largest kept-set size in the batch."""
     _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
     lead = hidden.shape[:-1]
@@ -101,30 +131,164 @@ def fusion_sparse_torch(hidden: torch.Tensor, logits: torch.Tensor, embedding_we
     return out.reshape(*lead, hidden.shape[-1])
 
 
-def fused_available() -> bool:
+def _native():
+    """The ``ltscale._C`` module (its import registers ``torch.ops.ltscale.*``), or ``None``."""
     try:
-        from ltscale import _C  # noqa: F401
+        from ltscale import _C
     except ImportError:
-        return False
-    return hasattr(torch.ops, "ltscale") and hasattr(torch.ops.ltscale, "context_prediction_fusion")
+        return None
+    return _C
 
 
-def context_prediction_fusion(hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor, *,
-                              alpha: float, temperature: float, top_p: float,
-                              exclude_token_id: int | None, impl: str = "auto") -> torch.Tensor:
-    """Public op (DESIGN.md). ``impl``: auto (fused when built, else sparse torch) | fused | torch | reference."""
+def fused_available() -> bool:
+    """Whether the compiled op (``ltscale._C``) is importable and registered."""
+    return _native() is not None and hasattr(torch.ops.ltscale, "context_prediction_fusion_forward")
+
+
+def fused_build_info() -> dict:
+    """What the installed extension holds: ``built``, ``cpu``, ``cuda``, ``cuda_archs`` (for ``ltscale env``)."""
+    mod = _native()
+    if mod is None or not fused_available():
+        return {"built": False, "cpu": False, "cuda": False, "cuda_archs": []}
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    name = "ltscale::context_prediction_fusion_forward"
+    archs = [a for a in str(getattr(mod, "cuda_archs", "")).split("_") if a and a != "sm"]
+    return {
+        "built": True,
+        "cpu": bool(has_kernel(name, "CPU")),
+        "cuda": bool(has_kernel(name, "CUDA")),
+        "cuda_archs": [f"sm_{a}" if a.isdigit() else a for a in archs],
+    }
+
+
+# dtypes each compiled kernel takes (hidden, logits and E must share one)
+_FUSED_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+}
+
+
+def fused_unsupported_reason(
+    hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor
+) -> str | None:
+    """Why the compiled op cannot take these inputs (``None``: it can)."""
+    if not fused_available():
+        return (
+            "the ltscale._C extension is not built (reinstall with a C++ compiler and torch available: "
+            "`make install` / `pip install --no-build-isolation -e .`; see `ltscale env`)"
+        )
+    dev = hidden.device.type
+    if dev not in _FUSED_DTYPES:
+        return f"no compiled kernel for device {dev!r}"
+    if dev == "cuda" and not fused_build_info()["cuda"]:
+        return "ltscale._C was built without its CUDA kernel (torch or nvcc lacked CUDA at install time)"
+    if not (hidden.dtype == logits.dtype == embedding_weight.dtype):
+        return (
+            f"hidden/logits/embedding dtypes differ ({hidden.dtype}, {logits.dtype}, "
+            f"{embedding_weight.dtype}); the compiled op takes one dtype"
+        )
+    if hidden.dtype not in _FUSED_DTYPES[dev]:
+        return f"the {dev} kernel takes {_FUSED_DTYPES[dev]}, got {hidden.dtype}"
+    return None
+
+
+class _FusedFusion(torch.autograd.Function):
+    """autograd face of ``torch.ops.ltscale.context_prediction_fusion_{forward,backward}``.
+
+    Forward keeps the kept set (padded indices + renormalised weights, ``N x K_max``) and ``E``;
+    backward needs nothing else (no re-selection, no softmax over V)."""
+
+    @staticmethod
+    def forward(ctx, hidden, logits, weight, alpha, temperature, top_p, exclude):
+        out, idx, w = torch.ops.ltscale.context_prediction_fusion_forward(
+            hidden, logits, weight, alpha, temperature, top_p, exclude
+        )
+        ctx.save_for_backward(weight, idx, w)
+        ctx.args = (alpha, temperature, logits.shape[-1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, idx, w = ctx.saved_tensors
+        alpha, temperature, vocab = ctx.args
+        mask = list(ctx.needs_input_grad[:3])
+        gh, gl, ge = torch.ops.ltscale.context_prediction_fusion_backward(
+            grad_out.contiguous(), weight, idx, w, alpha, temperature, vocab, mask
+        )
+        return (
+            gh if mask[0] else None,
+            gl if mask[1] else None,
+            ge if mask[2] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fusion_fused(
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    embedding_weight: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    top_p: float,
+    exclude_token_id: int | None,
+) -> torch.Tensor:
+    """The compiled op (``ltscale._C``): same signature, values and gradients as the reference.
+
+    Kept-set ties are broken by token id (the reference's ``torch.sort`` leaves tie order
+    unspecified); on CUDA, tokens tied exactly at the top-p boundary are kept or cut together.
+    """
+    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
+    why = fused_unsupported_reason(hidden, logits, embedding_weight)
+    if why is not None:
+        raise RuntimeError(f"context_prediction_fusion(impl='fused'): {why}")
+    d, vocab = hidden.shape[-1], logits.shape[-1]
+    out = _FusedFusion.apply(
+        hidden.reshape(-1, d),
+        logits.reshape(-1, vocab),
+        embedding_weight,
+        float(alpha),
+        float(temperature),
+        float(top_p),
+        -1 if exclude_token_id is None else int(exclude_token_id),
+    )
+    return out.reshape(hidden.shape)
+
+
+def context_prediction_fusion(
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    embedding_weight: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    top_p: float,
+    exclude_token_id: int | None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Public op (DESIGN.md). ``impl``:
+
+    * ``auto``      the compiled op when it is built and takes these inputs, else ``torch``;
+    * ``fused``     the compiled op; a clear ``RuntimeError`` when it is not built or cannot take
+                    the inputs (``engine.fused: on``);
+    * ``torch``     ``fusion_sparse_torch`` (``engine.fused: off``);
+    * ``reference`` the dense transcription of the equations.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} not in {IMPLS}")
+    kw = dict(alpha=alpha, temperature=temperature, top_p=top_p, exclude_token_id=exclude_token_id)
     if impl == "reference":
-        return fusion_reference(hidden, logits, embedding_weight, alpha=alpha, temperature=temperature,
-                                top_p=top_p, exclude_token_id=exclude_token_id)
-    if impl == "fused" and not fused_available():
-        raise RuntimeError("engine.fused=on but the ltscale._C extension is not built "
-                           "(reinstall with a compiler available, or set engine.fused=auto)")
-    if impl in ("auto", "fused") and fused_available():  # pragma: no cover - extension arrives with issue 5
-        _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
-        return torch.ops.ltscale.context_prediction_fusion(
-            hidden, logits, embedding_weight, alpha, temperature, top_p,
-            -1 if exclude_token_id is None else exclude_token_id)
-    return fusion_sparse_torch(hidden, logits, embedding_weight, alpha=alpha, temperature=temperature,
-                               top_p=top_p, exclude_token_id=exclude_token_id)
+        return fusion_reference(hidden, logits, embedding_weight, **kw)
+    if impl == "fused" or (
+        impl == "auto"
+        and AUTO_USES_FUSED
+        and fused_unsupported_reason(hidden, logits, embedding_weight) is None
+    ):
+        return fusion_fused(hidden, logits, embedding_weight, **kw)
+    return fusion_sparse_torch(hidden, logits, embedding_weight, **kw)
+
+
+AUTO_USES_FUSED = False
