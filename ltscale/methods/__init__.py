@@ -155,6 +155,7 @@ def inference_for(
     """Decoding for a checkpoint: its own method (saved in ``ltscale_latent.json``) unless ``method``
     overrides it (Soft-Thinking runs on any checkpoint)."""
     meta = read_meta(hf_dir)
+    meta["_dir"] = str(hf_dir)  # where a method finds its extra weights (SoftCoT's projection)
     for section, values in (options or {}).items():  # e.g. {"soft_thinking": {"top_k": 5}} from the CLI
         meta[section] = {**meta.get(section, {}), **values}
     name = method or meta.get(METHOD_META_KEY) or "lt_tuning"

@@ -19,6 +19,8 @@ from ltscale.model.latent_lm import LatentLM
 
 LATENT_CONFIG_FILE = "ltscale_latent.json"
 ADAPTER_FILE = "ltscale_adapter.safetensors"
+# Modules a method adds around the base (e.g. SoftCoT's projection), under their state-dict names.
+EXTRA_FILE = "ltscale_extra.safetensors"
 
 
 def split_state_dict(latent_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -51,6 +53,9 @@ def save_latent_model(out_dir: str | Path, *, config, latent_state: dict[str, to
     tokenizer.save_pretrained(tmp)
     if adapter_state:
         save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(tmp / ADAPTER_FILE))
+    extra = {k: v.contiguous() for k, v in latent_state.items() if not k.startswith(("base.", "adapter."))}
+    if extra:
+        save_file(extra, str(tmp / EXTRA_FILE))
     (tmp / LATENT_CONFIG_FILE).write_text(json.dumps(latent_config, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
