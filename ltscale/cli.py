@@ -314,6 +314,74 @@ def _method_inference(args: argparse.Namespace, model: Any, tokenizer: Any, ckpt
         raise UserError(f"--method: {e}") from None
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """The paper's analyses on one checkpoint: numbers in ``analysis.json`` plus three PNG figures."""
+    ckpt = _checkpoint(args.checkpoint)
+    records = _load_benchmark(args.data, split=args.split, limit=args.limit)
+    if not records:
+        raise UserError(f"no records in {args.data}")
+    examples = None
+    if args.examples:
+        path = Path(args.examples).expanduser()
+        if not path.is_file():
+            raise UserError(f"--examples: file not found: {path}")
+        try:
+            examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise UserError(f"--examples: {path}:{e.lineno}: not JSONL ({e.msg})") from None
+        missing = [i for i, e in enumerate(examples, 1) if "difficulty" not in e or "num_latent" not in e]
+        if missing:
+            raise UserError(
+                f"--examples: {path}:{missing[0]}: needs 'difficulty' and 'num_latent' (an eval examples file)"
+            )
+
+    from ltscale.eval.analysis import run_analysis
+    from ltscale.eval.plots import save_figures
+    from ltscale.fsutil import atomic_write_text
+    from ltscale.model.io import load_latent_model
+
+    model, tokenizer = load_latent_model(str(ckpt), mode=args.mode, device=_device(args.device))
+    result = run_analysis(
+        model,
+        tokenizer,
+        records,
+        max_new_tokens=args.max_new_tokens,
+        probe_steps=args.probe_steps,
+        attention=not args.no_attention,
+        use_chat_template=args.chat_template,
+        examples=examples,
+        progress=not args.no_progress,
+    )
+    out_dir = Path(args.output_dir)
+    payload = {
+        **result.numbers,
+        "scalars": result.scalars(),
+        "meta": {
+            "checkpoint": str(ckpt),
+            "data": args.data,
+            "limit": args.limit,
+            "mode": model.mode,
+            "max_new_tokens": args.max_new_tokens,
+            "probe_steps": args.probe_steps,
+            "examples": args.examples,
+        },
+    }
+    atomic_write_text(out_dir / "analysis.json", json.dumps(payload, indent=2) + "\n")
+    figures = save_figures(result.figures(), out_dir)
+    rho = result.difficulty.get("spearman")
+    print(f"traced {result.numbers['n_traced']} problems ({model.mode} mode)")
+    rho_text = "n/a" if rho is None else f"{rho:.3f}"
+    print(f"difficulty vs latent tokens: Spearman {rho_text} over {result.difficulty['n']} problems")
+    for source in ("collapse", "probe_collapse"):
+        for k, m in result.numbers[source].items():
+            print(
+                f"{source} step {k}: mean cos {m['mean_cos']:.3f}  effective rank {m['effective_rank']:.2f}  "
+                f"PC1 {m['pc1_explained']:.3f}  (n={m['n']})"
+            )
+    print(f"wrote {out_dir / 'analysis.json'} and {', '.join(p.name for p in figures)}")
+    return EXIT_OK
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     ckpt = _checkpoint(args.checkpoint)
     if not args.question.strip():
@@ -452,7 +520,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltscale", description="LT-Tuning latent-reasoning toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,generate,export,env,data}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{eval,analyze,generate,export,env,data}"
+    )
 
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
     _model_args(p)
@@ -484,6 +554,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N records")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="latent tokens vs difficulty, entropy/attention, feature collapse")
+    p.add_argument(
+        "--checkpoint", required=True, help="HF dir, stage dir (uses hf/) or run dir (highest stage)"
+    )
+    p.add_argument(
+        "--data", required=True, help="a benchmark name (gsm8k, svamp, asdiv, multiarith) or a file"
+    )
+    p.add_argument("--split", default=None)
+    p.add_argument(
+        "--limit", type=_positive_int, default=100, help="problems to trace (default 100, as the paper)"
+    )
+    p.add_argument("--output-dir", default="analysis", help="analysis.json and the PNG figures go here")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument(
+        "--probe-steps", type=int, default=6, help="forced latent steps for the collapse probe (0: off)"
+    )
+    p.add_argument(
+        "--examples", default=None, help="eval examples JSONL: difficulty analysis over it instead"
+    )
+    p.add_argument("--no-attention", action="store_true", help="skip attention capture (keeps sdpa; faster)")
+    p.add_argument("--mode", choices=["hidden", "fusion", "pause"], default=None)
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("generate", help="answer one question, showing the latent steps")
     _model_args(p)

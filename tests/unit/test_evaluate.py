@@ -325,6 +325,7 @@ def fake_io(monkeypatch):
         FakeLatentLM(tok, SCRIPT),
         tok,
     )
+    mod.LATENT_CONFIG_FILE = "ltscale_latent.json"  # ltscale.methods reads the checkpoint's method
     monkeypatch.setitem(sys.modules, "ltscale.model.io", mod)
     for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(key, raising=False)
@@ -414,6 +415,7 @@ def load(path, *, mode=None, device="cpu", dtype=None):
     return m, tok
 mod = types.ModuleType("ltscale.model.io")
 mod.load_latent_model = load
+mod.LATENT_CONFIG_FILE = "ltscale_latent.json"
 sys.modules["ltscale.model.io"] = mod
 from ltscale.cli import main
 rc = main(sys.argv[2:])
