@@ -46,7 +46,9 @@ __all__ = [
 
 _CORE_FIELDS = ("id", "question", "steps", "answer")
 _CALC_RE = re.compile(r"<<([^<>]*)>>")
-_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+# ASCII digits only: "３" (full-width) or "٣" (Arabic-Indic) would pass \d but never equal a
+# model's "3", silently scoring every prediction wrong.
+_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", re.ASCII)
 _LOCAL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -133,6 +135,17 @@ def _check_str(obj: Mapping[str, Any], key: str) -> str:
         raise _RowError(
             f"wrong type for '{key}'", f"field '{key}' must be a string, got {type(value).__name__}"
         )
+    return _check_unicode(value, key)
+
+
+def _check_unicode(value: str, key: str) -> str:
+    """JSON can carry lone surrogates (``"\\ud800"``); tokenizers then fail deep inside encoding."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _RowError(
+            "invalid unicode", f"field '{key}' is not valid Unicode (lone surrogate at position {e.start})"
+        ) from None
     return value
 
 
@@ -185,6 +198,8 @@ def _record_from_obj(obj: Any, default_id: str) -> Record:
         steps_raw = obj["steps"]
         if not isinstance(steps_raw, list | tuple) or not all(isinstance(s, str) for s in steps_raw):
             raise _RowError("wrong type for 'steps'", "field 'steps' must be a list of strings")
+        for i, s in enumerate(steps_raw):
+            _check_unicode(s, f"steps[{i}]")
         # Empty step strings carry no reasoning and would render as an empty "## Step i:" line.
         steps = [s.strip() for s in steps_raw if s.strip()]
         answer = _parse_answer(obj["answer"])
@@ -195,13 +210,13 @@ def _record_from_obj(obj: Any, default_id: str) -> Record:
                 "missing field 'steps'",
                 "missing field 'steps' (and 'answer' is not a GSM8K solution with '#### N')",
             )
-        steps, calc, raw_answer = _split_gsm8k_solution(solution)
+        steps, calc, raw_answer = _split_gsm8k_solution(_check_unicode(solution, "answer"))
         answer = _parse_answer(raw_answer)
         extra.setdefault("steps_calc", calc)
     rid = obj.get("id", default_id)
     if isinstance(rid, bool) or not isinstance(rid, str | int):
         raise _RowError("wrong type for 'id'", f"field 'id' must be a string, got {type(rid).__name__}")
-    rid = str(rid)
+    rid = _check_unicode(str(rid), "id")
     if not rid:
         raise _RowError("empty id")
     return Record(id=rid, question=question, steps=tuple(steps), answer=answer, extra=extra)
@@ -212,11 +227,16 @@ def _record_from_obj(obj: Any, default_id: str) -> Record:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:  # decoded per line: one bad byte names its line, not the whole file
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, _RowError("invalid UTF-8", f"invalid UTF-8 (byte {e.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -225,7 +245,10 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     """A ``.json`` file: a JSON array of rows (Coconut style), or JSONL under a .json name."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
