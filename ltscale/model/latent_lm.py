@@ -21,7 +21,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ltscale.model.rollout import count_passes, latent_rollout
-from ltscale.ops import context_prediction_fusion
+from ltscale.ops import context_prediction_fusion, fused_available
 
 MODES = ("cot", "hidden", "fusion", "pause")
 
@@ -80,6 +80,9 @@ class LatentLM(nn.Module):
         dim = base_model.get_input_embeddings().weight.shape[1]
         self.adapter = LatentAdapter(dim, adapter_hidden) if adapter else None
         self.gradient_checkpointing = gradient_checkpointing
+        if fusion_impl == "fused" and not fused_available():  # engine.fused=on: fail now, not in stage 3
+            raise RuntimeError("engine.fused=on but the ltscale._C extension is not built (see `ltscale env`; "
+                               "rebuild with `make install`, or set engine.fused=auto to fall back to torch)")
         self.fusion_impl = fusion_impl
         self.mode = "cot"
         self.set_latent_mode(mode, alpha=alpha, temperature=temperature, top_p=top_p)

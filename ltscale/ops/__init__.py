@@ -3,6 +3,9 @@
 from ltscale.ops.fusion import (
     context_prediction_fusion,
     fused_available,
+    fused_build_info,
+    fused_unsupported_reason,
+    fusion_fused,
     fusion_reference,
     fusion_sparse_torch,
     fusion_weights_dense,
@@ -11,6 +14,9 @@ from ltscale.ops.fusion import (
 __all__ = [
     "context_prediction_fusion",
     "fused_available",
+    "fused_build_info",
+    "fused_unsupported_reason",
+    "fusion_fused",
     "fusion_reference",
     "fusion_sparse_torch",
     "fusion_weights_dense",

@@ -283,12 +283,7 @@ def context_prediction_fusion(
     if impl == "reference":
         return fusion_reference(hidden, logits, embedding_weight, **kw)
     if impl == "fused" or (
-        impl == "auto"
-        and AUTO_USES_FUSED
-        and fused_unsupported_reason(hidden, logits, embedding_weight) is None
+        impl == "auto" and fused_unsupported_reason(hidden, logits, embedding_weight) is None
     ):
         return fusion_fused(hidden, logits, embedding_weight, **kw)
     return fusion_sparse_torch(hidden, logits, embedding_weight, **kw)
-
-
-AUTO_USES_FUSED = False
