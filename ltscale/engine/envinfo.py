@@ -136,11 +136,16 @@ def _nvcc() -> dict[str, Any]:
 
 
 def _extension() -> dict[str, Any]:
-    """Whether ``ltscale._C`` (the fused fusion op) is importable; else the torch path runs."""
+    """What ``ltscale._C`` (the fused fusion op) holds: ``built``, ``cpu`` / ``cuda`` kernels,
+    ``cuda_archs`` (from the build); not built means the torch path runs."""
     try:
         from ltscale.ops import fused_available
 
-        return {"built": bool(fused_available())}
+        if not fused_available():
+            return {"built": False}
+        from ltscale.ops import fused_build_info
+
+        return dict(fused_build_info())
     except Exception as e:
         return {"built": False, "error": _error(e)}
 
@@ -203,11 +208,13 @@ def format_report(d: dict[str, Any]) -> str:
         if name == "mpi4py":
             rows.append(("  mpirun on PATH", d.get("mpirun") or "no"))
     ext = d["ltscale_ext"]
-    ext_text = (
-        "built (fused path)"
-        if ext.get("built")
-        else "not built (torch path)" + (f"; {ext['error']}" if ext.get("error") else "")
-    )
+    if ext.get("built"):
+        kernels = [k for k in ("cpu", "cuda") if ext.get(k)]
+        archs = ", ".join(ext.get("cuda_archs") or [])
+        ext_text = "built (fused path): kernels " + (" + ".join(k.upper() for k in kernels) or "none")
+        ext_text += f"; CUDA archs {archs}" if archs else "; no CUDA kernel"
+    else:
+        ext_text = "not built (torch path)" + (f"; {ext['error']}" if ext.get("error") else "")
     rows.append(("ltscale._C", ext_text))
     nvcc = d["nvcc"]
     rows.append(("nvcc", f"{nvcc['path']} ({nvcc['version']})" if nvcc.get("path") else "not on PATH"))

@@ -76,3 +76,26 @@ def test_env_json_parses(capsys, monkeypatch):
     assert d["packages"]["torch"]["installed"]
     assert main(["env"]) == 0
     assert "SLURM_JOB_ID" in capsys.readouterr().out
+
+
+def test_extension_report_names_kernels_and_archs(monkeypatch):
+    info = {"built": True, "cpu": True, "cuda": True, "cuda_archs": ["sm_80", "sm_90"]}
+    monkeypatch.setattr("ltscale.ops.fused_available", lambda: True)
+    monkeypatch.setattr("ltscale.ops.fused_build_info", lambda: dict(info))
+    d = envinfo.collect()
+    assert d["ltscale_ext"] == info
+    line = next(ln for ln in envinfo.format_report(d).splitlines() if ln.startswith("ltscale._C"))
+    assert "CPU + CUDA" in line and "sm_80, sm_90" in line
+    monkeypatch.setattr("ltscale.ops.fused_available", lambda: False)
+    d = envinfo.collect()
+    assert d["ltscale_ext"] == {"built": False}
+    assert "not built (torch path)" in envinfo.format_report(d)
+
+
+def test_extension_report_matches_the_installed_build():
+    from ltscale.ops import fused_available, fused_build_info
+
+    ext = envinfo.collect()["ltscale_ext"]
+    assert ext["built"] == fused_available()
+    if ext["built"]:
+        assert ext == fused_build_info() and ext["cpu"]
