@@ -354,7 +354,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     )
     out_dir = Path(args.output_dir)
     payload = {
-        **result.numbers,
+        **result.to_json(),
         "scalars": result.scalars(),
         "meta": {
             "checkpoint": str(ckpt),

@@ -136,6 +136,14 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 128
     after_each_stage: bool = True
+    # The eval after each stage uses only the first `subset` eval records (null: all of them);
+    # `ltscale eval` on the exported checkpoint gives the full-set number.
+    subset: int | None = None
+    # The paper's analyses (ltscale/eval/analysis.py) on rank 0 after each stage's eval: numbers as
+    # TensorBoard scalars (latent/...), PCA / difficulty / entropy-attention plots as images.
+    analysis: bool = True
+    analysis_samples: int = 16  # problems decoded one by one (with attention) for the curves and collapse
+    probe_steps: int = 6  # forced latent steps of the collapse probe (0: off)
 
 
 @dataclass
@@ -412,6 +420,7 @@ _LOWER_BOUNDS = (
     ("train.max_steps_per_stage", 1, True), ("train.scoring_batch_size", 1, True), ("optim.lr", 0, False),
     ("optim.eps", 0, False), ("optim.weight_decay", 0, True), ("optim.max_grad_norm", 0, True),
     ("data.max_length", 1, True), ("eval.batch_size", 1, True), ("eval.max_new_tokens", 1, True),
+    ("eval.subset", 1, True), ("eval.analysis_samples", 1, True), ("eval.probe_steps", 0, True),
     ("model.tokenizer_vocab_size", 1, True),
 )  # fmt: skip
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Monitor", "read_scalars"]
+__all__ = ["Monitor", "read_scalars", "read_tags"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +133,18 @@ def read_scalars(log_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
         events = sorted(acc.Scalars(tag), key=lambda e: e.step)
         out[tag] = [(int(e.step), float(e.value)) for e in events]
     return out
+
+
+def read_tags(log_dir: Path | str) -> dict[str, list[str]]:
+    """Every tag in the event files of ``log_dir`` by kind (``scalars``, ``images``, ``tensors`` …).
+
+    ``add_figure`` images appear under ``images``; tests use this to check what a run logged.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        raise FileNotFoundError(f"no TensorBoard log directory at {log_dir}")
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {kind: sorted(tags) for kind, tags in acc.Tags().items() if isinstance(tags, list)}

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from ltscale import faults
 from ltscale.config import RunConfig, diff_configs, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
 from ltscale.engine import comm_stats, dist
 from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config
-from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm
+from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm, step_unless_nonfinite
 from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
 from ltscale.methods import StageContext, get_method, inference_for
 from ltscale.methods.lt_tuning import score_and_select
@@ -54,6 +55,10 @@ class Preempted(Exception):
     def __init__(self, stage: int, step: int, checkpoint: Path):
         super().__init__(f"stopped by signal at stage {stage} step {step}; resume from {checkpoint}")
         self.checkpoint = checkpoint
+
+
+class TooManySkippedSteps(RuntimeError):
+    """More than ``train.max_skipped_steps`` steps had a non-finite loss or gradient; saved and stopped."""
 
 
 class StopSignal:
@@ -144,6 +149,7 @@ class Trainer:
                                world=self.info.world_size, rank=self.info.rank)
         self.monitor: Monitor | None = None
         self.results: dict[int, dict] = {}
+        self.skipped = 0  # steps skipped for a non-finite loss/gradient (kept in checkpoints)
         self.allgather = comm_stats.install()
 
     # ------------------------------------------------------------------ entry
@@ -171,6 +177,7 @@ class Trainer:
         if resume != "never" and ckpt.latest_tag(own) is not None:
             state = ckpt.load_checkpoint(self.engine, own, fallback=self.cfg.resume_fallback)
             log.info("resuming stage %d at step %d from %s", k, state["step_in_stage"], own)
+            self.skipped = int(state.get("skipped_steps", 0))
             return int(state["step_in_stage"])
         if resume == "must":
             raise FileNotFoundError(f"resume=must but {own} holds no checkpoint")
@@ -223,14 +230,21 @@ class Trainer:
                 self._save(k, tag, step, complete=False)
                 self.monitor.flush()
                 raise Preempted(k, step, stage_dir(self.run_dir, k) / "ckpt" / tag)
+            ok = True  # every micro-batch loss of this step is finite on this rank
             for a in range(cfg.train.grad_accum):
                 batch = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
                 out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                                   min_passes=passes, return_logits=False)
-                self.engine.backward(out.loss)
-                self.engine.step()
-                window["loss"] += float(out.loss.detach())
-                window["n"] += 1
+                loss = faults.poison_loss(out.loss, stage=k)
+                ok = ok and bool(torch.isfinite(loss.detach()))
+                self.engine.backward(loss)
+                faults.check("step", stage=k)
+                if a + 1 < cfg.train.grad_accum:
+                    self.engine.step()
+                elif not step_unless_nonfinite(self.engine, ok):  # a NaN/inf on any rank: no weight change
+                    self._skipped_step(k, step, n_steps)
+                window["loss"] += float(loss.detach()) if ok else 0.0
+                window["n"] += int(ok)
                 window["tokens"] += int(batch["attention_mask"].sum())
                 window["latent"] += int((batch["input_ids"] == self.data.thinking_id).sum())
                 window["samples"] += batch["input_ids"].shape[0]
@@ -241,7 +255,24 @@ class Trainer:
                 self._save(k, f"step-{step + 1:06d}", step + 1, complete=False)
         if start_step < n_steps:  # else: resumed from this stage's final checkpoint (killed during export/eval)
             self._save(k, FINAL, n_steps, complete=True)
+        faults.check("stage_end", stage=k)
         self._finish_stage(k, stats)
+
+    def _skipped_step(self, k: int, step: int, n_steps: int) -> None:
+        """Count a skipped step; past ``train.max_skipped_steps`` save (this step counts as done,
+        so a resume moves past its batch) and stop with the way out in the message."""
+        self.skipped += 1
+        limit = self.cfg.train.max_skipped_steps
+        if self.info.is_main:
+            log.warning("stage %d step %d: non-finite loss or gradient on some rank; step skipped, weights "
+                        "unchanged (%d skipped so far, train.max_skipped_steps=%d)", k, step + 1, self.skipped, limit)
+        if self.skipped > limit:
+            tag = FINAL if step + 1 == n_steps else f"step-{step + 1:06d}"
+            self._save(k, tag, step + 1, complete=tag == FINAL)
+            raise TooManySkippedSteps(
+                f"stage {k} step {step + 1}: {self.skipped} steps skipped for a non-finite loss or gradient "
+                f"(train.max_skipped_steps={limit}); saved {stage_dir(self.run_dir, k) / 'ckpt' / tag}. Lower "
+                "optim.lr, check the data, or raise train.max_skipped_steps and resume")
 
     def _score(self, examples_, k: int) -> list[list[int]]:
         """Confidence pass with the current weights (plain forward, no latent substitution)."""
@@ -250,6 +281,7 @@ class Trainer:
         self.engine.eval()
 
         def forward_logits(ids, mask):
+            faults.check("score", stage=k)
             return base(input_ids=ids, attention_mask=mask).logits
 
         try:
@@ -270,7 +302,8 @@ class Trainer:
         gathered = (self.allgather.bytes - w["gathered"]) / max(w["n"] // self.cfg.train.grad_accum, 1)
         self.monitor.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
                               "latent/tokens_per_sample": latent, "perf/tokens_per_s": tokens / elapsed,
-                              "perf/allgather_bytes": gathered, "train/stage": k}, global_step)
+                              "perf/allgather_bytes": gathered, "train/stage": k,
+                              "train/skipped_steps": self.skipped}, global_step)
         if self.info.is_main:
             log.info("stage %d step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  latent/sample %.2f  tok/s %.0f",
                      k, step, n_steps, loss, lr, gnorm, latent, tokens / elapsed)
@@ -278,7 +311,8 @@ class Trainer:
 
     def _save(self, k: int, tag: str, step_in_stage: int, *, complete: bool) -> None:
         state = {"stage": k, "step_in_stage": step_in_stage, "stage_complete": complete,
-                 "global_step": self.schedule.start[k - 1] + step_in_stage, "mode": self.cfg.stages[k - 1].mode}
+                 "global_step": self.schedule.start[k - 1] + step_in_stage, "mode": self.cfg.stages[k - 1].mode,
+                 "skipped_steps": self.skipped}
         ckpt.save_checkpoint(self.engine, stage_dir(self.run_dir, k) / "ckpt", tag, state,
                              keep_last_n=self.cfg.train.keep_last_n)
 
@@ -302,7 +336,7 @@ class Trainer:
         dist.barrier()
 
     def _evaluate(self, k: int, sdir: Path) -> dict | None:
-        records = self.data.eval_records
+        records = self.data.eval_records[: self.cfg.eval.subset]  # subset=None: all
         if not self.cfg.eval.after_each_stage or not records:
             return None
         lm, tokenizer = load_latent_model(sdir / "hf")
@@ -321,6 +355,8 @@ class Trainer:
         result = summary.to_dict()
         self.results[k] = result
         self.monitor.scalars(summary.scalars("eval"), self.schedule.start[k])
+        if self.cfg.eval.analysis:
+            log_analysis(self.monitor, lm, tokenizer, records, per_example, self.cfg, k, self.schedule.start[k], sdir)
         self.monitor.flush()
         log.info("stage %d eval: accuracy %.3f (numeric %.3f), %.2f latent tokens per answer", k,
                  summary.accuracy_official, summary.accuracy_numeric, summary.mean_latent_tokens)
@@ -340,6 +376,27 @@ class Trainer:
         sched.last_epoch = step - 1
         sched.step()
 
+
+
+def log_analysis(monitor: Monitor, lm, tokenizer, records, per_example, cfg: RunConfig, k: int, step: int,
+                 sdir: Path) -> None:
+    """Rank 0, after a stage's eval: the paper's analyses as ``latent/...`` scalars and images.
+
+    Monitoring must not kill a finished stage: a failure is logged with its traceback and skipped.
+    """
+    from ltscale.eval.analysis import run_analysis
+    from ltscale.fsutil import atomic_write_text
+
+    try:
+        res = run_analysis(lm, tokenizer, records[: cfg.eval.analysis_samples], max_new_tokens=cfg.eval.max_new_tokens,
+                           probe_steps=cfg.eval.probe_steps, use_chat_template=cfg.model.use_chat_template,
+                           examples=per_example)
+        monitor.scalars(res.scalars("latent"), step)
+        for name, fig in res.figures().items():
+            monitor.figure(f"analysis/{name}", fig, step)
+        atomic_write_text(sdir / "analysis.json", json.dumps({"stage": k, **res.to_json()}, indent=2) + "\n")
+    except Exception:  # noqa: BLE001 - see docstring
+        log.exception("stage %d: analysis failed (training results are unaffected)", k)
 
 
 def warn_on_config_change(cfg: RunConfig, run_dir: Path) -> None:

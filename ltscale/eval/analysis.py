@@ -288,6 +288,10 @@ class AnalysisResult:
     probe_steps: dict[int, torch.Tensor]
     difficulty: dict[str, Any]
 
+    def to_json(self) -> dict[str, Any]:
+        """:attr:`numbers` in strict JSON form: string keys, NaN as ``null``."""
+        return _json_safe(self.numbers)
+
     def scalars(self, prefix: str = "latent") -> dict[str, float]:
         """Flat TensorBoard scalars; undefined numbers (None/NaN) are left out."""
         out: dict[str, float] = {}
@@ -317,6 +321,16 @@ class AnalysisResult:
         if self.curves.get("entropy"):
             figs["entropy_attention"] = plots.entropy_attention_figure(self.curves)
         return figs
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def run_analysis(

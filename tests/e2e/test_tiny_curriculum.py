@@ -66,6 +66,25 @@ def test_three_stages_two_ranks(tiny_run, run_ranks, repo_root):
     assert (run_dir / "eval_table.md").read_text().count("|") > 10
 
 
+def test_tensorboard_has_analysis_images_and_collapse_scalars(tiny_run):
+    """The analyses after each stage's eval (rank 0): latent/... scalars, analysis/... images, json."""
+    from ltscale.monitor import read_tags
+
+    run_dir, _ = tiny_run
+    tags = read_tags(run_dir / "tb")
+    assert {"analysis/difficulty", "analysis/pca", "analysis/entropy_attention"} <= set(tags["images"])
+    scalars = read_scalars(run_dir / "tb")
+    for name in ("probe_collapse_cos", "probe_effective_rank", "probe_pc1_var"):
+        series = scalars[f"latent/{name}_step1"]
+        assert len(series) == 2, f"{name}: one point per latent stage (2 and 3), got {series}"
+    assert -1.0 <= scalars["latent/probe_collapse_cos_step1"][-1][1] <= 1.0
+    assert "latent/entropy_mean" in scalars
+    for k in (1, 2, 3):
+        analysis = json.loads((run_dir / f"stage{k}" / "analysis.json").read_text())
+        assert analysis["stage"] == k and analysis["n_traced"] == 16
+        assert bool(analysis["probe_collapse"]) == (k > 1), "probe only for hidden/fusion checkpoints"
+
+
 def test_rerun_of_finished_stage_is_a_noop(tiny_run, run_ranks, repo_root):
     run_dir, args = tiny_run
     before = (run_dir / "stage3" / "COMPLETE").stat().st_mtime_ns

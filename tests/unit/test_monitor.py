@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from ltscale.monitor import Monitor, read_scalars
+from ltscale.monitor import Monitor, read_scalars, read_tags
 
 
 def _event_files(path) -> list:
@@ -85,7 +85,14 @@ def test_figure(tmp_path) -> None:
     plt.plot([0, 1], [1, 0])
     with Monitor(tmp_path / "tb", enabled=True) as mon:
         mon.figure("analysis/pca", fig, 0)
+        mon.scalar("latent/probe_collapse_cos_step1", 0.5, 0)
     assert _event_files(tmp_path / "tb")
+    tags = read_tags(tmp_path / "tb")
+    assert tags["images"] == ["analysis/pca"]
+    assert tags["scalars"] == ["latent/probe_collapse_cos_step1"]
+    assert not plt.fignum_exists(fig.number), "Monitor.figure closes the figure"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        read_tags(tmp_path / "nope")
 
 
 def test_read_scalars_missing_dir(tmp_path) -> None:
