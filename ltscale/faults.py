@@ -8,8 +8,8 @@ environment variable unset (every real run) that is one dictionary lookup and no
 ``LTSCALE_FAULT`` is a comma-separated list of ``action:point:hits[@rank]``:
 
 * ``action``: ``kill`` (SIGKILL this process: a node loss / OOM kill, no cleanup), ``exit``
-  (``os._exit(17)``: a rank that crashes without raising), ``nan`` / ``inf`` (``check`` returns
-  the value and the caller poisons its loss or gradient);
+  (``os._exit(17)``: a rank that crashes without raising), ``hang`` (sleep forever: a stuck rank),
+  ``nan`` / ``inf`` (``check`` returns the value and the caller poisons its loss or gradient);
 * ``point``: a name passed to :func:`check`, optionally qualified by stage (``step.s2`` fires only
   in stage 2; ``step`` in any stage);
 * ``hits``: the n-th time this process reaches the point (``3``), or a range (``3-5``, ``3-``);
@@ -31,15 +31,16 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
 ENV = "LTSCALE_FAULT"
-ACTIONS = ("kill", "exit", "nan", "inf")
+ACTIONS = ("kill", "exit", "hang", "nan", "inf")
 EXIT_CODE = 17
 
-__all__ = ["ENV", "FaultSpec", "check", "parse", "reset"]
+__all__ = ["ENV", "FaultSpec", "check", "parse", "poison_loss", "reset"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,35 @@ def check(point: str, *, stage: int | None = None) -> float | None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if spec.action == "exit":
                 os._exit(EXIT_CODE)
+            if spec.action == "hang":
+                while True:
+                    time.sleep(3600)
             log.warning(msg)
             fired = math.nan if spec.action == "nan" else math.inf
     return fired
+
+
+def poison_loss(loss, *, stage: int | None = None):
+    """The ``loss`` and ``grad`` points: a NaN/inf loss, or a finite loss whose gradient is NaN/inf."""
+    value = check("loss", stage=stage)
+    if value is not None:
+        loss = loss * value
+    value = check("grad", stage=stage)
+    if value is not None:
+        loss = _poison_grad(loss, value)
+    return loss
+
+
+def _poison_grad(loss, value: float):
+    import torch  # only reached under fault injection
+
+    class PoisonGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * value
+
+    return PoisonGrad.apply(loss)

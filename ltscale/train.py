@@ -19,8 +19,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="run config YAML (default: configs/tiny.yaml)")
     p.add_argument("--stage", default="all", help="1, 2, 3 ... or 'all' (default)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=4 stages.2.alpha=0.5")
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # deepspeed launcher
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted config overrides, e.g. train.micro_batch_size=4 stages.2.alpha=0.5",
+    )
     return p.parse_args(argv)
 
 
@@ -36,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ltscale: config error: {err}", file=sys.stderr)
         return 2
     from ltscale.data import DataError
-    from ltscale.trainer import Preempted, StageOrderError, train
+    from ltscale.engine.checkpoint import CheckpointCorruptError
+    from ltscale.engine.dist import is_collective_failure
+    from ltscale.trainer import Preempted, StageOrderError, TooManySkippedSteps, train
 
+    rank = os.environ.get("RANK", "0")
     try:
         train(cfg, args.stage)
     except Preempted as stop:
@@ -45,12 +54,31 @@ def main(argv: list[str] | None = None) -> int:
         # requeue on it. The checkpoint is complete, so a re-launch continues exactly.
         print(f"ltscale: {stop}", file=sys.stderr)
         return 143
-    except (DataError, StageOrderError, FileNotFoundError, ValueError) as err:
-        rank = os.environ.get("RANK", "0")
-        logging.getLogger("ltscale").error("rank %s: %s", rank, err)
-        print(f"ltscale: error (rank {rank}): {err}", file=sys.stderr)
-        return 2
+    except (DataError, StageOrderError, FileNotFoundError, ValueError, CheckpointCorruptError) as err:
+        return _fail(rank, err, 2)
+    except TooManySkippedSteps as err:
+        return _fail(rank, err, 3)
+    except Exception as err:
+        if not is_collective_failure(err):
+            raise
+        # Another rank died or hung: say so in one line instead of a gloo/NCCL traceback, and
+        # leave without touching the broken process group (that could block again).
+        return _fail(
+            rank,
+            f"lost contact with another rank ({type(err).__name__}: {err}); the job is "
+            "resumable from its latest checkpoint - relaunch it",
+            EXIT_RANK_FAILURE,
+        )
     return 0
+
+
+EXIT_RANK_FAILURE = 4
+
+
+def _fail(rank: str, err: object, code: int) -> int:
+    logging.getLogger("ltscale").error("rank %s: %s", rank, err)
+    print(f"ltscale: error (rank {rank}): {err}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

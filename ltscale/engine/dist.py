@@ -20,7 +20,9 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -43,6 +45,7 @@ __all__ = [
     "broadcast_object",
     "barrier",
     "any_rank",
+    "is_collective_failure",
 ]
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
@@ -94,12 +97,17 @@ def _prepare_env() -> str:
         for how, rank_k, size_k, *_ in _LAUNCHER_ENV:
             # Inherited, stale torch variables under another launcher: every rank would claim the
             # same rank and the rendezvous would hang. Say so instead.
-            if how != "srun" and rank_k in env and size_k in env and \
-                    (env[rank_k], env[size_k]) != (env["RANK"], env["WORLD_SIZE"]):
+            if (
+                how != "srun"
+                and rank_k in env
+                and size_k in env
+                and (env[rank_k], env[size_k]) != (env["RANK"], env["WORLD_SIZE"])
+            ):
                 raise RuntimeError(
                     f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} contradict the {how} launcher's "
                     f"{rank_k}={env[rank_k]} {size_k}={env[size_k]}: stale variables inherited from another "
-                    "launch? unset RANK/WORLD_SIZE/LOCAL_RANK")
+                    "launch? unset RANK/WORLD_SIZE/LOCAL_RANK"
+                )
         env.setdefault("LOCAL_RANK", "0")
         env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
         env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
@@ -217,11 +225,37 @@ def shutdown_distributed() -> None:
     """
     if not is_initialized():
         return
+    if sys.exc_info()[0] is None:  # called from a `finally` while an error propagates: no barrier,
+        with contextlib.suppress(Exception):  # the peers may be dead or elsewhere (it would block)
+            tdist.barrier()
     with contextlib.suppress(Exception):
-        tdist.barrier()
-    tdist.destroy_process_group()
+        tdist.destroy_process_group()
     with contextlib.suppress(Exception):  # DeepSpeed's comm wrapper caches the group
         importlib.import_module("deepspeed.comm.comm").cdb = None
+
+
+# What gloo / NCCL / the TCP store say when a peer died or a collective timed out (torch 2.x
+# raises plain RuntimeError for gloo, DistError subclasses for NCCL and the store).
+_PEER_FAILURE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out waiting|"
+    r"Socket Timeout|NCCL (error|communicator was aborted)|ProcessGroup\w* (is )?(aborted|terminated)|"
+    r"remote worker crash|Watchdog caught collective operation timeout",
+    re.IGNORECASE,
+)
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) means another rank died, hung or became unreachable."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        dist_error = getattr(tdist, "DistError", None)
+        if dist_error is not None and isinstance(err, dist_error):
+            return True
+        if isinstance(err, RuntimeError) and _PEER_FAILURE.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 # --------------------------------------------------------------------------- collectives

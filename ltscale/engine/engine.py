@@ -24,7 +24,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["adamw_param_groups", "build_engine", "gather_state_dict", "full_grad", "grad_norm", "is_zero3"]
+__all__ = [
+    "adamw_param_groups",
+    "build_engine",
+    "gather_state_dict",
+    "full_grad",
+    "grad_norm",
+    "is_zero3",
+    "local_grads_finite",
+    "step_unless_nonfinite",
+]
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -183,3 +192,56 @@ def grad_norm(engine: Any) -> float:
     if norm is None:
         return math.nan
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+# --------------------------------------------------------------------------- non-finite steps
+
+
+def local_grads_finite(engine: Any) -> bool:
+    """Whether this rank's (reduced, possibly partitioned) gradients of the current step are finite.
+
+    ZeRO-3 keeps them in ``optimizer.averaged_gradients`` after each backward (param.grad is
+    empty); other setups keep them in ``param.grad``. Under ZeRO-3 with optimizer offload neither
+    holds them and only the loss is checked here (DeepSpeed's own global-norm check still skips).
+    """
+    grads = getattr(engine.optimizer, "averaged_gradients", None)
+    tensors = (
+        [t for group in grads.values() if group for t in group if t is not None]
+        if isinstance(grads, dict)
+        else []
+    )
+    if not tensors:
+        tensors = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def step_unless_nonfinite(engine: Any, loss_finite: bool) -> bool:
+    """``engine.step()`` at the accumulation boundary, unless any rank has a non-finite loss or
+    gradient: then the step's gradients are dropped and weights, optimizer state and LR schedule
+    stay untouched. Returns whether the step was applied. Collective (one all-reduce).
+
+    Why not rely on DeepSpeed: its overflow skip exists for fp16 loss scaling and, in 0.19 ZeRO-3,
+    for a non-finite global norm; which paths check what differs by stage and version. Deciding
+    here, before ``engine.step()``, is the same on every configuration. DeepSpeed's counters are
+    advanced as for one of its own skipped steps, so accumulation boundaries stay aligned.
+    """
+    from .dist import any_rank
+
+    bad = any_rank(not (loss_finite and local_grads_finite(engine)))
+    if not bad:
+        engine.step()
+        return True
+    opt = engine.optimizer
+    clean_up = getattr(opt, "_overflow_clean_up", None)  # ZeRO-3: zero_grad + partition buffers
+    if callable(clean_up):
+        clean_up(getattr(opt, "loss_scale", 1.0))
+    elif hasattr(opt, "zero_grad"):
+        opt.zero_grad(set_to_none=True)
+    engine.zero_grad()
+    engine.micro_steps += 1
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
+    engine.skipped_steps += 1
+    return False
