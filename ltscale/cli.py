@@ -474,6 +474,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Thin: the protocol lives in ``ltscale.compare``."""
+    from ltscale.compare import ALL, compare
+    from ltscale.config import ConfigError
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(ALL)
+    try:
+        table, _ = compare(Path(args.out), methods=methods, nproc=args.nproc, overrides=args.overrides)
+    except (ConfigError, ValueError) as e:
+        raise UserError(str(e)) from None
+    print(table)
+    print(f"\nwrote {Path(args.out) / 'compare.md'} and compare.json")
+    return EXIT_OK
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from ltscale.engine.envinfo import collect, format_report
 
@@ -521,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltscale", description="LT-Tuning latent-reasoning toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{eval,analyze,generate,export,env,data}"
+        dest="command", required=True, metavar="{eval,analyze,generate,export,compare,env,data}"
     )
 
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
@@ -605,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights dtype (default: the training precision, as the stage's own hf export)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="train and score every method on the tiny default; one table")
+    p.add_argument("--out", default="runs/compare", help="run dirs, compare.md and compare.json go here")
+    p.add_argument("--methods", default=None, help="comma list (default: all; cot is always trained first)")
+    p.add_argument("--nproc", type=_positive_int, default=2, help="ranks per training run (torchrun)")
+    p.add_argument("overrides", nargs="*", help="config overrides for every run (model.* only for the CoT run)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("env", help="versions, accelerator, MPI, extension and env vars (like ds_report)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
