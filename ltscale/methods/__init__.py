@@ -43,6 +43,7 @@ REGISTRY: dict[str, str] = {
 }
 METHOD_NAMES = tuple(REGISTRY)
 METHOD_META_KEY = "method"
+LATENT_CONFIG_FILE = "ltscale_latent.json"  # = ltscale.model.io.LATENT_CONFIG_FILE (no model import here)
 
 
 @dataclass
@@ -136,8 +137,6 @@ def resolve_method(cfg: RunConfig) -> RunConfig:
 
 
 def read_meta(hf_dir: str | Path) -> dict[str, Any]:
-    from ltscale.model.io import LATENT_CONFIG_FILE
-
     path = Path(hf_dir) / LATENT_CONFIG_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
