@@ -120,28 +120,35 @@ class SoftCoTLM(LatentLM):
         is_main: bool = True,
         barrier: Callable[[], None] = lambda: None,
     ) -> None:
-        """Compute the thoughts of ``prompts`` once (rank 0), save them, load them on every rank."""
+        """Compute the thoughts of ``prompts`` once (rank 0), save them, load them on every rank.
+
+        With a ``path`` every rank takes the same branches and meets at the one barrier (a rank
+        that skipped it because the file appeared meanwhile would hang the others); without one
+        (decoding) the thoughts are computed locally.
+        """
         todo = sorted({p for p in prompts if p not in self.cache})
         if not todo:
             return
+        if path is None:
+            self.cache.update(
+                zip(todo, assistant_thoughts(self.assistant, todo, self.n_thoughts, self.placeholder_id))
+            )
+            return
         key = hashlib.sha256(repr((todo, self.n_thoughts, self.placeholder_id)).encode()).hexdigest()
-        if path is not None and path.is_file():
-            saved = torch.load(path, weights_only=True)
-            if saved.get("key") == key:
-                self.cache.update(zip(todo, saved["states"]))
-                return
-        if is_main or path is None:
-            states = assistant_thoughts(self.assistant, todo, self.n_thoughts, self.placeholder_id)
-            if path is not None:
+        if is_main:
+            saved = torch.load(path, weights_only=True) if path.is_file() else {}
+            if saved.get("key") != key:  # absent or stale (other prompts, N or placeholder)
+                states = assistant_thoughts(self.assistant, todo, self.n_thoughts, self.placeholder_id)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.tmp")
                 torch.save({"key": key, "states": states}, tmp)
                 tmp.replace(path)
+                log.info("softcot: %d assistant thought sets computed -> %s", len(todo), path)
         barrier()
-        if not (is_main or path is None):
-            states = torch.load(path, weights_only=True)["states"]
-        self.cache.update(zip(todo, states))
-        log.info("softcot: %d assistant thought sets computed%s", len(todo), f" -> {path}" if path else "")
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") != key:
+            raise RuntimeError(f"{path}: assistant thoughts for other prompts (rank 0 wrote a different set)")
+        self.cache.update(zip(todo, saved["states"]))
 
     def thoughts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, N, d_a) assistant states for each row's prompt (the ids before its first slot)."""
