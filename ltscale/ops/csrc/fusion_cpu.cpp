@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -37,6 +38,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -189,6 +191,18 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu_impl(const Tensor& hidden, const 
   return {out, idx, w};
 }
 
+// A zero tensor whose untouched pages are never written: large calloc blocks come straight from
+// mmap as shared zero pages, so only the kept rows of the V' x d embedding gradient are paged in
+// (at::zeros would write all of it: at V=128k, d=4096 fp32 that is 2 GiB per call).
+Tensor lazy_zeros(at::IntArrayRef sizes, const at::TensorOptions& options, size_t elem_size) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  if (numel * static_cast<int64_t>(elem_size) < (int64_t{1} << 22)) return at::zeros(sizes, options);
+  void* data = std::calloc(static_cast<size_t>(numel), elem_size);
+  TORCH_CHECK(data != nullptr, "ltscale::context_prediction_fusion_backward: out of memory allocating ", sizes);
+  return at::from_blob(data, sizes, [](void* ptr) { std::free(ptr); }, options);
+}
+
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> backward_cpu_impl(const Tensor& g, const Tensor& weight, const Tensor& idx,
                                                      const Tensor& w, double alpha, double temperature, int64_t V,
@@ -239,7 +253,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu_impl(const Tensor& g, const Tens
   if (mask[2]) {
     // Parallel over columns: a kept row repeated across the batch is summed by one thread, in a
     // fixed order (deterministic, no atomics).
-    ge = at::zeros(weight.sizes(), weight.options());
+    ge = lazy_zeros(weight.sizes(), weight.options(), sizeof(scalar_t));
     scalar_t* o = ge.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, d, 64, [&](int64_t c0, int64_t c1) {
       for (int64_t r = 0; r < N; ++r) {
