@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# (script, launcher args): multi-rank benches go through torchrun on 127.0.0.1
+# (script, launcher args): multi-rank benches go through torchrun on 127.0.0.1; None = one plain process
 BENCHES = [
     ("allgather_passes.py", ["--nproc_per_node", "2"]),
+    ("fusion_op.py", None),
 ]
 
 
@@ -20,7 +21,7 @@ def main() -> int:
     for script, launch in BENCHES:
         print(f"== {script}", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "--master_addr", "127.0.0.1",
-               "--master_port", "29690", str(HERE / script)]
+               "--master_port", "29690", str(HERE / script)] if launch is not None else [sys.executable, str(HERE / script)]
         failed += subprocess.run(cmd, env=env).returncode != 0
     return 1 if failed else 0
 
