@@ -382,6 +382,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Markdown table (method x benchmark, latent tokens, collapse) from run dirs' eval JSONs."""
+    from ltscale.eval.report import collect_run, render_report
+
+    try:
+        runs = [collect_run(Path(p), metric=args.metric) for p in args.runs]
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    text = render_report(runs, metric=args.metric)
+    if args.output:
+        from ltscale.fsutil import atomic_write_text
+
+        atomic_write_text(Path(args.output), text)
+    print(text, end="")
+    return EXIT_OK
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     ckpt = _checkpoint(args.checkpoint)
     if not args.question.strip():
@@ -536,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltscale", description="LT-Tuning latent-reasoning toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{eval,analyze,generate,export,compare,env,data}"
+        dest="command", required=True, metavar="{eval,analyze,report,generate,export,compare,env,data}"
     )
 
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
@@ -595,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="Markdown results table from run dirs (mean ± std over seeds)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs (several seeds of a method: one row)")
+    p.add_argument("--metric", choices=["official", "numeric"], default="official")
+    p.add_argument("--output", default=None, help="also write the Markdown here")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate", help="answer one question, showing the latent steps")
     _model_args(p)
