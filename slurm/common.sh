@@ -28,11 +28,12 @@
 # Environment read by the stage scripts (documented for users in README.md, section "Slurm"):
 #   LTSCALE_RUN_DIR (required), LTSCALE_CONFIG (required), LTSCALE_ARGS, LTSCALE_NPROC_PER_NODE,
 #   LTSCALE_LAUNCHER (deepspeed|torchrun), LTSCALE_MASTER_ADDR, LTSCALE_MASTER_PORT, LTSCALE_PYTHON,
-#   LTSCALE_MAX_RESTARTS, LTSCALE_SEEDS (with job arrays), LTSCALE_SRUN_ARGS, LTSCALE_REPO.
+#   LTSCALE_MAX_RESTARTS, LTSCALE_SEEDS (with job arrays), LTSCALE_SRUN_ARGS, LTSCALE_REPO,
+#   LTSCALE_RESIGNAL_S.
 
 LTSCALE_EXIT_USAGE=2      # bad input / stage order: same code as ltscale/train.py
 LTSCALE_EXIT_STOPPED=143  # ltscale/train.py: every rank checkpointed at a step boundary, then stopped
-LTSCALE_RESIGNAL_S=30     # re-send the stop signal this often until the ranks have stopped
+LTSCALE_RESIGNAL_S=${LTSCALE_RESIGNAL_S:-30}  # re-send the stop signal this often until the ranks stop
 
 ltscale_log() { echo "[ltscale-slurm $(date +%H:%M:%S)] $*"; }
 ltscale_err() { echo "[ltscale-slurm $(date +%H:%M:%S)] ERROR: $*" >&2; }
@@ -295,6 +296,28 @@ ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCAL
   LTSCALE_SRUN_PID=
 }
 
+ltscale_latest_checkpoint() {  # the stage's newest complete checkpoint tag, or "none"
+  cat "$RUN_DIR/stage$1/ckpt/latest" 2>/dev/null || echo none
+}
+
+ltscale_log_time_limit() {  # one line that explains a later lead-time signal
+  local limits
+  limits=$(squeue -h -j "$SLURM_JOB_ID" -o '%l %L' 2>/dev/null || true)
+  [ -n "$limits" ] && ltscale_log "time limit ${limits% *}, left ${limits#* } (the --signal lead must be shorter than what is left)"
+  return 0
+}
+
+ltscale_check_progress() {  # ltscale_check_progress N TAG_BEFORE: refuse a requeue that gains nothing
+  # A stop signal that arrives before this incarnation has checkpointed past where it started
+  # means the next incarnation would be signalled just as early: typically the --signal lead
+  # (B:USR1@N, default 600 s) is not shorter than --time. Requeueing would loop forever.
+  local after
+  after=$(ltscale_latest_checkpoint "$1")
+  if [ "$after" = "$2" ]; then
+    ltscale_die "$LTSCALE_EXIT_STOPPED" "stopped by SIGUSR1 before this job got past its last checkpoint ($2): not requeueing, the next start would be signalled as early. Is the --signal lead (#SBATCH --signal=B:USR1@<seconds>) shorter than --time? Resubmit with a longer --time or a shorter lead"
+  fi
+}
+
 ltscale_requeue() {
   local restarts=${SLURM_RESTART_COUNT:-0} max=${LTSCALE_MAX_RESTARTS:-20}
   if [ "$restarts" -ge "$max" ]; then
@@ -326,7 +349,10 @@ ltscale_stage_main() {  # ltscale_stage_main N [override ...]
   [ -z "${LTSCALE_NPROC_PER_NODE:-}" ] || [[ $LTSCALE_NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] ||
     ltscale_die "$LTSCALE_EXIT_USAGE" "LTSCALE_NPROC_PER_NODE=$LTSCALE_NPROC_PER_NODE is not a positive integer"
   ltscale_launch_setup
+  ltscale_log_time_limit
 
+  local latest_before
+  latest_before=$(ltscale_latest_checkpoint "$stage")
   ltscale_run_step
   local rc=$LTSCALE_STEP_RC
   ltscale_log "training step ended with exit code $rc${LTSCALE_STOP:+ (after SIG$LTSCALE_STOP)}"
@@ -340,6 +366,7 @@ ltscale_stage_main() {  # ltscale_stage_main N [override ...]
   if [ "$rc" -eq "$LTSCALE_EXIT_STOPPED" ] && [ "${LTSCALE_STOP:-}" != TERM ]; then
     # The ranks stopped on a SIGUSR1: the lead warning via this shell, or one sent straight to
     # the step (--signal=USR1@lead without B:, scancel --signal=USR1).
+    ltscale_check_progress "$stage" "$latest_before"
     ltscale_requeue
   fi
   if [ "${LTSCALE_STOP:-}" = TERM ]; then

@@ -25,6 +25,7 @@
 #   LTSCALE_MAX_RESTARTS    self-requeues allowed per job (default 20), a guard against loops.
 #   LTSCALE_SEEDS           "1 2 3" with --array=0-2: array task i trains seed i in RUN_DIR/seed<S>.
 #   LTSCALE_SRUN_ARGS       extra srun options for the training step (site-specific binding etc.).
+#   LTSCALE_RESIGNAL_S      re-send a stop signal every N s until the ranks react (default 30).
 #   LTSCALE_REPO            the ltscale checkout (default: found from the submitted script's path).
 #
 # Stage order: exits 2 at once, naming RUN_DIR/stage2/COMPLETE, if stage 2 has not finished
@@ -34,7 +35,9 @@
 # (Slurm delivers it up to ~60 s early: its timer ticks every 30 s). The lead must cover the
 # current step plus a full checkpoint save plus that jitter; raise it for large models on slow
 # storage (an 8B ZeRO-3 save is minutes). On SIGUSR1 every rank stops at the next step boundary,
-# saves, exits 143, and the job requeues itself and resumes exactly. On SIGTERM (preemption with
+# saves, exits 143, and the job requeues itself and resumes exactly (unless the signal came before
+# it got past its last checkpoint: then the lead is too long for --time and it fails instead of
+# looping). On SIGTERM (preemption with
 # PreemptMode=REQUEUE, scancel) the ranks also checkpoint, within KillWait (and the launcher's
 # 30 s grace); Slurm then requeues a preempted job itself.
 #

@@ -7,10 +7,12 @@ to 48 and 32 steps so a signal reliably lands mid-stage) on 2 simulated nodes x 
 * pipeline.sh chains stage1 -> stage2 -> stage3 with afterok; all complete with checkpoints,
   markers and eval JSON. Its stages 1 and 2 are the uninterrupted references for the next two.
 * stop signal: ``scancel --signal=USR1 --batch`` mid-stage delivers SIGUSR1 to the batch shell
-  exactly as ``--signal=B:USR1@lead`` does when the time limit nears (Slurm's own timer ticks
-  every ~30 s, so a real 1-minute limit would make the interruption point random); the job
-  checkpoints, requeues itself, resumes, completes, and its train/loss curve equals the
-  reference to 1e-6 relative with no duplicated steps.
+  exactly as ``--signal=B:USR1@lead`` does when the time limit nears; the job checkpoints,
+  requeues itself, resumes, completes, and its train/loss curve equals the reference to 1e-6
+  relative with no duplicated steps.
+* real time limit: the same with ``--time=3 --signal=B:USR1@60`` and no signal from the test
+  (Slurm's timer ticks every ~30 s, so the first start is slowed to keep the point mid-stage);
+  and a lead that leaves no time to progress fails after one restart instead of looping.
 * preemption: ``scontrol requeue`` of a running stage 2 (SIGTERM to everything) -> same result,
   and the restart reuses the stage's confidence scoring.
 * stage 3 submitted while stage 2 has not finished -> FAILED within seconds, exit 2, the path of
@@ -26,6 +28,7 @@ tier within its CI budget.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -141,6 +144,32 @@ def test_stage3_before_stage2_fails_fast_with_the_marker_path(slurm, pipeline, w
     assert not (pipeline["run_dir"] / "stage2" / "COMPLETE").exists()  # it really ran before stage 2 ended
 
 
+def test_real_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm, work, pipeline):
+    """Nobody sends a signal: ``--time=3 --signal=B:USR1@60`` makes Slurm's own timer send SIGUSR1
+    60-120 s into the job (its timer ticks every ~30 s and may fire up to 60 s early; shorter
+    limits leave ranks on a loaded 2-core box, which can take 40 s to start, no time to train,
+    and the guard then rightly refuses to requeue). The first start is slowed to 3 s per optimizer
+    step (a test-only sitecustomize; the numbers are unchanged), so 48 steps cannot finish before
+    the signal. Early in the file: its job overlaps the pipeline's."""
+    run_dir = work / "time-limit"
+    (run_dir / "logs").mkdir(parents=True)
+    hook = Path(__file__).parent / "slow_first_start"
+    env = job_env(slurm, run_dir, eval_=False, LTSCALE_TEST_STEP_SLEEP="3", LTSCALE_RESIGNAL_S="2",
+                  PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))  # fmt: skip
+    args = [a for a in NODES if not a.startswith(("--time", "--signal"))]
+    job = slurm.sbatch("stage1.sh", env=env, cwd=work,
+                       sbatch_args=[*args, "--time=3", "--signal=B:USR1@60", f"--output={run_dir}/logs/%x-%j.out"])  # fmt: skip
+    info = slurm.wait(job, timeout=300)
+    log = (run_dir / "logs" / f"ltscale-stage1-{job}.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-6000:]}"
+    assert "time limit 3:00" in log and "received SIGUSR1" in log, log[-6000:]
+    stopped = re.search(r"stopped by signal at stage 1 step (\d+)", log)
+    assert stopped and 0 < int(stopped[1]) < STEPS[1], log[-6000:]
+    assert f"resuming stage 1 at step {stopped[1]}" in log
+    assert int(info["Restarts"]) == 1
+    assert_same_losses(losses(run_dir), reference(slurm, pipeline, 1))
+
+
 def test_usr1_lead_signal_checkpoints_requeues_and_resumes_exactly(slurm, work, pipeline):
     def interrupt(job):
         slurm.run(["scancel", "--signal=USR1", "--batch", job])
@@ -178,6 +207,34 @@ def test_scontrol_requeue_preemption_of_stage2_resumes_exactly(slurm, work, pipe
     assert int(info["Restarts"]) == 1
     assert (run_dir / "stage2" / "COMPLETE").is_file()
     assert_same_losses(losses(run_dir), reference(slurm, pipeline, 2))
+
+
+def test_a_stop_signal_before_any_progress_is_not_requeued_forever(slurm, work):
+    """A lead at or above the time limit signals every start at once: the first start saves
+    step 0 and requeues, the second gains nothing, so it fails instead of requeueing again."""
+    run_dir = work / "no-progress"
+    (run_dir / "logs").mkdir(parents=True)
+    env = job_env(slurm, run_dir, eval_=False, LTSCALE_RESIGNAL_S="2")
+    job = slurm.sbatch(
+        "stage1.sh", env=env, cwd=work, sbatch_args=[*NODES, f"--output={run_dir}/logs/%x-%j.out"]
+    )
+    log = run_dir / "logs" / f"ltscale-stage1-{job}.out"
+    for start in (1, 2):
+        deadline = time.monotonic() + 180
+        # "node 0 command" is logged right before srun starts the ranks: they are still importing.
+        while not log.is_file() or log.read_text(errors="replace").count("node 0 command") < start:
+            assert time.monotonic() < deadline, f"start {start} of job {job} did not launch"
+            time.sleep(0.1)
+        slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    info = slurm.wait(job, timeout=180)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "143:0" and info["Restarts"] == "1", (
+        f"{info}\n{text[-6000:]}"
+    )
+    rank0_stops = text.count("0: ltscale: stopped by signal at stage 1 step 0;")
+    assert rank0_stops == 2, text[-6000:]
+    assert "before this job got past its last checkpoint (step-000000): not requeueing" in text, text[-6000:]
+    assert "time limit 10:00, left" in text, text[-6000:]
 
 
 def test_pipeline_runs_all_three_stages(slurm, pipeline):
