@@ -17,6 +17,19 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def chmod_to_umask(path: str | Path) -> Path:
+    """Give a file we just wrote the mode a plain ``open()`` would have given it.
+
+    Why: some writers create private files whatever the umask - safetensors' ``save_file`` makes
+    them 0600 - so a group that shares a run dir could not read the weights. Symlinks are
+    left alone (``chmod`` would change their target).
+    """
+    path = Path(path)
+    if path.is_file() and not path.is_symlink():
+        os.chmod(path, _umask_mode())
+    return path
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -7,7 +7,7 @@ Layout under ``root``::
       zero_to_fp32.py        DeepSpeed's offline consolidation script (copied by DeepSpeed)
       <tag>/                 one complete checkpoint
         zero_pp_rank_*_model_states.pt, *_optim_states.pt   DeepSpeed (per rank)
-        rng_rank{r}.pt       python/numpy/torch(/cuda) RNG of rank r (tensors only)
+        rng_rank{r}.safetensors  python/numpy/torch(/cuda) RNG of rank r (tensors only, no pickle)
         train_state.json     the trainer's state (step, consumed samples, stage, ...)
         ltscale_meta.json    world size, zero stage, versions, save time, and the size + sha256 of
                              every other file (the completion marker: written after all of them)
@@ -54,9 +54,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from ltscale import faults
-from ltscale.fsutil import atomic_write_text, fsync_dir
+from ltscale.fsutil import atomic_write_text, chmod_to_umask, fsync_dir
 
 from .dist import all_gather_object, barrier, dist_info
 
@@ -80,7 +81,8 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 META_FILE = "ltscale_meta.json"
 TRAIN_STATE_FILE = "train_state.json"
-RNG_FILE = "rng_rank{rank}.pt"
+RNG_FILE = "rng_rank{rank}.safetensors"
+LEGACY_RNG_FILE = "rng_rank{rank}.pt"  # before safetensors; read with weights_only=True
 FORMAT_VERSION = 2  # 2: meta carries "files" (size + sha256 of every file)
 HASH_CHUNK = 1 << 22
 _RANK_IN_NAME = re.compile(r"rank_?(\d+)")
@@ -166,7 +168,7 @@ class CheckpointCorruptError(RuntimeError):
 
 def _owner(name: str, world_size: int) -> int:
     """Which rank hashes a file: the rank number in its name (DeepSpeed's ``zero_pp_rank_3_...``,
-    our ``rng_rank3.pt``) modulo the world size, else rank 0."""
+    our ``rng_rank3.safetensors``) modulo the world size, else rank 0."""
     m = _RANK_IN_NAME.search(name)
     return int(m.group(1)) % world_size if m else 0
 
@@ -247,7 +249,7 @@ def _verify_collective(path: Path) -> list[str]:
 
 
 def capture_rng_state() -> dict[str, torch.Tensor]:
-    """This process's RNG states as plain tensors (loadable with ``weights_only=True``)."""
+    """This process's RNG states as plain tensors (stored as safetensors: no pickle)."""
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     if name != "MT19937":  # pragma: no cover - numpy's legacy global RNG is always MT19937
@@ -462,7 +464,9 @@ def save_checkpoint(
     if ok is False:
         raise RuntimeError(f"rank {info.rank}: DeepSpeed save_checkpoint into {tmp} reported failure")
     if rng:
-        torch.save(capture_rng_state(), tmp / RNG_FILE.format(rank=info.rank))
+        rng_file = tmp / RNG_FILE.format(rank=info.rank)
+        save_file(capture_rng_state(), str(rng_file))
+        chmod_to_umask(rng_file)  # safetensors writes 0600 whatever the umask
     if info.is_main:
         write_json_atomic(tmp / TRAIN_STATE_FILE, train_state)
     barrier()  # every rank's files are in tmp
@@ -628,8 +632,11 @@ def load_checkpoint(
         _sync_lr_from_scheduler(engine)
 
     rng_file = path / RNG_FILE.format(rank=info.rank)
+    legacy = path / LEGACY_RNG_FILE.format(rank=info.rank)
     if rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        restore_rng_state(load_file(str(rng_file)))
+    elif legacy.is_file():
+        restore_rng_state(torch.load(legacy, map_location="cpu", weights_only=True))
     elif meta is None or meta.get("rng", True):
         log.warning("rank %d: %s missing, RNG state not restored", info.rank, rng_file)
 

@@ -61,9 +61,19 @@ def test_too_many_skipped_steps_halt_with_checkpoint_then_resume(tmp_path):
         == 0.0
     )
 
-    codes, job = run(run_dir, [*extra[:2], "train.max_skipped_steps=5"], args=["--stage", "1"], tag=".resume")
+    # the halt checkpoint gets damaged (rank 1's optimizer shard): named on load, and with
+    # resume_fallback=true the run resumes from the previous complete checkpoint instead
+    shard = _ckpt(run_dir) / "step-000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    resume = [*extra[:2], "train.max_skipped_steps=5"]
+    codes, job = run(run_dir, resume, args=["--stage", "1"], tag=".corrupt")
+    assert codes == [2, 2], job.output()
+    assert f"{shard}: contents changed (sha256 mismatch); set resume_fallback=true" in job.output(0)
+    codes, job = run(run_dir, [*resume, "resume_fallback=true"], args=["--stage", "1"], tag=".resume")
     assert codes == [0, 0], job.output()
-    assert "resuming stage 1 at step 4" in job.output(0)
+    assert "falling back to" in job.output(0) and "resuming stage 1 at step 3" in job.output(0)
     assert (run_dir / "stage1" / "COMPLETE").is_file()
 
 

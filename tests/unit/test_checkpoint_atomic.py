@@ -13,6 +13,7 @@ import stat
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ltscale.engine.checkpoint as ck
 
@@ -65,8 +66,8 @@ def test_save_load_roundtrip_restores_state_and_rng(tmp_path):
     assert (
         got[0] == expect[0] and got[1] == expect[1] and torch.equal(got[2], expect[2]) and got[3] == expect[3]
     )
-    # RNG file holds tensors only: loadable with weights_only=True
-    assert set(torch.load(path / "rng_rank0.pt", weights_only=True)) >= {
+    # RNG file holds tensors only, as safetensors (no pickle anywhere in what we write)
+    assert set(load_file(str(path / "rng_rank0.safetensors"))) >= {
         "torch_cpu",
         "python_mt",
         "numpy_keys",
@@ -258,7 +259,7 @@ def _truncate(p):
         (_flip, SHARD, "contents changed"),
         (_truncate, SHARD, "truncated"),
         (lambda p: p.unlink(), SHARD, "missing"),
-        (_flip, "rng_rank0.pt", "contents changed"),
+        (_flip, "rng_rank0.safetensors", "contents changed"),
         (_truncate, ck.TRAIN_STATE_FILE, "truncated"),
     ],
 )
@@ -266,7 +267,7 @@ def test_damaged_file_is_named_and_fallback_loads_previous(tmp_path, damage, fil
     _save(tmp_path, "step1", 1.0)
     _save(tmp_path, "step2", 2.0)
     meta = json.loads((tmp_path / "step2" / ck.META_FILE).read_text())
-    assert set(meta["files"]) == {SHARD, "rng_rank0.pt", ck.TRAIN_STATE_FILE}
+    assert set(meta["files"]) == {SHARD, "rng_rank0.safetensors", ck.TRAIN_STATE_FILE}
     assert ck.verify_checkpoint(tmp_path / "step2") == []
     damage(tmp_path / "step2" / file)
     bad = tmp_path / "step2" / file
@@ -285,9 +286,9 @@ def test_fallback_without_an_intact_older_checkpoint_fails_naming_all(tmp_path):
     _save(tmp_path, "step1", 1.0)
     _save(tmp_path, "step2", 2.0)
     _flip(tmp_path / "step1" / SHARD)
-    (tmp_path / "step2" / "rng_rank0.pt").unlink()
+    (tmp_path / "step2" / "rng_rank0.safetensors").unlink()
     with pytest.raises(
-        ck.CheckpointCorruptError, match=r"step2/rng_rank0\.pt: missing.*step1/zero_pp.*no older"
+        ck.CheckpointCorruptError, match=r"step2/rng_rank0\.safetensors: missing.*step1/zero_pp.*no older"
     ):
         ck.load_checkpoint(FakeEngine(), tmp_path, fallback=True)
     with pytest.raises(ck.CheckpointCorruptError, match="no older complete checkpoint to fall back to"):
@@ -313,3 +314,44 @@ def test_hash_share_splits_files_by_rank_in_name(tmp_path):
     assert shares[1] == {"zero_pp_rank_1_mp_rank_00_model_states.pt", "rng_rank1.pt",
                          "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt"}  # fmt: skip
     assert ck._hash_share(tmp_path, 0, 1)["rng_rank1.pt"]["size"] == len(b"rng_rank1.pt")
+
+
+# --------------------------------------------------------------------------- security
+
+
+def test_files_and_dirs_follow_the_users_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        path = _save(tmp_path / "ckpt", "step1", 1.0)
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "ckpt", path, *path.iterdir(), tmp_path / "ckpt" / "latest"]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o007 == 0, f"{p}: {oct(mode)} is world-accessible under umask 027"
+        assert mode & 0o040, f"{p}: {oct(mode)} is not group-readable (umask 027 allows it)"
+
+
+def test_leftover_cleanup_never_follows_symlinks_out_of_the_root(tmp_path):
+    root, outside = tmp_path / "ckpt", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.bin").write_bytes(b"x")
+    root.mkdir()
+    (root / ".tmp-step9").symlink_to(outside, target_is_directory=True)  # looks like a crashed save
+    (root / ".trash-step8").symlink_to(outside / "precious.bin")
+    _save(root, "step1", 1.0)
+    assert (outside / "precious.bin").read_bytes() == b"x"
+    assert not (root / ".tmp-step9").exists() and not (root / ".tmp-step9").is_symlink()
+    (root / "step2").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(FileExistsError, match="symlink"):
+        _save(root, "step2", 2.0)  # never replaces (or deletes through) a symlinked checkpoint name
+    assert (outside / "precious.bin").read_bytes() == b"x"
+
+
+def test_symlinked_file_inside_a_checkpoint_fails_verification(tmp_path):
+    path = _save(tmp_path, "step1", 1.0)
+    real = tmp_path / "elsewhere.pt"
+    (path / SHARD).rename(real)
+    (path / SHARD).symlink_to(real)  # same bytes, but not a file of this checkpoint
+    assert ck.verify_checkpoint(path) == [f"{path / SHARD}: missing"]
