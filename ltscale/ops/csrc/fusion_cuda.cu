@@ -10,6 +10,8 @@
 // at the boundary are kept or cut together (the reference's torch.sort leaves their order
 // unspecified); ties for the top-1 go to the lowest token id, as on CPU.
 //
+// The boundary sums run in double (shared-memory double atomics: sm_60+).
+//
 // Kernels, one launch each:
 //   select   (1 block / row): max, softmax normaliser, radix threshold, kept count
 //   compact  (1 block / row): kept ids + weights in id order (block scan, deterministic)
@@ -149,14 +151,15 @@ __device__ int block_exclusive_scan(bool flag, int* sh, int& total) {
 // (kept = { j != excl : key(s_j) >= lo }; -1 = top-1 only) and the kept count.
 template <typename scalar_t, int NT>
 __global__ void __launch_bounds__(NT)
-    select_kernel(const scalar_t* __restrict__ logits, int64_t V, int64_t excl, float temperature, float top_p,
+    select_kernel(const scalar_t* __restrict__ logits, int64_t V, int64_t excl, float temperature, double top_p,
                   bool keep_all, float* __restrict__ row_max, float* __restrict__ row_z, int64_t* __restrict__ row_lo,
                   int64_t* __restrict__ row_count, int64_t* __restrict__ row_top) {
   __shared__ float shf[NT / 32];
+  __shared__ double shd[NT / 32];
   __shared__ int64_t shi[NT / 32];
-  __shared__ float hist[256];
+  __shared__ double hist[256];
   __shared__ uint32_t s_prefix, s_mask;
-  __shared__ float s_above;
+  __shared__ double s_above;
   __shared__ int s_done;
   const int64_t row = blockIdx.x;
   const scalar_t* l = logits + row * V;
@@ -168,34 +171,36 @@ __global__ void __launch_bounds__(NT)
   }
   block_argmax<NT>(best, best_id, shf, shi);
   const float M = best;
-  float z = 0.f;
+  // The kept-set boundary is decided in double (normaliser, histogram, running sum): fp32 sums
+  // over ~1e5 tokens drift by ~1e-7, enough to move the boundary of a flat row by a token.
+  double z = 0.0;
   for (int64_t j = threadIdx.x; j < V; j += NT) {
-    if (j != excl) z += expf(static_cast<float>(l[j]) / temperature - M);
+    if (j != excl) z += static_cast<double>(expf(static_cast<float>(l[j]) / temperature - M));
   }
-  const float Z = block_sum<NT>(z, shf);
+  const double Z = block_sum<NT>(z, shd);
 
   uint64_t lo = 0;  // keep_all (top_p >= 1): every non-excluded token
   if (!keep_all) {
     uint32_t prefix = 0, mask = 0;
-    float above = 0.f;  // mass of tokens whose key is above the current prefix region
+    double above = 0.0;  // mass of tokens whose key is above the current prefix region
     bool done = false;
     for (int shift = 24; shift >= 0 && !done; shift -= 8) {
-      for (int b = threadIdx.x; b < 256; b += NT) hist[b] = 0.f;
+      for (int b = threadIdx.x; b < 256; b += NT) hist[b] = 0.0;
       __syncthreads();
       for (int64_t j = threadIdx.x; j < V; j += NT) {
         if (j == excl) continue;
         const float s = static_cast<float>(l[j]) / temperature;
         const uint32_t key = order_key(s);
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], expf(s - M) / Z);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], static_cast<double>(expf(s - M)) / Z);
       }
       __syncthreads();
       if (threadIdx.x == 0) {
         // The crossing bucket: the highest c with above + mass(buckets >= c) > top_p. Buckets
         // above it are kept, below it cut; recurse into it. None: the whole region is kept.
-        float cum = above;
+        double cum = above;
         int crossed = -1;
         for (int c = 255; c >= 0; --c) {
-          const float next = cum + hist[c];
+          const double next = cum + hist[c];
           if (next > top_p) {
             crossed = c;
             break;
@@ -228,7 +233,7 @@ __global__ void __launch_bounds__(NT)
   cnt = block_sum<NT>(cnt, shi);
   if (threadIdx.x == 0) {
     row_max[row] = M;
-    row_z[row] = Z;
+    row_z[row] = static_cast<float>(Z);  // weights are renormalised over the kept set: fp32 is enough
     row_lo[row] = cnt > 0 ? static_cast<int64_t>(lo) : -1;
     row_count[row] = cnt > 0 ? cnt : 1;
     row_top[row] = best_id;
@@ -383,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cuda(const Tensor& hidden, const Tens
   Tensor idx, w;
   LTSCALE_CUDA_DISPATCH(h.scalar_type(), [&] {
     select_kernel<scalar_t, kRowThreads><<<static_cast<unsigned>(N), kRowThreads, 0, stream>>>(
-        l.const_data_ptr<scalar_t>(), V, exclude_token_id, T, static_cast<float>(top_p), top_p >= 1.0,
+        l.const_data_ptr<scalar_t>(), V, exclude_token_id, T, top_p, top_p >= 1.0,
         row_max.mutable_data_ptr<float>(), row_z.mutable_data_ptr<float>(), row_lo.mutable_data_ptr<int64_t>(),
         row_count.mutable_data_ptr<int64_t>(), row_top.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
