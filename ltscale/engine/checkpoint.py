@@ -28,18 +28,13 @@ weights-only load ignores the tag and reads ``latest`` (worked around in ``load_
 Under ZeRO-3 an engine must not ``load_checkpoint`` right after its own ``save_checkpoint``
 (DeepSpeed docstring): load into a freshly built engine.
 
-Integrity: atomicity protects against a crash, not against a file damaged later (a truncated
-copy, a bad disk, a half-synced object store). Every file's size and sha256 go into the meta
-file; :func:`load_checkpoint` verifies them before DeepSpeed reads anything (DeepSpeed itself
-unpickles its files, so this also keeps a swapped file from ever reaching ``torch.load``) and
-names the damaged file. With ``fallback=True`` it resumes from the newest older checkpoint that
-verifies. Hashing is split over ranks by the rank number in the file name (each rank hashes
-the shards it wrote or will read), so it scales with the job.
+Integrity (``integrity.py``): every file's size and sha256 go into the meta file, and
+:func:`load_checkpoint` verifies them before DeepSpeed reads anything, naming a damaged file;
+with ``fallback=True`` it resumes from the newest older checkpoint that verifies.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -60,6 +55,8 @@ from ltscale import faults
 from ltscale.fsutil import atomic_write_text, chmod_to_umask, fsync_dir
 
 from .dist import all_gather_object, barrier, dist_info
+from .integrity import META_FILE, CheckpointCorruptError, hash_share, verify_checkpoint
+from .integrity import read_meta as _read_meta
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +76,10 @@ __all__ = [
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-META_FILE = "ltscale_meta.json"
 TRAIN_STATE_FILE = "train_state.json"
 RNG_FILE = "rng_rank{rank}.safetensors"
 LEGACY_RNG_FILE = "rng_rank{rank}.pt"  # before safetensors; read with weights_only=True
 FORMAT_VERSION = 2  # 2: meta carries "files" (size + sha256 of every file)
-HASH_CHUNK = 1 << 22
-_RANK_IN_NAME = re.compile(r"rank_?(\d+)")
 # Tags we create and are allowed to delete: no leading dot (tmp/trash dirs), no path separators.
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -141,101 +135,7 @@ def _remove_tree(path: Path) -> None:
         path.unlink()
 
 
-def _read_meta(ckpt_dir: Path) -> dict[str, Any] | None:
-    meta = ckpt_dir / META_FILE
-    if meta.is_symlink() or not meta.is_file():
-        return None
-    try:
-        with open(meta, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("ignoring unreadable %s: %s", meta, e)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 # --------------------------------------------------------------------------- integrity
-
-
-class CheckpointCorruptError(RuntimeError):
-    """A checkpoint file is missing, truncated or altered; the message names every such file."""
-
-    def __init__(self, path: Path, problems: list[str], hint: str = ""):
-        self.path = path
-        self.problems = problems
-        super().__init__(f"checkpoint {path} is damaged: " + "; ".join(problems) + hint)
-
-
-def _owner(name: str, world_size: int) -> int:
-    """Which rank hashes a file: the rank number in its name (DeepSpeed's ``zero_pp_rank_3_...``,
-    our ``rng_rank3.safetensors``) modulo the world size, else rank 0."""
-    m = _RANK_IN_NAME.search(name)
-    return int(m.group(1)) % world_size if m else 0
-
-
-def _file_entry(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": digest.hexdigest()}
-
-
-def _checkpoint_files(ckpt_dir: Path) -> list[str]:
-    """Relative paths of the regular files in a checkpoint dir except the meta file (no symlinks)."""
-    out = []
-    for dirpath, dirnames, files in os.walk(ckpt_dir):
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
-        for fname in files:
-            p = Path(dirpath) / fname
-            rel = p.relative_to(ckpt_dir).as_posix()
-            if rel != META_FILE and not p.is_symlink() and p.is_file():
-                out.append(rel)
-    return sorted(out)
-
-
-def _hash_share(ckpt_dir: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
-    return {
-        rel: _file_entry(ckpt_dir / rel)
-        for rel in _checkpoint_files(ckpt_dir)
-        if _owner(Path(rel).name, world_size) == rank
-    }
-
-
-def verify_checkpoint(path: str | Path, *, rank: int = 0, world_size: int = 1) -> list[str]:
-    """Check ``path`` against the sizes and sha256 sums in its meta file; return the problems.
-
-    Not collective: ``rank``/``world_size`` select the share of files this caller checks (the
-    defaults check all of them). An empty list means intact. A checkpoint written before
-    checksums existed (no ``files`` in its meta) is reported as unverifiable only in the log.
-    """
-    path = Path(path)
-    meta = _read_meta(path)
-    if meta is None:
-        return [f"{path / META_FILE}: missing or unreadable (the completion marker)"] if rank == 0 else []
-    files = meta.get("files")
-    if not isinstance(files, dict):
-        if rank == 0:
-            log.warning("%s has no checksums (written by an older ltscale); not verified", path)
-        return []
-    problems = []
-    for rel, want in sorted(files.items()):
-        if _owner(Path(rel).name, world_size) != rank:
-            continue
-        p = path / rel
-        if p.is_symlink() or not p.is_file():
-            problems.append(f"{p}: missing")
-            continue
-        size = p.stat().st_size
-        if size != want.get("size"):
-            how = "truncated" if size < int(want.get("size", 0)) else "grown"
-            problems.append(f"{p}: {how}, {size} bytes instead of {want.get('size')}")
-            continue
-        if _file_entry(p)["sha256"] != want.get("sha256"):
-            problems.append(f"{p}: contents changed (sha256 mismatch)")
-    return problems
 
 
 def _verify_collective(path: Path) -> list[str]:
@@ -472,7 +372,7 @@ def save_checkpoint(
     barrier()  # every rank's files are in tmp
     faults.check("ckpt_written")
     files: dict[str, Any] = {}
-    for share in all_gather_object(_hash_share(tmp, info.rank, info.world_size)):
+    for share in all_gather_object(hash_share(tmp, info.rank, info.world_size)):
         files.update(share)
     if info.is_main:
         meta = {

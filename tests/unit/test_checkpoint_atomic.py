@@ -309,11 +309,11 @@ def test_hash_share_splits_files_by_rank_in_name(tmp_path):
     for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
                  "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt", "rng_rank1.pt", "train_state.json"):  # fmt: skip
         (tmp_path / name).write_bytes(name.encode())
-    shares = [set(ck._hash_share(tmp_path, r, 2)) for r in (0, 1)]
+    shares = [set(ck.hash_share(tmp_path, r, 2)) for r in (0, 1)]
     assert shares[0] == {"zero_pp_rank_0_mp_rank_00_model_states.pt", "train_state.json"}
     assert shares[1] == {"zero_pp_rank_1_mp_rank_00_model_states.pt", "rng_rank1.pt",
                          "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt"}  # fmt: skip
-    assert ck._hash_share(tmp_path, 0, 1)["rng_rank1.pt"]["size"] == len(b"rng_rank1.pt")
+    assert ck.hash_share(tmp_path, 0, 1)["rng_rank1.pt"]["size"] == len(b"rng_rank1.pt")
 
 
 # --------------------------------------------------------------------------- security
