@@ -366,8 +366,11 @@ def run_analysis(
             traces.append(t)
             rows.append({"difficulty": int(r.difficulty), "num_latent": t.num_latent})
             if probe_steps and lm.uses_rollout:
+                # probe_steps latent embeddings are fed: the last forced step's input needs one more step
                 probes.append(
-                    trace_generation(lm, ids, probe_steps, attention=False, force_latent_steps=probe_steps)
+                    trace_generation(
+                        lm, ids, probe_steps + 1, attention=False, force_latent_steps=probe_steps
+                    )
                 )
     finally:
         lm.train(was_training)

@@ -69,7 +69,7 @@ def difficulty_figure(difficulty: dict[str, Any]) -> Any:
     means = [by[d]["mean_latent"] if d in by else by[str(d)]["mean_latent"] for d in ds]
     counts = [by[d]["n"] if d in by else by[str(d)]["n"] for d in ds]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bars = ax.bar([str(d) for d in ds], means, color="tab:red", alpha=0.8)
+    bars = ax.bar(range(len(ds)), means, color="tab:red", alpha=0.8, tick_label=[str(d) for d in ds])
     for b, n in zip(bars, counts):
         ax.annotate(
             f"n={n}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7

@@ -180,10 +180,10 @@ def test_run_analysis_numbers_scalars_and_figures(tiny_llama, tmp_path) -> None:
     finally:
         fmt.prompt_ids = orig
     assert res.numbers["n_traced"] == 6
-    assert sorted(res.probe_steps) == [1, 2, 3]  # 4 forced steps feed 3 latent embeddings
+    assert sorted(res.probe_steps) == [1, 2, 3, 4]  # probe_steps=4: four fed latent embeddings
     assert all(v.shape == (6, 32) for v in res.probe_steps.values())
     sc = res.scalars()
-    for k in (1, 2, 3):
+    for k in (1, 2, 3, 4):
         assert -1 <= sc[f"latent/probe_collapse_cos_step{k}"] <= 1
         assert sc[f"latent/probe_effective_rank_step{k}"] >= 1
         assert 0 < sc[f"latent/probe_pc1_var_step{k}"] <= 1
@@ -265,7 +265,7 @@ def test_ltscale_analyze_cli(tiny_llama, tmp_path, monkeypatch, capsys) -> None:
     assert payload["scalars"]["latent/difficulty_spearman"] == pytest.approx(
         payload["difficulty"]["spearman"]
     )
-    assert set(payload["probe_collapse"]) == {"1", "2"}
+    assert set(payload["probe_collapse"]) == {"1", "2", "3"}
     assert {p.name for p in out.glob("*.png")} == {"difficulty.png", "pca.png", "entropy_attention.png"}
     assert "probe_collapse step 1" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
