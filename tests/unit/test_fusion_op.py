@@ -3,6 +3,9 @@ the spec's equations (eq. 6-7), including the cut rule and the masked <thinking>
 
 from __future__ import annotations
 
+import importlib.util
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -148,3 +151,34 @@ def test_bad_arguments_are_named(monkeypatch):
         context_prediction_fusion(
             h, logits, E, alpha=0.5, temperature=1.0, top_p=0.9, exclude_token_id=0, impl="fused"
         )
+
+
+def _load_setup_py(repo_root):
+    spec = importlib.util.spec_from_file_location("_ltscale_setup_fusion", repo_root / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # guarded by __name__ == "__main__": setup() does not run
+    return mod
+
+
+def test_setup_py_cuda_plan(repo_root, tmp_path, monkeypatch):
+    """setup.py builds the CUDA kernel only with a CUDA torch and nvcc; FORCE_CUDA=1 makes a
+    missing one an error (the CI compile proof) instead of the printed C++-only fallback."""
+    setup_py = _load_setup_py(repo_root)
+    cuda_home = tmp_path / "cuda"
+    (cuda_home / "bin").mkdir(parents=True)
+    (cuda_home / "bin" / "nvcc").write_text("")
+    cuda_torch = SimpleNamespace(__version__="2.14.1+cu130", version=SimpleNamespace(cuda="13.0"))
+    cpu_torch = SimpleNamespace(__version__="2.13.0+cpu", version=SimpleNamespace(cuda=None))
+    toolkit, no_toolkit = SimpleNamespace(CUDA_HOME=str(cuda_home)), SimpleNamespace(CUDA_HOME=None)
+    monkeypatch.delenv("FORCE_CUDA", raising=False)
+    assert setup_py._cuda_plan(cuda_torch, toolkit, True, "auto")[0] is True
+    assert setup_py._cuda_plan(cuda_torch, toolkit, True, "cpu") == (False, "LTSCALE_BUILD_EXT=cpu")
+    assert setup_py._cuda_plan(cuda_torch, toolkit, False, "auto")[0] is False
+    ok, why = setup_py._cuda_plan(cpu_torch, no_toolkit, True, "auto")
+    assert not ok and "not a CUDA build" in why
+    ok, why = setup_py._cuda_plan(cuda_torch, SimpleNamespace(CUDA_HOME=str(tmp_path / "none")), True, "auto")
+    assert not ok and "no nvcc" in why
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    with pytest.raises(SystemExit, match="FORCE_CUDA=1 but .*not a CUDA build"):
+        setup_py._cuda_plan(cpu_torch, no_toolkit, True, "auto")
+    assert setup_py._cuda_plan(cuda_torch, toolkit, True, "auto")[0] is True
