@@ -107,8 +107,12 @@ class Method:
     def checkpoint_meta(
         self, cfg: RunConfig, stage_index: int, special_ids: dict[str, int]
     ) -> dict[str, Any]:
-        """Extra keys saved in the stage's ``ltscale_latent.json`` (what inference needs)."""
-        return {METHOD_META_KEY: self.name}
+        """Extra keys saved in the stage's ``ltscale_latent.json`` (what inference needs).
+
+        None for LT-Tuning and its ablations: they decode as the checkpoint's latent mode says, and
+        a checkpoint without a ``method`` key is an LT-Tuning one (older runs, ``ltscale export``).
+        """
+        return {}
 
     def inference(
         self,
