@@ -158,6 +158,11 @@ def inference_for(
     """Decoding for a checkpoint: its own method (saved in ``ltscale_latent.json``) unless ``method``
     overrides it (Soft-Thinking runs on any checkpoint)."""
     meta = read_meta(hf_dir)
+    source = meta.get("source") or {}
+    if METHOD_META_KEY not in meta and source.get("checkpoint"):
+        # an `ltscale export` of stageN/ckpt/<tag>: the method entries live in that stage's own export
+        for key, value in read_meta(Path(source["checkpoint"]).parent.parent / "hf").items():
+            meta.setdefault(key, value)
     meta["_dir"] = str(hf_dir)  # where a method finds its extra weights (SoftCoT's projection)
     for section, values in (options or {}).items():  # e.g. {"soft_thinking": {"top_k": 5}} from the CLI
         meta[section] = {**meta.get(section, {}), **values}
