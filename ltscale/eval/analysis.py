@@ -314,10 +314,13 @@ class AnalysisResult:
         from ltscale.eval import plots
 
         figs = {"difficulty": plots.difficulty_figure(self.difficulty)}
-        steps = self.probe_steps or self.generated_steps
-        if steps:
-            title = "probe (forced latent steps)" if self.probe_steps else "generated latent steps"
-            figs["pca"] = plots.pca_figure(steps, title=title)
+        # "pca": the latents the model generated (the paper's picture); the probe when there are none.
+        if self.generated_steps:
+            figs["pca"] = plots.pca_figure(self.generated_steps, title="generated latent steps")
+        elif self.probe_steps:
+            figs["pca"] = plots.pca_figure(self.probe_steps, title="probe (forced latent steps)")
+        if self.probe_steps:
+            figs["pca_probe"] = plots.pca_figure(self.probe_steps, title="probe (forced latent steps)")
         if self.curves.get("entropy"):
             figs["entropy_attention"] = plots.entropy_attention_figure(self.curves)
         return figs

@@ -193,7 +193,8 @@ def test_run_analysis_numbers_scalars_and_figures(tiny_llama, tmp_path) -> None:
     assert curves == {"entropy": [], "attn_to_latent": [], "alive": []}
     assert lm.training is False
     paths = save_figures(res.figures(), tmp_path)
-    assert sorted(p.name for p in paths) == ["difficulty.png", "entropy_attention.png", "pca.png"]
+    names = sorted(p.name for p in paths)
+    assert names == ["difficulty.png", "entropy_attention.png", "pca.png", "pca_probe.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
     json.dumps(res.numbers)  # JSON-ready
 
@@ -266,7 +267,12 @@ def test_ltscale_analyze_cli(tiny_llama, tmp_path, monkeypatch, capsys) -> None:
         payload["difficulty"]["spearman"]
     )
     assert set(payload["probe_collapse"]) == {"1", "2", "3"}
-    assert {p.name for p in out.glob("*.png")} == {"difficulty.png", "pca.png", "entropy_attention.png"}
+    assert {p.name for p in out.glob("*.png")} >= {
+        "difficulty.png",
+        "pca.png",
+        "pca_probe.png",
+        "entropy_attention.png",
+    }
     assert "probe_collapse step 1" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"difficulty": 1}\n')
