@@ -458,3 +458,33 @@ def test_cli_eval_two_ranks_scores_every_example_exactly_once(tmp_path, run_rank
     single, _, _ = run([FakeRecord(r["id"], r["question"], ("s",), r["answer"]) for r in rows])
     assert summary["accuracy_official"] == pytest.approx(single.accuracy_official)
     assert summary["accuracy_numeric"] == pytest.approx(single.accuracy_numeric)
+
+
+def test_multiarith_hub_rows_are_mapped_without_network(monkeypatch) -> None:
+    """``multiarith`` reads ChilleD/MultiArith (question, final_ans); the hub call is faked here."""
+    import datasets
+
+    from ltscale.data.records import DataError
+    from ltscale.eval.benchmarks import load_benchmark
+
+    calls = []
+
+    def fake_load(name, split=None):
+        calls.append((name, split))
+        return [{"question": "2 and 3?", "final_ans": "5"}, {"question": "7 - 2?", "final_ans": "5.0"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    recs = load_benchmark("multiarith")
+    assert calls == [("ChilleD/MultiArith", "test")]
+    assert [(r.id, r.question, r.answer, r.difficulty) for r in recs] == [
+        ("multiarith-00000", "2 and 3?", "5", 0),
+        ("multiarith-00001", "7 - 2?", "5.0", 0),
+    ]
+    assert len(load_benchmark("MultiArith", limit=1)) == 1
+
+    def offline(name, split=None):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="needs network access"):
+        load_benchmark("multiarith")
