@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -230,7 +231,7 @@ class Trainer:
                 self._save(k, tag, step, complete=False)
                 self.monitor.flush()
                 raise Preempted(k, step, stage_dir(self.run_dir, k) / "ckpt" / tag)
-            ok = True  # every micro-batch loss of this step is finite on this rank
+            ok, before = True, (window["loss"], window["n"])  # ok: every loss of this step finite on this rank
             for a in range(cfg.train.grad_accum):
                 batch = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
                 out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
@@ -243,11 +244,14 @@ class Trainer:
                     self.engine.step()
                 elif not step_unless_nonfinite(self.engine, ok):  # a NaN/inf on any rank: no weight change
                     self._skipped_step(k, step, n_steps)
-                window["loss"] += float(loss.detach()) if ok else 0.0
-                window["n"] += int(ok)
+                    ok = False
+                window["loss"] += float(loss.detach())
+                window["n"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
                 window["latent"] += int((batch["input_ids"] == self.data.thinking_id).sum())
                 window["samples"] += batch["input_ids"].shape[0]
+            if not ok:  # skipped on every rank: its losses are not logged (a window of only those: NaN)
+                window["loss"], window["n"] = before
             global_step = self.schedule.start[k - 1] + step + 1
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == n_steps:
                 self._log_window(k, step + 1, n_steps, global_step, window)
@@ -294,7 +298,7 @@ class Trainer:
 
     def _log_window(self, k: int, step: int, n_steps: int, global_step: int, w: dict) -> None:
         elapsed = max(time.perf_counter() - w["t0"], 1e-9)
-        loss = dist.all_reduce_sum(w["loss"] / max(w["n"], 1)) / self.info.world_size
+        loss = dist.all_reduce_sum(w["loss"] / max(w["n"], 1)) / self.info.world_size if w["n"] else math.nan
         tokens = dist.all_reduce_sum(float(w["tokens"]))
         latent = dist.all_reduce_sum(float(w["latent"])) / max(dist.all_reduce_sum(float(w["samples"])), 1.0)
         lr = self.engine.get_lr()[0]

@@ -205,11 +205,12 @@ def local_grads_finite(engine: Any) -> bool:
     holds them and only the loss is checked here (DeepSpeed's own global-norm check still skips).
     """
     grads = getattr(engine.optimizer, "averaged_gradients", None)
-    tensors = (
-        [t for group in grads.values() if group for t in group if t is not None]
-        if isinstance(grads, dict)
-        else []
-    )
+    tensors = []
+    for group in grads.values() if isinstance(grads, dict) else []:
+        if isinstance(group, torch.Tensor):
+            tensors.append(group)
+        elif group:
+            tensors += [t for t in group if t is not None]
     if not tensors:
         tensors = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not tensors:
@@ -233,15 +234,30 @@ def step_unless_nonfinite(engine: Any, loss_finite: bool) -> bool:
     if not bad:
         engine.step()
         return True
-    opt = engine.optimizer
-    clean_up = getattr(opt, "_overflow_clean_up", None)  # ZeRO-3: zero_grad + partition buffers
-    if callable(clean_up):
-        clean_up(getattr(opt, "loss_scale", 1.0))
-    elif hasattr(opt, "zero_grad"):
-        opt.zero_grad(set_to_none=True)
+    _drop_gradients(engine.optimizer)
     engine.zero_grad()
     engine.micro_steps += 1
     engine.global_steps += 1
     engine.global_samples += engine.train_batch_size()
     engine.skipped_steps += 1
     return False
+
+
+def _drop_gradients(opt: Any) -> None:
+    """What DeepSpeed's ZeRO optimizers do with the gradients of an overflowed (skipped) step."""
+    clean_up = getattr(opt, "_overflow_clean_up", None)
+    if callable(clean_up):  # ZeRO-3: zero_grad (resets the micro-step counter) + partition buffers
+        clean_up(getattr(opt, "loss_scale", 1.0))
+        return
+    if hasattr(opt, "zero_grad"):  # ZeRO-1/2 (mirrors DeepSpeedZeroOptimizer.step on overflow), or torch
+        opt.zero_grad(set_to_none=True)
+    release = getattr(opt, "_release_preflattened_grad_buffers", None)
+    if callable(release):
+        release()
+    if getattr(opt, "cpu_offload", False) and callable(getattr(opt, "reset_cpu_buffers", None)):
+        opt.reset_cpu_buffers()
+    for name in ("averaged_gradients", "all_grad_tensors"):
+        buffers = getattr(opt, name, None)
+        if isinstance(buffers, dict):
+            for key in buffers:
+                buffers[key] = None
