@@ -1,5 +1,10 @@
 """Evaluation: answer extraction (official + numeric metrics) and batched latent-model evaluation.
 
+Modules: ``extraction`` (answer rules), ``evaluate`` (sharded batched decoding and scoring),
+``benchmarks`` (gsm8k / svamp / asdiv / multiarith by name, several-benchmark summaries),
+``analysis`` (difficulty, entropy/attention and collapse numbers), ``plots`` (their figures),
+``report`` (the Markdown results table of ``ltscale report``).
+
 The extraction helpers are imported eagerly (pure Python); the evaluation loop, which needs torch,
 is resolved lazily so ``from ltscale.eval import extract_answer`` stays cheap. The evaluation
 function itself is imported as ``from ltscale.eval.evaluate import evaluate``: its name is also
