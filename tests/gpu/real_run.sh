@@ -48,7 +48,8 @@ prepare() {
   # here) with small dependencies; gguf + accelerate for transformers' GGUF loader. Never torch.
   # Binary dependencies are fetched for CPython 3.10-3.12 because the device's Python is not known.
   local w=$DEV/part-a/wheels
-  .venv/bin/pip download -q --no-deps -d "$w" deepspeed==0.19.8 hjson py-cpuinfo einops gguf==0.19.0 accelerate
+  .venv/bin/pip download -q --no-deps -d "$w" deepspeed==0.19.8 hjson py-cpuinfo einops gguf==0.19.0 accelerate \
+    setuptools wheel  # a Python 3.12 venv has no setuptools, and the deepspeed sdist builds offline
   for v in 3.10 3.11 3.12; do
     .venv/bin/pip download -q --only-binary :all: --platform manylinux2014_x86_64 --python-version "$v" \
       -d "$w" msgpack psutil pydantic ninja
@@ -85,12 +86,19 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda, "device", torch.cu
 EOF
   # A venv on top of the machine's own Python packages (its CUDA torch, transformers, ...): pip
   # works there even when the system Python is "externally managed", and nothing is downloaded.
-  local venv=$DEV/venv
-  [ -x "$venv/bin/python" ] || "$PY" -m venv --system-site-packages "$venv"
-  PY=$venv/bin/python
+  # Without the venv module (Debian's python3-venv), install into the system Python instead.
+  local venv=$DEV/venv pip_extra=()
+  if [ -x "$venv/bin/python" ] || "$PY" -m venv --system-site-packages "$venv" >"$OUT/venv.log" 2>&1; then
+    PY=$venv/bin/python
+  else
+    say "no venv module ($(tail -1 "$OUT/venv.log")); installing into $PY itself"
+    pip_extra=(--break-system-packages)
+  fi
   say "installing deepspeed/gguf/accelerate offline from the carried wheels (torch is the machine's)"
-  "$PY" -m pip install -q --no-index --find-links "$keep/wheels" --no-build-isolation \
-    deepspeed==0.19.8 gguf==0.19.0 accelerate >"$OUT/pip.log" 2>&1 || { tail -30 "$OUT/pip.log"; exit 1; }
+  "$PY" -m pip install -q "${pip_extra[@]}" --no-index --find-links "$keep/wheels" setuptools wheel \
+    >"$OUT/pip.log" 2>&1 || true
+  "$PY" -m pip install -q "${pip_extra[@]}" --no-index --find-links "$keep/wheels" --no-build-isolation \
+    deepspeed==0.19.8 gguf==0.19.0 accelerate >>"$OUT/pip.log" 2>&1 || { tail -30 "$OUT/pip.log"; exit 1; }
   # ltscale itself runs from the tree (no install, no extension build: fused ops fall back to torch).
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   "$PY" -c "import deepspeed, gguf, accelerate, torch; print('deepspeed', deepspeed.__version__, 'torch', torch.__version__)"
@@ -113,7 +121,8 @@ EOF
   local t_train
   t_train=$(date +%s)
   local rc=0
-  timeout 360 "$venv/bin/deepspeed" --num_gpus 1 --master_port 29531 ltscale/train.py "${args[@]}" || rc=$?
+  timeout 360 "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port 29531 ltscale/train.py "${args[@]}" ||
+    rc=$?
   say "training ended rc=$rc after $(($(date +%s) - t_train))s (a timeout still reports the finished stages)"
   for k in 1 2 3; do
     [ -f "$run_dir/stage$k/COMPLETE" ] && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); \
