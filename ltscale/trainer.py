@@ -343,7 +343,9 @@ class Trainer:
         records = self.data.eval_records[: self.cfg.eval.subset]  # subset=None: all
         if not self.cfg.eval.after_each_stage or not records:
             return None
-        lm, tokenizer = load_latent_model(sdir / "hf")
+        # On the training device: a CPU eval of a real model would take longer than its stage.
+        device = f"cuda:{self.info.local_rank}" if torch.cuda.is_available() else "cpu"
+        lm, tokenizer = load_latent_model(sdir / "hf", device=device)
         how = inference_for(lm, tokenizer, sdir / "hf", cfg=self.cfg)  # the method's decoding
         torch.manual_seed(0)
         _, mine = evaluate(how.model, tokenizer, records, batch_size=self.cfg.eval.batch_size,
