@@ -14,6 +14,8 @@ Rank 0 prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +89,11 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|")
         for n, passes, b, size in rows:
             print(f"| {n} | {passes} | {b:,.0f} | {b / size:.2f} | {b / base:.2f} |")
+        out = os.environ.get("LTSCALE_BENCH_JSON")  # bench/run_all.py collects it
+        if out:
+            Path(out).write_text(json.dumps({
+                "bench": "P4 all-gather bytes", "max_ratio": max(r[2] for r in rows) / base,
+                "rows": [{"latents": n, "passes": ps, "bytes": b} for n, ps, b, _ in rows]}))
     shutdown_distributed()
 
 
