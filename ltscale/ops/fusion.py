@@ -114,7 +114,8 @@ def fusion_sparse_torch(
     top_p: float,
     exclude_token_id: int | None,
 ) -> torch.Tensor:
-    """Touch only the kept rows of ``E``: K = the largest kept-set size in the batch."""
+    """Touch only the kept rows of ``E``: K = the largest kept-set size in the batch (dense
+    product instead when K > V/4)."""
     _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -125,8 +126,15 @@ def fusion_sparse_torch(
     k = int(keep.sum(dim=-1).max().item()) if keep.numel() else 1
     top_probs = torch.where(keep[:, :k], sorted_probs[:, :k], torch.zeros_like(sorted_probs[:, :k]))
     weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    rows = embedding_weight[order[:, :k]]  # (N, K, d): the only reads of E
-    e_pred = torch.einsum("nk,nkd->nd", weights.to(rows.dtype), rows)
+    vocab = l2.shape[-1]
+    if 4 * k > vocab:
+        # Most of V kept (flat rows, top_p = 1): gathering (N, K, d) rows would cost more memory
+        # and time than the dense product (at N=64, K=25k, d=2048: 13 GB), so do that instead.
+        dense = torch.zeros_like(probs).scatter(-1, order[:, :k], weights)
+        e_pred = dense.to(embedding_weight.dtype) @ embedding_weight[:vocab]
+    else:
+        rows = embedding_weight[order[:, :k]]  # (N, K, d): the only reads of E
+        e_pred = torch.einsum("nk,nkd->nd", weights.to(rows.dtype), rows)
     out = alpha * h2 + (1.0 - alpha) * e_pred.to(h2.dtype)
     return out.reshape(*lead, hidden.shape[-1])
 

@@ -18,6 +18,10 @@
 // (the renormalisation makes the softmax's shift term vanish for cut tokens, so their gradient
 // is exactly 0; the reference's autograd gives 0 up to round-off).
 //
+// When the kept sets cover more than a quarter of the N x V weights (a flat distribution, top_p = 1)
+// the gather and its backward switch to dense GEMMs (the reference's own computation), which beat
+// row-by-row access there; the selection and the returned kept set are the same.
+//
 // The forward returns, besides the output, the kept set as a padded (N, K_max) index tensor and
 // the matching weights (padding: index of the row's first kept token, weight 0). Backward uses
 // only those plus E, so it never re-selects.
@@ -29,7 +33,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -141,6 +147,20 @@ void select_row(const scalar_t* l, int64_t V, int64_t excl, scalar_t temperature
   for (int64_t i = 0; i < kept; ++i) out.w[i] = p[cand[i]] / ss;
 }
 
+// Dense mode: when the kept sets cover more than a quarter of the N x V weights, BLAS on the
+// dense weight matrix (the reference's computation) is faster than gathering rows one by one.
+bool use_dense(int64_t kept_entries, int64_t N, int64_t V) { return 4 * kept_entries > N * V; }
+
+template <typename scalar_t>
+Tensor dense_weights(const std::vector<KeptRow<scalar_t>>& rows, int64_t N, int64_t V, const at::TensorOptions& opt) {
+  Tensor W = at::zeros({N, V}, opt);
+  scalar_t* wp = W.mutable_data_ptr<scalar_t>();
+  for (int64_t r = 0; r < N; ++r) {
+    for (size_t i = 0; i < rows[r].idx.size(); ++i) wp[r * V + rows[r].idx[i]] = rows[r].w[i];
+  }
+  return W;
+}
+
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> forward_cpu_impl(const Tensor& hidden, const Tensor& logits, const Tensor& weight,
                                                     double alpha, double temperature, double top_p, int64_t excl) {
@@ -155,23 +175,35 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu_impl(const Tensor& hidden, const 
 
   std::vector<KeptRow<scalar_t>> rows(N);
   at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<scalar_t> p(V), acc(d);
+    std::vector<scalar_t> p(V);
     std::vector<int64_t> cand;
     cand.reserve(V);
-    for (int64_t r = r0; r < r1; ++r) {
-      KeptRow<scalar_t>& kr = rows[r];
-      select_row<scalar_t>(lp + r * V, V, excl, T, top_p, p, cand, kr);
-      std::fill(acc.begin(), acc.end(), scalar_t(0));
-      for (size_t i = 0; i < kr.idx.size(); ++i) {
-        const scalar_t wi = kr.w[i];
-        const scalar_t* er = ep + kr.idx[i] * d;
-        for (int64_t c = 0; c < d; ++c) acc[c] += wi * er[c];
-      }
-      const scalar_t* hr = hp + r * d;
-      scalar_t* orow = op + r * d;
-      for (int64_t c = 0; c < d; ++c) orow[c] = a * hr[c] + b * acc[c];
-    }
+    for (int64_t r = r0; r < r1; ++r) select_row<scalar_t>(lp + r * V, V, excl, T, top_p, p, cand, rows[r]);
   });
+  int64_t total = 0;
+  for (const auto& kr : rows) total += static_cast<int64_t>(kr.idx.size());
+
+  if (use_dense(total, N, V)) {
+    // Most of V kept (a flat distribution, or top_p = 1): one GEMM beats K scattered row reads.
+    const Tensor W = dense_weights<scalar_t>(rows, N, V, logits.options());
+    out = at::addmm(hidden, W, weight.narrow(0, 0, V), alpha, 1.0 - alpha);
+  } else {
+    at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<scalar_t> acc(d);
+      for (int64_t r = r0; r < r1; ++r) {
+        const KeptRow<scalar_t>& kr = rows[r];
+        std::fill(acc.begin(), acc.end(), scalar_t(0));
+        for (size_t i = 0; i < kr.idx.size(); ++i) {
+          const scalar_t wi = kr.w[i];
+          const scalar_t* er = ep + kr.idx[i] * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] += wi * er[c];
+        }
+        const scalar_t* hr = hp + r * d;
+        scalar_t* orow = op + r * d;
+        for (int64_t c = 0; c < d; ++c) orow[c] = a * hr[c] + b * acc[c];
+      }
+    });
+  }
 
   int64_t kmax = 1;
   for (const auto& kr : rows) kmax = std::max<int64_t>(kmax, static_cast<int64_t>(kr.idx.size()));
@@ -223,9 +255,23 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu_impl(const Tensor& g, const Tens
       for (int64_t i = i0; i < i1; ++i) o[i] = a * gp[i];
     });
   }
+  int64_t nnz = 0;
+  for (int64_t i = 0; i < N * K; ++i) nnz += wp[i] != scalar_t(0);
+  const bool dense = use_dense(nnz, N, V) && (mask[1] || mask[2]);
+  Tensor W, gb, U;  // dense mode: weights N x V, (1 - alpha) g, and u for every token
+  if (dense) {
+    W = at::zeros({N, V}, g.options());
+    scalar_t* o = W.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N * K; ++i) {
+      if (wp[i] != scalar_t(0)) o[(i / K) * V + ip[i]] = wp[i];
+    }
+    gb = g.mul(1.0 - alpha);
+    if (mask[1]) U = at::mm(gb, weight.narrow(0, 0, V).t()).contiguous();
+  }
   if (mask[1]) {
     gl = at::zeros({N, V}, g.options());
     scalar_t* o = gl.mutable_data_ptr<scalar_t>();
+    const scalar_t* up = dense ? U.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> u(K);
       for (int64_t r = r0; r < r1; ++r) {
@@ -237,10 +283,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu_impl(const Tensor& g, const Tens
             u[j] = 0;
             continue;
           }
-          const scalar_t* er = ep + ip[r * K + j] * d;
-          scalar_t dot = 0;
-          for (int64_t c = 0; c < d; ++c) dot += gr[c] * er[c];
-          u[j] = b * dot;
+          if (up != nullptr) {
+            u[j] = up[r * V + ip[r * K + j]];
+          } else {
+            const scalar_t* er = ep + ip[r * K + j] * d;
+            scalar_t dot = 0;
+            for (int64_t c = 0; c < d; ++c) dot += gr[c] * er[c];
+            u[j] = b * dot;
+          }
           ubar += wj * u[j];
         }
         for (int64_t j = 0; j < K; ++j) {
@@ -250,7 +300,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu_impl(const Tensor& g, const Tens
       }
     });
   }
-  if (mask[2]) {
+  if (mask[2] && dense) {
+    ge = at::zeros(weight.sizes(), weight.options());
+    ge.narrow(0, 0, V).addmm_(W.t(), gb);
+  } else if (mask[2]) {
     // Parallel over columns: a kept row repeated across the batch is summed by one thread, in a
     // fixed order (deterministic, no atomics).
     ge = lazy_zeros(weight.sizes(), weight.options(), sizeof(scalar_t));
