@@ -93,15 +93,16 @@ def collect_run(run: Path | str, *, metric: str = "official") -> RunResult:
     from ltscale.eval.benchmarks import benchmark_name
 
     stage_bench = benchmark_name(data_eval) if data_eval != "synthetic" else "synthetic"
-    subset = (cfg.get("eval") or {}).get("subset")
-    if subset:  # the in-training eval saw only the first `subset` problems: say so in the column
-        stage_bench = f"{stage_bench}[:{subset}]"
+    # An in-training eval on the first N problems only (eval.subset, data.eval_limit) says so.
+    partial = (cfg.get("eval") or {}).get("subset") or (cfg.get("data") or {}).get("eval_limit")
     stages = sorted(
         (int(m.group(1)), p) for p in run.iterdir() if p.is_dir() and (m := _STAGE_RE.match(p.name))
     )
     top_eval = next((p / "eval.json" for _, p in reversed(stages) if (p / "eval.json").is_file()), None)
     if top_eval is not None:
-        _add(result, stage_bench, _read_json(top_eval), metric, top_eval)
+        summary = _read_json(top_eval)
+        name = f"{stage_bench}[:{int(summary['n'])}]" if partial else stage_bench
+        _add(result, name, summary, metric, top_eval)
     top_analysis = next(
         (p / "analysis.json" for _, p in reversed(stages) if (p / "analysis.json").is_file()), None
     )
