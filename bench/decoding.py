@@ -107,7 +107,7 @@ def paper_loop(lm, prompts: list[list[int]], max_new: int, eos: int) -> list[lis
 def run(size: str = "full") -> dict:
     lm, prompts, eos, pad, source = load_model(size)
     max_new = 96 if size == "full" else 6
-    reps = 3 if size == "full" else 1
+    reps = 2 if size == "full" else 1
     sizes = (1, 8, 32) if size == "full" else (1, 4)
     think = lm.thinking_token_id
     produced: dict[str, list[list[int]]] = {}

@@ -4,9 +4,8 @@ sequences, with ltscale's gradient checkpointing (``model.gradient_checkpointing
 Each variant runs in its own process (a freed allocation is not returned to the OS, so a shared
 process would only ever show the largest variant). A child builds the model, records its RSS, runs
 one forward + backward and reports ``ru_maxrss``; "step" = peak - RSS before the step, i.e. the
-activations, gradients and temporaries of the step (weights excluded). The parent runs the
-variants twice, in alternating order, and reports the smaller of the two (RSS is not
-timing-noisy, but a process that happens to reuse its import-time heap shows less).
+activations, gradients and temporaries of the step (weights excluded). RSS is not timing-noisy,
+so each variant runs once (raise ``REPS`` to keep the smallest of several).
 
 Model: SmolLM2-135M's shape (random init), 2 x ~64 tokens, 8 latents per row (P1's smol case).
 Run: ``.venv/bin/python bench/memory.py [--size full|smoke]``
@@ -26,6 +25,7 @@ import torch
 from common import build_lm, emit, make_batch, md_table, spec
 
 HERE = Path(__file__).resolve().parent
+REPS = 1
 
 
 def rss_mb() -> float:
@@ -54,7 +54,7 @@ def run(size: str = "full") -> dict:
     model, batch, length, n = ("smol", 2, 64, 8) if size == "full" else ("micro", 2, 24, 3)
     variants = [(m, c) for m in ("cot", "fusion") for c in (False, True)]
     best: dict[tuple[str, bool], dict] = {}
-    for rep in range(2 if size == "full" else 1):
+    for rep in range(REPS if size == "full" else 1):
         for mode, ckpt in variants if rep % 2 == 0 else variants[::-1]:
             cmd = [
                 sys.executable,

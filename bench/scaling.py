@@ -98,7 +98,7 @@ def launch(world: int, steps: int, micro: int, length: int, port: int) -> dict:
 
 
 def run(size: str = "full", port: int = 29731) -> dict:
-    steps, micro, length, order = (10, 16, 128, [1, 2, 2, 1]) if size == "full" else (1, 2, 16, [1])
+    steps, micro, length, order = (6, 16, 128, [1, 2, 2, 1]) if size == "full" else (1, 2, 16, [1])
     got: dict[int, list[float]] = {1: [], 2: []}
     for i, w in enumerate(order):
         got[w].append(launch(w, steps, micro, length, port + i)["samples_per_s"])
