@@ -160,7 +160,7 @@ def consolidate(ckpt_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str,
     """
     meta = json.loads((ckpt_dir / META_FILE).read_text())
     if int(meta.get("zero_stage", 3)) == 0:
-        states = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

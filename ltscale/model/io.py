@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ltscale.fsutil import chmod_to_umask
 from ltscale.model.latent_lm import LatentLM
 
 LATENT_CONFIG_FILE = "ltscale_latent.json"
@@ -57,6 +58,8 @@ def save_latent_model(out_dir: str | Path, *, config, latent_state: dict[str, to
     if extra:
         save_file(extra, str(tmp / EXTRA_FILE))
     (tmp / LATENT_CONFIG_FILE).write_text(json.dumps(latent_config, indent=2))
+    for written in tmp.iterdir():  # safetensors writes 0600; a group sharing the run dir must read it
+        chmod_to_umask(written)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
