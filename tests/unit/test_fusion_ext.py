@@ -192,3 +192,18 @@ def test_build_info_reports_the_cpu_kernel():
     info = F.fused_build_info()
     assert info["built"] and info["cpu"]
     assert info["cuda"] == bool(info["cuda_archs"])
+
+
+def test_kernel_bench_runs_at_toy_size(repo_root, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(repo_root / "bench" / "fusion_op.py"), "--vocab", "3000", "--dim", "16",
+           "--batch", "2", "--reps", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo_root,
+                          env={**os.environ, "LTSCALE_BENCH_JSON": str(out), "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["headline"] > 0 and len(res["rows"]) == 1 and "| float32 | 3000 | 16 | 2 |" in proc.stdout
