@@ -9,8 +9,16 @@ Three implementations share one signature:
 * ``fusion_reference`` — a direct transcription of the equations: dense ``P @ E`` over the whole
   vocabulary. Slow, obviously right; the parity anchor.
 * ``fusion_sparse_torch`` — gathers only the kept rows of ``E`` (after top-p a handful of rows carry
-  weight), so it never reads the ``V x d`` matrix. Same values and gradients as the reference.
-* the fused C++/CUDA kernel (``ltscale._C``) when it is built; dispatched by ``impl``.
+  weight), so it never reads the ``V x d`` matrix (dense product when more than V/4 are kept).
+  Same values and gradients as the reference.
+* ``fusion_fused`` — the compiled op (``ltscale/ops/csrc``: C++ CPU kernel for fp32/fp64, CUDA kernel
+  for fp32/bf16/fp16, built by setup.py at install time): selection without a full sort, kept rows
+  only forward and backward. Same values and gradients as the reference (tests/unit/test_fusion_ext.py,
+  tests/gpu/test_fusion_cuda.py).
+
+``context_prediction_fusion(..., impl=)`` dispatches: ``auto`` takes the compiled op when it is
+built and takes the inputs (device, dtype), else ``fusion_sparse_torch``; ``engine.fused`` in the run
+config maps ``on``/``auto``/``off`` to ``fused``/``auto``/``torch``.
 """
 
 from __future__ import annotations
