@@ -224,9 +224,15 @@ def build_assistant(spec: str, tokenizer: Any, seed: int) -> nn.Module:
             seed=seed,
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+        from ltscale.model.builder import _mark_dequantized, resolve_pretrained_source
+
+        source, gguf = resolve_pretrained_source(spec)  # pypi:<package> GGUF, local GGUF dir, HF dir, hub
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        if gguf:  # de-quantised floats: let save_pretrained write them into <run_dir>/assistant
+            model = _mark_dequantized(model)
         try:
-            theirs = AutoTokenizer.from_pretrained(spec)
+            theirs = AutoTokenizer.from_pretrained(source, **kwargs)
         except (OSError, ValueError):
             theirs = None
         probe = "Question: 12 apples + 7 pears?\nAnswer:\n## Step 1: 12+7=19"
