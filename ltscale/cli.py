@@ -296,9 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _method_inference(args: argparse.Namespace, model: Any, tokenizer: Any, ckpt: Path) -> Any:
-    import yaml
-
-    from ltscale.config import ConfigError
+    from ltscale.config import ConfigError, parse_yaml
     from ltscale.methods import inference_for
 
     options: dict[str, dict[str, Any]] = {}
@@ -307,7 +305,7 @@ def _method_inference(args: argparse.Namespace, model: Any, tokenizer: Any, ckpt
         section, dot, field = key.partition(".")
         if not (sep and dot and field):
             raise UserError(f"--method-option {item!r}: expected SECTION.KEY=VALUE, e.g. soft_thinking.top_k=5")
-        options.setdefault(section, {})[field] = yaml.safe_load(text)
+        options.setdefault(section, {})[field] = parse_yaml(text)
     try:
         return inference_for(model, tokenizer, ckpt, method=args.method, chat=args.chat_template, options=options)
     except (ConfigError, TypeError, ValueError) as e:

@@ -27,9 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ltscale.config import config_from_dict, save_resolved
+from ltscale.config import config_from_dict, parse_yaml, save_resolved
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ CONFIGS = {
 
 
 def _raw(method: str, configs_dir: Path) -> dict[str, Any]:
-    return yaml.safe_load((configs_dir / CONFIGS[method]).read_text())
+    return parse_yaml((configs_dir / CONFIGS[method]).read_text())
 
 
 def run_config(

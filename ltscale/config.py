@@ -9,6 +9,7 @@ cross-field rules live in one ``validate()``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,28 @@ from typing import Any
 import yaml
 
 from ltscale.fsutil import atomic_write_text
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 booleans: only true/false.
+
+    Why: knobs such as ``engine.fused: on|off|auto`` are strings, and YAML 1.1 would silently
+    turn on/off/yes/no into booleans; a bool field written as ``yes`` now gets a clear error.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse config YAML (files, ``key=value`` overrides) the one way every entry point uses."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 LATENT_MODES = ("cot", "hidden", "fusion", "pause")
 
@@ -321,7 +344,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"--config: no such file {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -337,7 +360,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        _set_dotted(merged, key.strip(), yaml.safe_load(text), merged)
+        _set_dotted(merged, key.strip(), parse_yaml(text), merged)
     cfg = _build(RunConfig, merged)
     from ltscale.methods import resolve_method  # noqa: PLC0415 - methods build on this module
 

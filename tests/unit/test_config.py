@@ -154,3 +154,16 @@ def test_edge_values_are_accepted():
     cfg = load_config(None, ["stages.2.alpha=0", "stages.2.top_p=1", "stages.1.alpha=1", "train.max_skipped_steps=0",
                              "resume_fallback=true", "train.global_batch_size=32"])  # fmt: skip
     assert cfg.stages[2].alpha == 0.0 and cfg.stages[2].top_p == 1.0 and cfg.resume_fallback is True
+
+
+def test_yaml_on_off_stay_strings_and_only_true_false_are_booleans(tmp_path):
+    """YAML 1.1 reads on/off/yes/no as booleans; ``engine.fused: on`` must mean the string."""
+    path = tmp_path / "c.yaml"
+    text = default_config_path().read_text()
+    assert "\nengine:\n" in text
+    path.write_text(text.replace("\nengine:\n", "\nengine:\n  fused: on\n"))
+    cfg = load_config(path, ["engine.fused=off", "model.adapter=true"])
+    assert cfg.engine.fused == "off" and cfg.model.adapter is True
+    assert load_config(path).engine.fused == "on"
+    with pytest.raises(ConfigError, match=r"model\.adapter: expected true/false, got 'yes'"):
+        load_config(path, ["model.adapter=yes"])
