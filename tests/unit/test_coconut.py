@@ -136,3 +136,25 @@ def test_resolve_sets_modes_and_bad_input_fails_before_training():
         load_config(None, ["method=coconut", "coconut.c_thought=0"])
     with pytest.raises(ConfigError, match=r"^method: 'cocnut' is not one of"):
         load_config(None, ["method=cocnut"])
+
+
+def test_checkpoint_meta_selects_coconut_decoding_also_for_an_export(tmp_path):
+    import json
+
+    from ltscale.methods import inference_for
+
+    cfg = load_config(None, ["method=coconut", "coconut.max_latent_stage=2"])
+    meta = Coconut().checkpoint_meta(cfg, 3, {"<|start-latent|>": BOT, "<|end-latent|>": EOT})
+    assert meta["coconut"]["n_latent"] == 4  # stage 2 of max 2, c=2
+    stage_hf = tmp_path / "run" / "stage3" / "hf"
+    stage_hf.mkdir(parents=True)
+    (stage_hf / "ltscale_latent.json").write_text(json.dumps({"mode": "hidden", **meta}))
+    export = tmp_path / "export"  # what `ltscale export` writes: no method keys, a source entry
+    export.mkdir()
+    source = {"checkpoint": str(tmp_path / "run" / "stage3" / "ckpt" / "final")}
+    (export / "ltscale_latent.json").write_text(json.dumps({"mode": "hidden", "source": source}))
+    for hf in (stage_hf, export):
+        how = inference_for(tiny_lm(), None, hf)
+        assert isinstance(how.model, CoconutInference) and how.without_thinking
+        assert how.model.forced.tolist() == [THINK] * 4 + [EOT]
+        assert how.prompt_fn is not None
