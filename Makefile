@@ -6,6 +6,7 @@
 #   make run CONFIG=configs/smollm2-135m-gsm8k.yaml ARGS="train.max_steps=10"
 #   make test               ruff, then the whole CPU test suite (what .ci/run calls)
 #   make test PYTEST_ARGS="tests/unit -k packaging"
+#   make compare            every compared method on the tiny default, one table (runs/compare/compare.md)
 #   make lint | format | bench | clean | distclean
 
 # bash with -e/-o pipefail so a failing command inside a pipeline fails the recipe.
@@ -64,10 +65,10 @@ TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 PYTEST_TIMEOUT ?= 600
 PYTEST_ARGS    ?=
 
-.PHONY: help install run test lint format bench clean distclean
+.PHONY: help install run compare test lint format bench clean distclean
 
 help:
-	@echo "targets: install run test lint format bench clean distclean"
+	@echo "targets: install run compare test lint format bench clean distclean"
 	@echo "  make run [CONFIG=configs/X.yaml] [ARGS='key=value ...'] [NPROC=$(NPROC)]"
 	@echo "  make test [PYTEST_ARGS='tests/unit -k name'] [PYTEST_TIMEOUT=$(PYTEST_TIMEOUT)]"
 
@@ -102,6 +103,11 @@ run: install
 	DS_ACCELERATOR=$(DS_ACCELERATOR) OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(TORCH_EXTENSIONS_DIR) \
 	  $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(MASTER_PORT) \
 	  ltscale/train.py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+# CoT-SFT once, every other method fine-tuned from it, one evaluator: README "Compared methods".
+compare: install
+	DS_ACCELERATOR=$(DS_ACCELERATOR) OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(TORCH_EXTENSIONS_DIR) \
+	  $(VENV)/bin/ltscale compare --out runs/compare --nproc $(NPROC) $(ARGS)
 
 # Lint first (cheap, fails fast), then the suite.  No -x: CI should report every failure in one go.
 # pytest exit code 5 means "no tests collected": that is a broken suite, not a pass, and gets its
