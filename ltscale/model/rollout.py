@@ -186,18 +186,18 @@ def latent_rollout(
     chunks: list[torch.Tensor] = []
     key_valid: list[torch.Tensor] = []
     key_pos: list[torch.Tensor] = []
-    loss_sum: torch.Tensor | float = 0.0
-    n_targets = 0
-    logits_out = None
-    prev_hidden = prev_logits = None
     rows = torch.arange(bsz, device=input_ids.device)
+    # One embedding call and one LM-head call over the real tokens of all passes: per-pass calls
+    # would each materialise a dense V x d weight gradient in backward (and run the head on padding).
+    embeds_all = embed(input_ids)
+    hiddens: list[torch.Tensor] = []
+    keep_in_graph: list[torch.Tensor] = []
+    prev_hidden = None
     for k, spec in enumerate(plan.passes):
-        ids = input_ids.gather(1, spec.index.clamp(min=0))
-        embeds = embed(ids)
+        embeds = embeds_all[rows[:, None], spec.index.clamp(min=0)]
         if k > 0:
             h_prev = prev_hidden[rows, spec.prev_last]
-            l_prev = prev_logits[rows, spec.prev_last]
-            latent = latent_input(h_prev, l_prev).to(embeds.dtype)
+            latent = latent_input(h_prev, lm_head(h_prev)).to(embeds.dtype)
             first = torch.where(spec.has_latent[:, None], latent, embeds[:, 0])
             embeds = torch.cat([first[:, None], embeds[:, 1:]], dim=1)
         key_valid.append(spec.valid)
@@ -211,23 +211,23 @@ def latent_rollout(
             outs = run_decoder_pass(decoder, config, embeds, mask, spec.position_ids, *chunks)
         hidden, new_kv = outs[0], outs[1:]
         chunks.extend(new_kv)
-        logits = lm_head(hidden)
-        if labels is not None:
-            targets = next_labels.gather(1, spec.index.clamp(min=0)).masked_fill(~spec.valid, IGNORE_INDEX)
-            loss_sum = loss_sum + torch.nn.functional.cross_entropy(
-                upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum")
-            n_targets += int((targets != IGNORE_INDEX).sum().item())
-            if not bool(spec.valid.any()):
-                # An empty lockstep pass: keep it in the graph so its backward (and recompute)
-                # runs on every rank too.
-                loss_sum = loss_sum + 0.0 * upcast(logits).sum()
-        if return_logits:
-            if logits_out is None:
-                logits_out = logits.new_zeros(bsz, length, logits.shape[-1])
-            sel = spec.valid
-            logits_out = logits_out.index_put((rows[:, None].expand_as(sel)[sel], spec.index[sel]), logits[sel])
-        prev_hidden, prev_logits = hidden, logits
-    if not torch.is_tensor(loss_sum):
-        loss_sum = torch.zeros((), device=input_ids.device)
+        hiddens.append(hidden[spec.valid])
+        if not bool(spec.valid.any()):
+            # An empty lockstep pass: keep it in the graph so its backward (and recompute) runs on
+            # every rank too.
+            keep_in_graph.append(0.0 * upcast(hidden).sum())
+        prev_hidden = hidden
+    sel_rows = torch.cat([rows[:, None].expand_as(s.valid)[s.valid] for s in plan.passes])
+    sel_cols = torch.cat([s.index[s.valid] for s in plan.passes])
+    logits = lm_head(torch.cat(hiddens))  # (real tokens, V)
+    loss_sum: torch.Tensor = sum(keep_in_graph, torch.zeros((), device=input_ids.device))
+    n_targets = 0
+    if labels is not None:
+        targets = next_labels[sel_rows, sel_cols]
+        loss_sum = loss_sum + torch.nn.functional.cross_entropy(upcast(logits), targets, ignore_index=IGNORE_INDEX,
+                                                                reduction="sum")
+        n_targets = int((targets != IGNORE_INDEX).sum().item())
+    logits_out = None
+    if return_logits:
+        logits_out = logits.new_zeros(bsz, length, logits.shape[-1]).index_put((sel_rows, sel_cols), logits)
     return RolloutResult(loss_sum=loss_sum, n_targets=n_targets, logits=logits_out, n_passes=len(plan.passes))
