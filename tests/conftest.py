@@ -21,8 +21,6 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -32,11 +30,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests import helpers  # noqa: E402
 
-# Variables describing a distributed job; stripped from the environment of launched ranks so the
-# launcher alone decides them.
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -69,54 +65,15 @@ def tiny_llama() -> Callable[..., torch.nn.Module]:
     the calling test is left untouched (init runs under ``fork_rng``).  float64 by default so
     parity tests can use tight tolerances.  ``kv_heads=None`` means plain multi-head attention;
     pass fewer to exercise GQA.  The model is returned in training mode, as constructed.
+    ``tests.helpers.make_tiny_llama`` (this factory) also takes the rarer keyword-only options.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def make(
-        vocab_size: int = 64,
-        hidden: int = 32,
-        layers: int = 2,
-        heads: int = 4,
-        kv_heads: int | None = None,
-        tie: bool = False,
-        attn: str = "sdpa",
-        dtype: torch.dtype = torch.float64,
-        seed: int = 0,
-    ) -> LlamaForCausalLM:
-        cfg = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads if kv_heads is not None else heads,
-            max_position_embeddings=256,
-            tie_word_embeddings=tie,
-            attn_implementation=attn,
-            dtype=dtype,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(cfg)
-        # Built in fp32 (torch's default dtype) and then cast, so e.g. float64 and float32
-        # models with the same seed hold the same values.
-        return model.to(dtype)
-
-    return make
-
-
-def _free_port() -> int:
-    # Bind to port 0 and let the kernel choose.  The port is released before the caller binds it,
-    # so a race is possible but rare; every launch asks anew rather than reusing a fixed port.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return helpers.make_tiny_llama
 
 
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """``free_port()`` -> an unused TCP port on 127.0.0.1."""
-    return _free_port
+    return helpers.free_port
 
 
 class RanksFailed(AssertionError):
@@ -125,27 +82,6 @@ class RanksFailed(AssertionError):
     def __init__(self, msg: str, proc: subprocess.CompletedProcess):
         super().__init__(msg)
         self.proc = proc
-
-
-def _tail(text: str | None, limit: int = 12_000) -> str:
-    text = text or ""
-    return text if len(text) <= limit else f"... [{len(text) - limit} chars cut] ...\n{text[-limit:]}"
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    # torchrun runs in its own session (start_new_session=True): signal the whole group so worker
-    # ranks do not outlive a timed-out or interrupted test.  SIGTERM first lets torchrun tear
-    # down its workers; SIGKILL whatever is left.
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="session")
@@ -180,10 +116,7 @@ def run_ranks(repo_root: Path, free_port: Callable[[], int]) -> Callable[..., su
     ) -> subprocess.CompletedProcess:
         port = free_port()
         if launcher == "deepspeed":  # the product's own launch line (`deepspeed ltscale/train.py`)
-            cmd = [
-                str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
-                "--master_port", str(port), str(script), *map(str, args),
-            ]  # fmt: skip
+            cmd = helpers.deepspeed_cmd(script, nproc, port, args)
         elif launcher == "deepspeed_hostfile":  # what the Slurm scripts run on each node: no ssh
             hosts = Path(tempfile.mkdtemp(prefix="ltscale-hosts-")) / "hostfile"
             hosts.write_text(f"localhost slots={nproc}\n")
@@ -193,49 +126,21 @@ def run_ranks(repo_root: Path, free_port: Callable[[], int]) -> Callable[..., su
                 str(script), *map(str, args),
             ]  # fmt: skip
         else:
-            cmd = [
-                sys.executable, "-m", "torch.distributed.run",
-                "--nnodes", "1", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(port),
-                str(script), *map(str, args),
-            ]  # fmt: skip
-        run_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-        run_env.update(
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-            PYTHONWARNINGS="ignore::FutureWarning",
-            PYTHONPATH=os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH")) if p),
-        )
-        run_env.update(env or {})
-        proc = subprocess.Popen(
-            cmd,
-            cwd=cwd or repo_root,
-            env=run_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            out, err = proc.communicate()
-            done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            cmd = helpers.torchrun_cmd(script, nproc, port, args)
+        run_env = helpers.launch_env(repo_root, **(env or {}))
+        proc = helpers.popen_group(cmd, env=run_env, cwd=cwd or repo_root)
+        out, err, timed_out = helpers.communicate_group(proc, timeout)
+        if timed_out:
             raise RanksFailed(
                 f"{' '.join(cmd)}\ntimed out after {timeout}s\n"
-                f"--- stdout ---\n{_tail(out)}\n--- stderr ---\n{_tail(err)}",
-                done,
-            ) from None
-        finally:
-            # Also reached when pytest-timeout or Ctrl-C interrupts communicate().
-            if proc.poll() is None:
-                _kill_group(proc)
+                f"--- stdout ---\n{helpers.tail(out)}\n--- stderr ---\n{helpers.tail(err)}",
+                subprocess.CompletedProcess(cmd, proc.returncode, out, err),
+            )
         done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         if check and proc.returncode != 0:
             raise RanksFailed(
                 f"{' '.join(cmd)}\nexited with {proc.returncode}\n"
-                f"--- stdout ---\n{_tail(out)}\n--- stderr ---\n{_tail(err)}",
+                f"--- stdout ---\n{helpers.tail(out)}\n--- stderr ---\n{helpers.tail(err)}",
                 done,
             )
         return done

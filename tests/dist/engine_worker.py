@@ -40,26 +40,16 @@ from ltscale.engine import (  # noqa: E402
     save_checkpoint,
     shutdown_distributed,
 )
+from tests.helpers import make_tiny_llama  # noqa: E402
 
 VOCAB, SEQ, GLOBAL_BATCH = 64, 16, 4
 ZERO3_TEST = {"zero_optimization.stage3_param_persistence_threshold": 0}
 
 
 def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        attn_implementation="eager",
+    return make_tiny_llama(
+        VOCAB, attn="eager", dtype=torch.float32, max_positions=64, isolated_rng=False, record_dtype=False
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
 
 
 def schedule(step: int) -> float:

@@ -27,17 +27,15 @@ from ltscale.engine import (  # noqa: E402
     shutdown_distributed,  # noqa: E402
 )
 from ltscale.model import LatentLM  # noqa: E402
+from tests.helpers import make_tiny_llama  # noqa: E402
 
 VOCAB, THINK = 64, 63
 
 
 def base_model() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    return make_tiny_llama(
+        VOCAB, kv_heads=2, dtype=torch.float32, max_positions=2048, isolated_rng=False, record_dtype=False
+    )
 
 
 def batches() -> list[dict[str, torch.Tensor]]:
@@ -74,25 +72,46 @@ def main() -> None:
     for gc in (False, True):
         lm = LatentLM(base_model(), THINK, mode="fusion", gradient_checkpointing=gc)
         names = [n for n, _ in lm.named_parameters()]
-        ds = render_ds_config("zero3", micro_batch=2, grad_accum=1, world_size=info.world_size, grad_clip=0.0,
-                              precision="fp32", overrides={"zero_optimization.stage3_param_persistence_threshold": 0})
-        engine = build_engine(lm, ds_config=ds, lr=0.0, weight_decay=0.0,
-                              external_parameters=lm.zero3_external_parameters())
+        ds = render_ds_config(
+            "zero3",
+            micro_batch=2,
+            grad_accum=1,
+            world_size=info.world_size,
+            grad_clip=0.0,
+            precision="fp32",
+            overrides={"zero_optimization.stage3_param_persistence_threshold": 0},
+        )
+        engine = build_engine(
+            lm, ds_config=ds, lr=0.0, weight_decay=0.0, external_parameters=lm.zero3_external_parameters()
+        )
         batch = batches()[info.rank]
         local = lm.count_passes(batch["input_ids"], batch["attention_mask"])
         passes = all_reduce_max(local)
-        out = engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     min_passes=passes, return_logits=False)
+        out = engine(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            min_passes=passes,
+            return_logits=False,
+        )
         engine.backward(out.loss)
         grads = {n: full_grad(prm) for n, prm in zip(names, lm.parameters())}
         sharded = sum(1 for prm in lm.parameters() if prm.numel() == 0)  # ZeRO-3 leaves an empty placeholder
         if info.is_main:
             ref_losses, ref = reference_grads(gc)
-            worst = max(((grads[n] - ref[n]).abs().max() / (ref[n].abs().max() + 1e-30)).item() for n in names)
-            result[f"gc={gc}"] = {"local_passes": local, "passes": passes, "out_passes": out.n_passes,
-                                  "loss": float(out.loss), "ref_loss_rank0": ref_losses[0],
-                                  "max_rel_grad_err": worst, "sharded_params": sharded,
-                                  "embedding_grad_norm": float(grads["base.model.embed_tokens.weight"].norm())}
+            worst = max(
+                ((grads[n] - ref[n]).abs().max() / (ref[n].abs().max() + 1e-30)).item() for n in names
+            )
+            result[f"gc={gc}"] = {
+                "local_passes": local,
+                "passes": passes,
+                "out_passes": out.n_passes,
+                "loss": float(out.loss),
+                "ref_loss_rank0": ref_losses[0],
+                "max_rel_grad_err": worst,
+                "sharded_params": sharded,
+                "embedding_grad_norm": float(grads["base.model.embed_tokens.weight"].norm()),
+            }
         engine.destroy()
     if info.is_main:
         Path(args.out).write_text(json.dumps(result))

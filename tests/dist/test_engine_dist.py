@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import communicate_group, free_port, launch_env, popen_group, torchrun_cmd
 
 pytestmark = pytest.mark.dist
 
@@ -30,61 +29,26 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT_S = 150
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", "/tmp/ds_ext"),
+    return launch_env(
+        REPO,
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/ds_ext"),
         PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
     """Run in a new session; on timeout kill the whole group (torchrun and its ranks)."""
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+    proc = popen_group(cmd, env=env, cwd=REPO, merge_stderr=True)
+    out, _, timed_out = communicate_group(proc, LAUNCH_TIMEOUT_S, sigterm_first=False)
+    if timed_out:
         pytest.fail(f"timed out after {LAUNCH_TIMEOUT_S}s (hang?): {' '.join(cmd)}\n{out[-4000:]}")
     if proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
 
 
 def _torchrun(args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(WORKER),
-        *args,
-    ]
+    return torchrun_cmd(WORKER, 2, free_port(), args)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +153,7 @@ def test_init_distributed_under_mpirun(tmp_path):
     )
     env = _env()
     env.update(
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         OMPI_ALLOW_RUN_AS_ROOT="1",
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
         OMPI_MCA_btl="self,tcp",

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from ltscale.monitor import read_scalars
+from tests.helpers import DIST_ENV, launch_env, popen_group, torchrun_cmd
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -40,15 +41,13 @@ TWO_RANKS = ["train.grad_accum=1"]
 ONE_RANK = ["train.grad_accum=2"]
 
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
-               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+# What a launcher sets: another test may have left any of them in this process's environment.
+LAUNCH_VARS = (*DIST_ENV, "NODE_RANK", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without launcher variables another test may have left."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning", **extra)
-    return env
+    return launch_env(drop=LAUNCH_VARS, **extra)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -81,8 +80,13 @@ def reference(workdir, run_ranks, repo_root) -> Path:
     run_dir = workdir / "ref"
     # `deepspeed --hostfile H --no_ssh --node_rank 0 --master_addr ...`: the multi-node form the Slurm
     # scripts run on every node (the plain `deepspeed --num_gpus` form is the e2e test's)
-    run_ranks(repo_root / "ltscale" / "train.py", nproc=2, args=BASE + TWO_RANKS + [f"run_dir={run_dir}"],
-              timeout=600, launcher="deepspeed_hostfile")
+    run_ranks(
+        repo_root / "ltscale" / "train.py",
+        nproc=2,
+        args=BASE + TWO_RANKS + [f"run_dir={run_dir}"],
+        timeout=600,
+        launcher="deepspeed_hostfile",
+    )
     return run_dir
 
 
@@ -97,30 +101,53 @@ def test_reference_run_trained_all_stages(reference):
 def test_one_rank_equals_two_ranks(reference, workdir, repo_root):
     run_dir = workdir / "one"
     env = clean_env()
-    subprocess.run([sys.executable, str(repo_root / "ltscale" / "train.py"), *BASE, *ONE_RANK, f"run_dir={run_dir}"],
-                   check=True, env=env, cwd=repo_root, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(repo_root / "ltscale" / "train.py"), *BASE, *ONE_RANK, f"run_dir={run_dir}"],
+        check=True,
+        env=env,
+        cwd=repo_root,
+        capture_output=True,
+        timeout=600,
+    )
     assert_same_trajectory(losses(run_dir), losses(reference))
     assert_same_weights(final_weights(run_dir), final_weights(reference))
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None and os.environ.get("CI") != "true",
-                    reason="Open MPI (mpirun) not installed; .ci/run installs it")
+@pytest.mark.skipif(
+    shutil.which("mpirun") is None and os.environ.get("CI") != "true",
+    reason="Open MPI (mpirun) not installed; .ci/run installs it",
+)
 def test_mpirun_launch_gives_the_same_losses(reference, workdir, repo_root):
     run_dir = workdir / "mpi"
-    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                    MASTER_PORT=str(29400 + os.getpid() % 500))
-    subprocess.run(["mpirun", "-np", "2", "--oversubscribe", sys.executable, str(repo_root / "ltscale" / "train.py"),
-                    *BASE, *TWO_RANKS, f"run_dir={run_dir}"], check=True, env=env, cwd=repo_root,
-                   capture_output=True, timeout=600)
+    env = clean_env(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        MASTER_PORT=str(29400 + os.getpid() % 500),
+    )
+    subprocess.run(
+        [
+            "mpirun",
+            "-np",
+            "2",
+            "--oversubscribe",
+            sys.executable,
+            str(repo_root / "ltscale" / "train.py"),
+            *BASE,
+            *TWO_RANKS,
+            f"run_dir={run_dir}",
+        ],
+        check=True,
+        env=env,
+        cwd=repo_root,
+        capture_output=True,
+        timeout=600,
+    )
     assert_same_trajectory(losses(run_dir), losses(reference), rel=1e-6)
 
 
 def _launch_torchrun(repo_root: Path, port: int, args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(repo_root / "ltscale" / "train.py"), *args]
-    env = clean_env()
-    return subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = torchrun_cmd(repo_root / "ltscale" / "train.py", 2, port, args)
+    return popen_group(cmd, env=clean_env(), cwd=repo_root, merge_stderr=True)
 
 
 def test_sigterm_then_resume_reproduces_the_run(reference, workdir, repo_root, free_port):
@@ -136,7 +163,11 @@ def test_sigterm_then_resume_reproduces_the_run(reference, workdir, repo_root, f
             assert proc.poll() is None, f"run ended before the kill point:\n{proc.stdout.read()[-4000:]}"
             assert time.monotonic() < deadline, "kill point never reached"
             time.sleep(0.05)
-        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(c.cmdline())]
+        ranks = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "train.py" in " ".join(c.cmdline())
+        ]
         assert len(ranks) == 2
         for r in ranks:
             r.send_signal(signal.SIGTERM)

@@ -10,18 +10,14 @@ second interpreter start per call).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from ltscale.cli import main
+from tests.helpers import left_pad
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 
@@ -32,52 +28,14 @@ SMALL = [
     "train.save_every=2", "train.keep_last_n=2", "eval.after_each_stage=false",
 ]  # fmt: skip
 MID_TAG = "step-000006"  # 8 steps per stage; keep_last_n=2 keeps this one next to `final`
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, repo_root) -> Path:
-    """Train once per module. conftest's ``run_ranks`` is function-scoped, so launch like it does."""
+def run_dir(tmp_path_factory, repo_root, run_ranks) -> Path:
+    """Train once per module, with the product's launch line (``deepspeed ltscale/train.py``)."""
     run = tmp_path_factory.mktemp("export") / "run"
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(repo_root / "ltscale" / "train.py"),
-        *SMALL,
-        f"run_dir={run}",
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore::FutureWarning",
-        PYTHONPATH=os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH")) if p),
-    )
-    proc = subprocess.Popen(
-        cmd,
-        cwd=repo_root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:  # timeout or interrupt: take the ranks down with the launcher
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{out[-12000:]}"
+    train = repo_root / "ltscale" / "train.py"
+    run_ranks(train, nproc=2, args=[*SMALL, f"run_dir={run}"], timeout=600, launcher="deepspeed")
     assert (run / "stage3" / "COMPLETE").is_file() and (run / "stage3" / "ckpt" / MID_TAG).is_dir()
     return run
 
@@ -160,11 +118,7 @@ def test_exported_model_generates_with_latents_like_the_stage_export(run_dir, tm
         assert torch.equal(lm(ids, mask).logits, ref(ids, mask).logits)
     _, test = synthetic_splits(4, 4, 3)
     prompts = [list(prompt_ids(tok, r.question, use_chat_template=None)) for r in test]
-    width = max(map(len, prompts))
-    x = torch.full((len(prompts), width), tok.pad_token_id)
-    m = torch.zeros_like(x)
-    for i, p in enumerate(prompts):  # left padded, as eval does
-        x[i, width - len(p) :], m[i, width - len(p) :] = torch.tensor(p), 1
+    x, m = left_pad(prompts, tok.pad_token_id)  # as eval does
     results = []
     for model in (lm, ref):
         _force_latents(model, steps={0, 1, 4})

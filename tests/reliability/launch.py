@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tests.helpers import DIST_ENV, free_port, launch_env
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "ltscale" / "train.py"
@@ -31,21 +32,8 @@ TINY = [
 ]  # fmt: skip
 STEPS_PER_STAGE = 6
 
-_DROP = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LTSCALE_FAULT",
-)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# The launch variables are set per rank below; a leftover LTSCALE_FAULT would inject a fault.
+_DROP = (*DIST_ENV, "LTSCALE_FAULT")
 
 
 @dataclass
@@ -91,10 +79,8 @@ def launch(run_dir: Path, extra: list[str] = (), *, fault: str | None = None, np
     logs = []
     procs = []
     for rank in range(nproc):
-        env = {k: v for k, v in os.environ.items() if k not in _DROP}
-        env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                   PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
+        env = launch_env(drop=_DROP, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
         if fault:
             env["LTSCALE_FAULT"] = fault
         log = run_dir.parent / f"{run_dir.name}{tag}.rank{rank}.log"

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ltscale.config import ConfigError, load_config
 from ltscale.data import Record, collate
 from ltscale.methods.coconut import Coconut, CoconutInference, build_example, stage_layout
 from ltscale.model import LatentLM
 from ltscale.model.reference import reference_forward, reference_generate
+from tests.helpers import left_pad, tiny_latent_lm
 
 VOCAB, BOT, EOT, THINK, EOS = 64, 60, 61, 63, 2
 
@@ -68,17 +68,7 @@ def test_stage_is_not_capped_by_the_samples_own_steps():
 
 
 def tiny_lm(mode: str = "hidden") -> LatentLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return LatentLM(LlamaForCausalLM(cfg).double(), THINK, mode=mode)
+    return tiny_latent_lm(THINK, mode, VOCAB)
 
 
 def coconut_batch(stage: int):
@@ -112,11 +102,7 @@ def test_forced_latents_at_inference_match_reference_decoder():
     lm = tiny_lm().eval()
     model = CoconutInference(lm, n_latent=4, eot_id=EOT)
     prompts = [[1, 7, 8, 9, BOT], [1, 10, BOT]]
-    ids = torch.zeros(2, 5, dtype=torch.long)
-    mask = torch.zeros(2, 5, dtype=torch.long)
-    for b, p in enumerate(prompts):  # left padding, as evaluate() builds it
-        ids[b, 5 - len(p) :] = torch.tensor(p)
-        mask[b, 5 - len(p) :] = 1
+    ids, mask = left_pad(prompts)  # as evaluate() builds it
     out = model.generate(ids, mask, 12, eos_token_id=EOS)
     assert out.num_latent.tolist() == [4, 4]
     assert (out.sequences[:, :5] == torch.tensor([THINK] * 4 + [EOT])).all()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ltscale.data import IGNORE_INDEX, Encoded, collate
+from tests.helpers import make_tiny_llama
 
 A = Encoded(input_ids=[1, 5, 6, 7], labels=[IGNORE_INDEX, IGNORE_INDEX, 6, 7], prompt_len=2, id="a")
 B = Encoded(input_ids=[1, 8], labels=[IGNORE_INDEX, 8], prompt_len=1, id="b")
@@ -47,13 +48,10 @@ def test_errors():
 
 def test_matches_unpadded_forward_under_left_padding():
     """Left padding + our position_ids reproduce the unpadded logits of a tiny Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = make_tiny_llama(
+        vocab_size=16, hidden=16, layers=1, heads=2, dtype=torch.float32, max_positions=2048,
+        isolated_rng=False, record_dtype=False,
+    ).eval()  # fmt: skip
     batch = collate([A, B], pad_id=0, padding_side="left")
     with torch.no_grad():
         logits = model(

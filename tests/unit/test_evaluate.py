@@ -25,6 +25,7 @@ from ltscale.eval.evaluate import (
     summarize,
     write_results,
 )
+from tests.helpers import make_tiny_llama
 
 WORDS = [
     "[PAD]",
@@ -287,17 +288,10 @@ def test_default_prompt_fn_uses_formatting_module() -> None:
 def test_real_latent_lm_batched_equals_one_by_one() -> None:
     """Against the real LatentLM (tiny random Llama, fp64): the eval loop's left padding and
     length-sorted batching give the same per-example results as batch size 1."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import ltscale.model as model_pkg
 
     tok = make_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    base = LlamaForCausalLM(cfg).double()
+    base = make_tiny_llama(len(WORDS), kv_heads=2, max_positions=64, isolated_rng=False, record_dtype=False)
     think = tok.convert_tokens_to_ids("<thinking>")
     with torch.no_grad():  # make <thinking> likely so latent steps are exercised
         base.lm_head.weight[think] += 0.5 * base.lm_head.weight.abs().mean(dim=0).sign()

@@ -19,6 +19,7 @@ from ltscale.data import (
     save_insertions,
     select_sites,
 )
+from tests.helpers import make_tiny_llama
 
 P = InsertionParams(tau=0.3, max_sites=6, insert_prob=0.85, double_insert_prob=0.15)
 
@@ -93,19 +94,9 @@ def test_apply_insertions_shifts_and_labels():
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_tiny_llama(
+        kv_heads=2, dtype=torch.float32, max_positions=64, isolated_rng=False, record_dtype=False
+    ).eval()
 
 
 def test_gold_token_probs_match_per_example():

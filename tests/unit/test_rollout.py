@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ltscale.model import LatentLM
 from ltscale.model.reference import reference_forward
 from ltscale.model.rollout import count_passes, plan_rollout
+from tests.helpers import make_tiny_llama
 
 VOCAB, THINK = 64, 63
 
 
 def tiny_base(seed: int = 0, attn: str = "sdpa", tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn,
-                      tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).double()
+    # global seed: an adapter built next draws its init from the state this leaves
+    return make_tiny_llama(
+        VOCAB,
+        kv_heads=2,
+        tie=tie,
+        attn=attn,
+        seed=seed,
+        max_positions=2048,
+        isolated_rng=False,
+        record_dtype=False,
+    )
 
 
 def batch(layout: str, pad_side: str = "right"):
@@ -52,13 +59,13 @@ def batch(layout: str, pad_side: str = "right"):
         else:
             # shift the row right so the padding is on the left, keeping its latent layout
             ids[b] = torch.roll(ids[b], 16 - n)
-            mask[b, 16 - n:] = 1
+            mask[b, 16 - n :] = 1
     ids = ids.masked_fill(mask == 0, 0)
     labels = ids.masked_fill(mask == 0, -100)
     prompt = 3
     for b in range(4):
         first = int(mask[b].nonzero()[0])
-        labels[b, first:first + prompt] = -100
+        labels[b, first : first + prompt] = -100
     return ids, mask, labels
 
 
@@ -120,8 +127,9 @@ def test_zero_latents_equals_plain_cot_loss():
     ours = lm(ids, mask, labels).loss
     # The base model's plain causal forward: shift, token mean over non-ignored labels.
     logits = base(input_ids=ids, attention_mask=mask).logits
-    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                                              ignore_index=-100)
+    plain = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(ours, plain, rtol=1e-10, atol=0)
     # HF's own loss (computed in fp32) agrees to fp32 precision.
     hf = base(input_ids=ids, attention_mask=mask, labels=labels).loss

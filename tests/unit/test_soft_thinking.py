@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ltscale.methods.soft_thinking import SoftParams, SoftState, concept_weights, soft_generate, soft_step
 from ltscale.model import LatentLM
+from tests.helpers import left_pad, tiny_latent_lm
 
 VOCAB, THINK, EOS = 64, 63, 2
 
 
 def tiny_lm() -> LatentLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return LatentLM(LlamaForCausalLM(cfg).double(), THINK, mode="cot").eval()
+    return tiny_latent_lm(THINK, "cot", VOCAB).eval()
 
 
 def concept(lm: LatentLM, logits: torch.Tensor, temperature: float, top_k: int, top_p: float = 1.0):
@@ -99,13 +89,7 @@ def test_cold_stop_emits_think_end_and_think_end_top1_leaves_soft_mode():
 
 def _prompts():
     prompts = [[1, 5, 9, 13, 17, 21], [1, 8, 3], [1, 30, 31, 32, 33], [1, 40]]
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p)
-        mask[b, width - len(p) :] = 1
-    return prompts, ids, mask
+    return prompts, *left_pad(prompts)
 
 
 @pytest.mark.parametrize("threshold, n", [(0.0, 4), (float("inf"), 3), (3.9, 2)])

@@ -5,26 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ltscale.config import ConfigError, load_config
 from ltscale.methods.softcot import SoftCoTLM, assistant_thoughts
+from tests.helpers import left_pad, make_tiny_llama
 
 VOCAB, THINK, EOS, N = 64, 63, 2, 3
 
 
 def llama(hidden: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
+    # global seed: the SoftCoT projection built next draws its init from the state this leaves
+    return make_tiny_llama(
+        VOCAB, hidden, kv_heads=2, seed=seed, max_positions=2048, isolated_rng=False, record_dtype=False
     )
-    return LlamaForCausalLM(cfg).double()
 
 
 def softcot(train_base: bool = False) -> SoftCoTLM:
@@ -105,12 +99,7 @@ def test_cached_thoughts_equal_recomputed_and_survive_the_cache_file(tmp_path):
 def test_batched_generation_equals_per_sample():
     lm = softcot().eval()
     rows = [list(p) + [THINK] * N for p in PROMPTS]
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r) :] = torch.tensor(r)
-        mask[b, width - len(r) :] = 1
+    ids, mask = left_pad(rows)
     out = lm.generate(ids, mask, 8, eos_token_id=EOS)
     for b, r in enumerate(rows):
         one = lm.generate(torch.tensor([r]), None, 8, eos_token_id=EOS)

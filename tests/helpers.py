@@ -1,0 +1,207 @@
+"""Plain helpers shared by the test tiers (no pytest import, so rank scripts started as subprocesses
+can import them too).
+
+* ``make_tiny_llama`` / ``tiny_latent_lm``: the tiny random Llama every model test builds, in one
+  place, so that a test differs from the others only in the arguments it passes.
+* ``DIST_ENV`` / ``launch_env`` / ``free_port`` / ``popen_group`` / ``communicate_group``: how a
+  test starts a multi-rank job: a clean environment (no leaked ``RANK``/``MASTER_*``), a fresh
+  port, a process group of its own that is killed as a whole on a timeout or an interrupt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+# Variables describing a distributed job; stripped from the environment of launched ranks so the
+# launcher alone decides them.
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def make_tiny_llama(
+    vocab_size: int = 64,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    tie: bool = False,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    *,
+    max_positions: int = 256,
+    isolated_rng: bool = True,
+    record_dtype: bool = True,
+):
+    """A tiny, randomly initialised ``LlamaForCausalLM`` (in training mode, as constructed).
+
+    Same arguments -> bit-identical weights.  ``kv_heads=None`` means plain multi-head attention;
+    pass fewer to exercise GQA.  Built in fp32 (torch's default dtype) and then cast to ``dtype``,
+    so e.g. float64 and float32 models with the same seed hold the same values.
+
+    ``isolated_rng`` (default): init runs under ``fork_rng``, leaving the caller's global RNG
+    untouched.  ``False`` seeds the global RNG instead, for tests whose later random draws (an
+    adapter's or projection's init) rely on the state the build leaves behind.
+    ``record_dtype``: store ``dtype`` in the config (``config.dtype``); ``False`` leaves it unset,
+    as a bare ``LlamaConfig`` has it.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads if kv_heads is not None else heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie,
+        attn_implementation=attn,
+        dtype=dtype if record_dtype else None,
+    )
+    if isolated_rng:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(cfg)
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype)
+
+
+def tiny_latent_lm(think_id: int, mode: str, vocab_size: int = 64):
+    """The unit tests' tiny latent model: a GQA (4 heads, 2 kv) fp64 Llama, global seed 0, wrapped
+    in ``LatentLM`` with ``<thinking>`` = ``think_id``."""
+    from ltscale.model import LatentLM
+
+    base = make_tiny_llama(vocab_size, kv_heads=2, max_positions=2048, isolated_rng=False, record_dtype=False)
+    return LatentLM(base, think_id, mode=mode)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token rows left-padded to the longest, as ``evaluate()``
+    batches prompts for generation."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :] = torch.tensor(r)
+        mask[b, width - len(r) :] = 1
+    return ids, mask
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1.
+
+    The kernel picks it (bind to port 0); it is released before the caller binds it, so a race is
+    possible but rare: every launch asks anew rather than reusing a fixed port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pythonpath(repo_root: str | os.PathLike) -> str:
+    """``PYTHONPATH`` with the repo root in front, so ranks import this checkout's ``ltscale``."""
+    return os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH")) if p)
+
+
+def launch_env(
+    repo_root: str | os.PathLike | None = None, *, drop: Iterable[str] = DIST_ENV, **extra: str
+) -> dict[str, str]:
+    """The test process's environment for a launched job: without the ``drop`` variables (left by
+    another test, they would make every subprocess believe it is part of a job), on CPU with one
+    thread per rank and FutureWarnings off, the repo root on ``PYTHONPATH`` when ``repo_root`` is
+    given; ``extra`` entries last."""
+    drop = frozenset(drop)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning")
+    if repo_root is not None:
+        env["PYTHONPATH"] = pythonpath(repo_root)
+    env.update(extra)
+    return env
+
+
+def torchrun_cmd(script: str | os.PathLike, nproc: int, port: int, args: Sequence[str] = ()) -> list[str]:
+    """``python -m torch.distributed.run`` (= ``torchrun``) of the running interpreter, one node,
+    rendezvous on 127.0.0.1:``port``: the ranks use the test's venv."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        str(script), *map(str, args),
+    ]  # fmt: skip
+
+
+def deepspeed_cmd(script: str | os.PathLike, nproc: int, port: int, args: Sequence[str] = ()) -> list[str]:
+    """The product's own launch line (``deepspeed --num_gpus N ltscale/train.py ...``), with the
+    ``deepspeed`` launcher of the running interpreter's venv."""
+    return [
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+        "--master_port", str(port), str(script), *map(str, args),
+    ]  # fmt: skip
+
+
+def popen_group(
+    cmd: Sequence[str], *, env: dict[str, str], cwd: str | os.PathLike, merge_stderr: bool = False
+) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own (text pipes), so ``kill_group`` reaches the ranks a
+    launcher forks, not only the launcher."""
+    return subprocess.Popen(
+        list(cmd),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen, *, sigterm_first: bool = True) -> None:
+    """Take down ``proc``'s whole process group.  ``sigterm_first``: SIGTERM, 10 s to let torchrun
+    tear down its workers, then SIGKILL whatever is left (5 s); otherwise SIGKILL at once."""
+    steps = ((signal.SIGTERM, 10), (signal.SIGKILL, 5)) if sigterm_first else ((signal.SIGKILL, None),)
+    for sig, grace in steps:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def communicate_group(
+    proc: subprocess.Popen, timeout: float, *, sigterm_first: bool = True
+) -> tuple[str | None, str | None, bool]:
+    """``(stdout, stderr, timed_out)`` of a ``popen_group`` process.  On a timeout the group is
+    killed and what it wrote so far returned; an interrupt (pytest-timeout, Ctrl-C) also kills the
+    group before it propagates, so no rank outlives the test.  ``sigterm_first=False``: SIGKILL at
+    once."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        kill_group(proc, sigterm_first=sigterm_first)
+        out, err = proc.communicate()
+        timed_out = True
+    finally:
+        if proc.poll() is None:
+            kill_group(proc, sigterm_first=sigterm_first)
+    return out, err, timed_out
+
+
+def tail(text: str | None, limit: int = 12_000) -> str:
+    """The last ``limit`` characters of a launch's output, marked where it was cut."""
+    text = text or ""
+    return text if len(text) <= limit else f"... [{len(text) - limit} chars cut] ...\n{text[-limit:]}"
