@@ -72,10 +72,10 @@ def main() -> int:
         res = json.loads(out.read_text()) if out.is_file() else {}
         summary[script] = {"rc": rc, "seconds": time.perf_counter() - t0, "result": res}
     print(f"\n== summary ({time.perf_counter() - t_all:.0f} s, load average {os.getloadavg()[0]:.1f})")
-    print("| benchmark | headline | goal | status | seconds |\n|---|---:|---|---|---:|")
+    print("| benchmark | headline | goal | run | seconds |\n|---|---:|---|---|---:|")
     for script, s in summary.items():
         goal = HEADLINES.get(script, ("", ""))[1]
-        status = "ok" if s["rc"] == 0 else f"FAILED rc={s['rc']}"
+        status = "ran" if s["rc"] == 0 else f"FAILED rc={s['rc']}"
         print(f"| {script} | {headline(script, s['result'])} | {goal} | {status} | {s['seconds']:.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1, default=str))
