@@ -34,6 +34,7 @@
 LTSCALE_EXIT_USAGE=2      # bad input / stage order: same code as ltscale/train.py
 LTSCALE_EXIT_STOPPED=143  # ltscale/train.py: every rank checkpointed at a step boundary, then stopped
 LTSCALE_RESIGNAL_S=${LTSCALE_RESIGNAL_S:-30}  # re-send the stop signal this often until the ranks stop
+LTSCALE_STEP_GRACE_S=5    # no stop signal to a step younger than this: its node wrappers may not ignore it yet
 
 ltscale_log() { echo "[ltscale-slurm $(date +%H:%M:%S)] $*"; }
 ltscale_err() { echo "[ltscale-slurm $(date +%H:%M:%S)] ERROR: $*" >&2; }
@@ -263,7 +264,11 @@ ltscale_forward_stop() {
   # SIGUSR1 to srun, which relays it to every process of the step on every node; only the ranks
   # act on it (the launchers ignore it). USR1 even when the batch shell got TERM: the ranks treat
   # both alike, and a TERM would make srun/launch.py tear the step down instead.
-  if [ -n "${LTSCALE_SRUN_PID:-}" ] && kill -0 "$LTSCALE_SRUN_PID" 2>/dev/null; then
+  # Not in the step's first seconds: srun relays to every task at once, and a node wrapper that has
+  # not reached its `trap '' USR1` yet would die of it (exit 138) and take the step down. The
+  # waiting loop forwards a stop that arrived meanwhile once the grace has passed.
+  if [ -n "${LTSCALE_SRUN_PID:-}" ] && kill -0 "$LTSCALE_SRUN_PID" 2>/dev/null &&
+    ((SECONDS - LTSCALE_SRUN_START >= LTSCALE_STEP_GRACE_S)); then
     kill -USR1 "$LTSCALE_SRUN_PID" 2>/dev/null || true
     LTSCALE_LAST_FORWARD=$SECONDS
   fi
@@ -279,15 +284,17 @@ ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCAL
     --kill-on-bad-exit=1 --label "${srun_extra[@]+"${srun_extra[@]}"}" \
     bash "$LTSCALE_REPO/slurm/common.sh" node -- "${TRAIN_ARGS[@]}" &
   LTSCALE_SRUN_PID=$!
-  # A stop signal that arrived before srun existed is forwarded now.
-  [ -n "${LTSCALE_STOP:-}" ] && ltscale_forward_stop
-  # Poll instead of a bare `wait $pid`: traps run at once (wait returns on a signal), and the
-  # stop signal is re-sent every LTSCALE_RESIGNAL_S s, because a rank still starting up (imports,
-  # engine set-up) ignores it until the trainer installs its handler.
+  LTSCALE_SRUN_START=$SECONDS
+  LTSCALE_LAST_FORWARD=
+  # Poll instead of a bare `wait $pid`: traps run at once (wait returns on a signal). A stop that
+  # arrived before srun existed, or in its first LTSCALE_STEP_GRACE_S s, is forwarded once that
+  # grace has passed; then it is re-sent every LTSCALE_RESIGNAL_S s, because a rank still starting
+  # up (imports, engine set-up) ignores it until the trainer installs its handler.
   while kill -0 "$LTSCALE_SRUN_PID" 2>/dev/null; do
     sleep 1 &
     wait $! 2>/dev/null || true
-    if [ -n "${LTSCALE_STOP:-}" ] && ((SECONDS - ${LTSCALE_LAST_FORWARD:-0} >= LTSCALE_RESIGNAL_S)); then
+    if [ -n "${LTSCALE_STOP:-}" ] &&
+      { [ -z "$LTSCALE_LAST_FORWARD" ] || ((SECONDS - LTSCALE_LAST_FORWARD >= LTSCALE_RESIGNAL_S)); }; then
       ltscale_forward_stop
     fi
   done
