@@ -82,4 +82,13 @@ def _fail(rank: str, err: object, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in (2, 3, 4):
+        # Error exits leave without interpreter teardown: a gloo group destroyed while a peer is
+        # failing too can abort the rank ("terminate called without an active exception", exit
+        # 134) and hide the code. The message is printed and the logs are flushed first.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
