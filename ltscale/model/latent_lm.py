@@ -131,12 +131,15 @@ class LatentLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def latent_input(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The method's latent function: what a ``<thinking>`` slot is fed."""
+    def latent_input(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The method's latent function: what a ``<thinking>`` slot is fed.
+
+        ``logits=None``: compute the previous position's logits here, only when the mode needs them.
+        """
         if self.mode == "hidden":
             out = hidden
         elif self.mode == "fusion":
-            out = self.fusion(hidden, logits)
+            out = self.fusion(hidden, self.lm_head(hidden) if logits is None else logits)
         else:
             raise RuntimeError(f"mode {self.mode!r} has no latent function (slots keep their token embedding)")
         return self.adapter(out) if self.adapter is not None else out

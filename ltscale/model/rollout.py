@@ -166,7 +166,7 @@ def latent_rollout(
     config,
     embed: Callable[[torch.Tensor], torch.Tensor],
     lm_head: Callable[[torch.Tensor], torch.Tensor],
-    latent_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    latent_input: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor | None,
@@ -175,7 +175,9 @@ def latent_rollout(
     gradient_checkpointing: bool = False,
     return_logits: bool = True,
 ) -> RolloutResult:
-    """The fast path. ``latent_input(h_prev, logits_prev) -> embedding`` is the method's latent function."""
+    """The fast path. ``latent_input(h_prev, None) -> embedding`` is the method's latent function; it
+    computes the logits it needs itself (``hidden`` mode needs none), so their head call can defer its
+    ``V x d`` weight gradient across passes."""
     plan = plan_rollout(input_ids, attention_mask, thinking_token_id, min_passes)
     bsz, length = input_ids.shape
     # Target of the token at column l is the label of the next column (contiguous rows).
@@ -197,7 +199,7 @@ def latent_rollout(
         embeds = embeds_all[rows[:, None], spec.index.clamp(min=0)]
         if k > 0:
             h_prev = prev_hidden[rows, spec.prev_last]
-            latent = latent_input(h_prev, lm_head(h_prev)).to(embeds.dtype)
+            latent = latent_input(h_prev, None).to(embeds.dtype)
             first = torch.where(spec.has_latent[:, None], latent, embeds[:, 0])
             embeds = torch.cat([first[:, None], embeds[:, 1:]], dim=1)
         key_valid.append(spec.valid)
