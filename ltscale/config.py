@@ -150,6 +150,9 @@ class EngineConfig:
     ds_config: str = "zero3"
     precision: str = "auto"
     fused: str = "auto"  # auto | on | off  (fused fusion op; the torch path is the reference)
+    # auto: rollout passes run on their real tokens only when the model's attention allows it
+    # (ltscale/model/packed.py); off: padded (B, W) passes, the path every HF decoder takes.
+    packed_passes: str = "auto"
     # A collective waiting longer than this (a dead or hung rank) fails instead of hanging.
     collective_timeout_s: float = 600.0
 
@@ -434,6 +437,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.betas: expected two numbers")
     if cfg.engine.fused not in ("auto", "on", "off"):
         raise ConfigError(f"engine.fused: {cfg.engine.fused!r} not in auto|on|off")
+    if cfg.engine.packed_passes not in ("auto", "off"):
+        raise ConfigError(f"engine.packed_passes: {cfg.engine.packed_passes!r} not in auto|off")
     if cfg.engine.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"engine.precision: {cfg.engine.precision!r} not in auto|fp32|bf16|fp16")
     if cfg.resume not in ("auto", "never", "must"):

@@ -101,7 +101,8 @@ def build_latent_model(cfg: RunConfig, data: RunData) -> LatentLM:
     first = cfg.stages[0]
     lm = LatentLM(base, data.thinking_id, mode=first.mode, alpha=first.alpha, temperature=first.temperature,
                   top_p=first.top_p, adapter=m.adapter, adapter_hidden=m.adapter_hidden,
-                  gradient_checkpointing=m.gradient_checkpointing, fusion_impl=FUSED_TO_IMPL[cfg.engine.fused])
+                  gradient_checkpointing=m.gradient_checkpointing, fusion_impl=FUSED_TO_IMPL[cfg.engine.fused],
+                  packed_passes=cfg.engine.packed_passes)
     return method.wrap_model(lm, cfg, data)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ltscale.model.packed import packing_supported
 from ltscale.model.rollout import count_passes, latent_rollout
 from ltscale.ops import context_prediction_fusion, fused_available
 
@@ -72,7 +73,8 @@ class LatentAdapter(nn.Module):
 class LatentLM(nn.Module):
     def __init__(self, base_model: nn.Module, thinking_token_id: int, mode: str = "hidden", alpha: float = 0.6,
                  temperature: float = 1.0, top_p: float = 0.9, *, adapter: bool = False,
-                 adapter_hidden: int = 1024, gradient_checkpointing: bool = False, fusion_impl: str = "auto"):
+                 adapter_hidden: int = 1024, gradient_checkpointing: bool = False, fusion_impl: str = "auto",
+                 packed_passes: str = "auto"):
         super().__init__()
         self.base = base_model
         self.thinking_token_id = int(thinking_token_id)
@@ -84,6 +86,9 @@ class LatentLM(nn.Module):
             raise RuntimeError("engine.fused=on but the ltscale._C extension is not built (see `ltscale env`; "
                                "rebuild with `make install`, or set engine.fused=auto to fall back to torch)")
         self.fusion_impl = fusion_impl
+        if packed_passes not in ("auto", "off"):
+            raise ValueError(f"packed_passes={packed_passes!r} not in auto|off")
+        self.packed_passes = packed_passes
         self.mode = "cot"
         self.set_latent_mode(mode, alpha=alpha, temperature=temperature, top_p=top_p)
 
@@ -168,7 +173,8 @@ class LatentLM(nn.Module):
             decoder=self.decoder(), config=self.base.config, embed=self.embed, lm_head=self.lm_head,
             latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
             thinking_token_id=self.thinking_token_id if rollout else -1, min_passes=min_passes if rollout else 1,
-            gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits)
+            gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits,
+            packed=self.packed_passes == "auto" and packing_supported(self.base.config))
         loss = None
         if labels is not None:
             loss = res.loss_sum / max(res.n_targets, 1)

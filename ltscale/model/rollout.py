@@ -22,6 +22,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from ltscale.model.packed import run_packed_pass
+
 IGNORE_INDEX = -100
 
 
@@ -160,6 +162,92 @@ class RolloutResult:
     n_passes: int
 
 
+class _PaddedPasses:
+    """Pass ``k`` as a ``(B, W_k)`` batch over a padded per-pass K/V cache (any HF decoder)."""
+
+    def __init__(self, decoder, config, embeds_all: torch.Tensor, checkpointed: bool):
+        self.decoder, self.config, self.embeds_all, self.checkpointed = decoder, config, embeds_all, checkpointed
+        self.rows = torch.arange(embeds_all.shape[0], device=embeds_all.device)
+        self.chunks: list[torch.Tensor] = []
+        self.key_valid: list[torch.Tensor] = []
+        self.key_pos: list[torch.Tensor] = []
+        self.hidden: torch.Tensor | None = None
+
+    def previous_state(self, spec: PassSpec) -> torch.Tensor:
+        """(B, d): each row's last hidden state of the previous pass."""
+        return self.hidden[self.rows, spec.prev_last]
+
+    def run(self, spec: PassSpec, latent: torch.Tensor | None) -> torch.Tensor:
+        """Runs the pass; returns the hidden states of its real tokens, row-major ``(n_k, d)``."""
+        embeds = self.embeds_all[self.rows[:, None], spec.index.clamp(min=0)]
+        if latent is not None:
+            first = torch.where(spec.has_latent[:, None], latent.to(embeds.dtype), embeds[:, 0])
+            embeds = torch.cat([first[:, None], embeds[:, 1:]], dim=1)
+        self.key_valid.append(spec.valid)
+        self.key_pos.append(spec.position_ids)
+        mask = additive_mask(torch.cat(self.key_valid, 1), torch.cat(self.key_pos, 1), spec.valid,
+                             spec.position_ids, embeds.dtype)
+        args = (self.decoder, self.config, embeds, mask, spec.position_ids, *self.chunks)
+        outs = checkpoint(run_decoder_pass, *args, use_reentrant=False) if self.checkpointed else run_decoder_pass(*args)
+        self.hidden = outs[0]
+        self.chunks.extend(outs[1:])
+        return self.hidden[spec.valid]
+
+
+class _PackedPasses:
+    """Pass ``k`` as one packed row of its real tokens (``packed.py``): no padded slot reaches a Linear."""
+
+    def __init__(self, decoder, config, embeds_all: torch.Tensor, checkpointed: bool):
+        self.decoder, self.config, self.embeds_all, self.checkpointed = decoder, config, embeds_all, checkpointed
+        bsz, length = embeds_all.shape[:2]
+        self.chunks: list[torch.Tensor] = []
+        self.history_len = 0
+        # where_packed[b, j]: index in the packed K/V history of row b's token at true position j.
+        self.where_packed = torch.zeros((bsz, max(length, 1)), dtype=torch.long, device=embeds_all.device)
+        self.span = 1
+        self.hidden: torch.Tensor | None = None
+        self.slot_map: torch.Tensor | None = None
+
+    def previous_state(self, spec: PassSpec) -> torch.Tensor:
+        rows = torch.arange(self.slot_map.shape[0], device=self.slot_map.device)
+        return self.hidden[self.slot_map[rows, spec.prev_last]]
+
+    def run(self, spec: PassSpec, latent: torch.Tensor | None) -> torch.Tensor:
+        bsz, width = spec.valid.shape
+        take = spec.valid
+        empty = not bool(take.any())
+        if empty:  # a lockstep pass with no tokens: one dummy query keeps every layer's collectives
+            take = torch.zeros_like(take)
+            take[0, 0] = True
+        q_rows, q_cols = take.nonzero(as_tuple=True)  # row-major: the loss's token order
+        embeds = self.embeds_all[q_rows, spec.index[q_rows, q_cols].clamp(min=0)]
+        if latent is not None:
+            is_latent = (q_cols == 0) & spec.has_latent[q_rows]
+            embeds = torch.where(is_latent[:, None], latent.to(embeds.dtype)[q_rows], embeds)
+        positions = spec.position_ids[q_rows, q_cols]
+        n = int(q_rows.numel())
+        if not empty:
+            self.where_packed[q_rows, positions] = torch.arange(self.history_len, self.history_len + n,
+                                                                device=positions.device)
+            self.span = max(self.span, int(positions.max()) + 1)
+        self.history_len += n
+        flat_take = take.reshape(-1)
+        self.slot_map = (flat_take.long().cumsum(0) - 1).clamp(min=0).view(bsz, width)
+        q_real = flat_take.nonzero().squeeze(1)
+        k_slots = self.where_packed[:, :self.span].reshape(-1).clone()  # later passes write where_packed
+        # Key j of a row is its token at true position j: causal by true position; padding sees key 0.
+        keys = torch.arange(self.span, device=positions.device)
+        allowed = keys[None, None, :] <= spec.position_ids[:, :, None]
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        mask = mask.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)[:, None]
+        args = (self.decoder, self.config, embeds[None], mask, positions[None], (bsz, width, self.span),
+                self.slot_map.reshape(-1), q_real, k_slots, *self.chunks)
+        outs = checkpoint(run_packed_pass, *args, use_reentrant=False) if self.checkpointed else run_packed_pass(*args)
+        self.hidden = outs[0][0]
+        self.chunks.extend(outs[1:])
+        return self.hidden[:0] if empty else self.hidden
+
+
 def latent_rollout(
     *,
     decoder: torch.nn.Module,
@@ -174,10 +262,15 @@ def latent_rollout(
     min_passes: int = 1,
     gradient_checkpointing: bool = False,
     return_logits: bool = True,
+    packed: bool = False,
 ) -> RolloutResult:
     """The fast path. ``latent_input(h_prev, None) -> embedding`` is the method's latent function; it
     computes the logits it needs itself (``hidden`` mode needs none), so their head call can defer its
-    ``V x d`` weight gradient across passes."""
+    ``V x d`` weight gradient across passes.
+
+    ``packed``: run each pass on its real tokens only (``packed.py``; needs ``packing_supported``);
+    otherwise on a ``(B, W_k)`` padded batch. Same values and gradients either way.
+    """
     plan = plan_rollout(input_ids, attention_mask, thinking_token_id, min_passes)
     bsz, length = input_ids.shape
     # Target of the token at column l is the label of the next column (contiguous rows).
@@ -185,40 +278,22 @@ def latent_rollout(
         next_labels = torch.full_like(labels, IGNORE_INDEX)
         next_labels[:, :-1] = labels[:, 1:]
         next_labels = next_labels.masked_fill(~plan.valid, IGNORE_INDEX)
-    chunks: list[torch.Tensor] = []
-    key_valid: list[torch.Tensor] = []
-    key_pos: list[torch.Tensor] = []
-    rows = torch.arange(bsz, device=input_ids.device)
     # One embedding call and one LM-head call over the real tokens of all passes: per-pass calls
     # would each materialise a dense V x d weight gradient in backward (and run the head on padding).
     embeds_all = embed(input_ids)
+    runner_type = _PackedPasses if packed else _PaddedPasses
+    runner = runner_type(decoder, config, embeds_all, gradient_checkpointing and torch.is_grad_enabled())
     hiddens: list[torch.Tensor] = []
     keep_in_graph: list[torch.Tensor] = []
-    prev_hidden = None
     for k, spec in enumerate(plan.passes):
-        embeds = embeds_all[rows[:, None], spec.index.clamp(min=0)]
-        if k > 0:
-            h_prev = prev_hidden[rows, spec.prev_last]
-            latent = latent_input(h_prev, None).to(embeds.dtype)
-            first = torch.where(spec.has_latent[:, None], latent, embeds[:, 0])
-            embeds = torch.cat([first[:, None], embeds[:, 1:]], dim=1)
-        key_valid.append(spec.valid)
-        key_pos.append(spec.position_ids)
-        mask = additive_mask(torch.cat(key_valid, 1), torch.cat(key_pos, 1), spec.valid, spec.position_ids,
-                             embeds.dtype)
-        if gradient_checkpointing and torch.is_grad_enabled():
-            outs = checkpoint(run_decoder_pass, decoder, config, embeds, mask, spec.position_ids, *chunks,
-                              use_reentrant=False)
-        else:
-            outs = run_decoder_pass(decoder, config, embeds, mask, spec.position_ids, *chunks)
-        hidden, new_kv = outs[0], outs[1:]
-        chunks.extend(new_kv)
-        hiddens.append(hidden[spec.valid])
+        latent = latent_input(runner.previous_state(spec), None) if k > 0 else None
+        real = runner.run(spec, latent)
+        hiddens.append(real)
         if not bool(spec.valid.any()):
             # An empty lockstep pass: keep it in the graph so its backward (and recompute) runs on
             # every rank too.
-            keep_in_graph.append(0.0 * upcast(hidden).sum())
-        prev_hidden = hidden
+            keep_in_graph.append(0.0 * upcast(runner.hidden).sum())
+    rows = torch.arange(bsz, device=input_ids.device)
     sel_rows = torch.cat([rows[:, None].expand_as(s.valid)[s.valid] for s in plan.passes])
     sel_cols = torch.cat([s.index[s.valid] for s in plan.passes])
     logits = lm_head(torch.cat(hiddens))  # (real tokens, V)

@@ -96,8 +96,10 @@ def run_both(lm: LatentLM, ids, mask, labels):
 @pytest.mark.parametrize("layout", ["none", "one", "mixed"])
 @pytest.mark.parametrize("pad_side", ["right", "left"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_rollout_matches_reference(mode, layout, pad_side, checkpointing):
-    lm = LatentLM(tiny_base(), THINK, mode=mode, alpha=0.6, top_p=0.9, gradient_checkpointing=checkpointing)
+@pytest.mark.parametrize("packed", ["auto", "off"])
+def test_rollout_matches_reference(mode, layout, pad_side, checkpointing, packed):
+    lm = LatentLM(tiny_base(), THINK, mode=mode, alpha=0.6, top_p=0.9, gradient_checkpointing=checkpointing,
+                  packed_passes=packed)
     lm.train()
     ids, mask, labels = batch(layout, pad_side)
     fast, ref, g_fast, g_ref = run_both(lm, ids, mask, labels)

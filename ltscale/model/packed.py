@@ -1,0 +1,122 @@
+"""Packed rollout passes: a pass's Linear layers see only its real tokens.
+
+A padded pass is ``(B, W_k)`` with ``W_k`` the widest row segment of pass ``k``; on scored data
+most of those slots are padding (bench P2 measures 62%), and every projection and MLP pays for
+them. Attention is the only op in a decoder layer that needs to know which row a token belongs
+to. So a packed pass runs the decoder on a single row ``(1, n_k)`` of real tokens and swaps in an
+attention function (registered with transformers' ``AttentionInterface``) that scatters the queries
+into ``(B, W_k)``, gathers each row's keys from the layer's packed K/V history into ``(B, T_k)``
+(``T_k`` = the longest row so far, not the sum of padded pass widths) and runs the model's own
+attention kernel under a causal mask by true position. Key ``j`` of row ``b`` *is* the row's token
+at true position ``j``, so the mask is just ``j <= query position``.
+
+Only models whose attention is plain masked dot-product attention (``sdpa`` / ``eager``, no logit
+soft-capping) are packed (``packing_supported``); others keep the padded passes. A model whose
+decoder does not route attention through ``AttentionInterface`` with its kwargs is caught after the
+first call instead of giving silently wrong numbers.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PACKED_ATTENTION = "ltscale_packed"
+_INNER_KERNELS = ("sdpa", "eager")
+
+
+def packing_supported(config) -> bool:
+    """Whether packed passes compute exactly what the model's own attention would."""
+    return config._attn_implementation in _INNER_KERNELS and not getattr(config, "attn_logit_softcapping", None)
+
+
+@dataclass
+class PackedLayout:
+    """One packed pass's row structure, shared by all its layers (built once per pass)."""
+
+    bsz: int
+    width: int  # W_k: padded query slots per row
+    span: int  # T_k: keys per row (longest row so far)
+    q_slots: torch.Tensor  # (B*W,) packed query index of each padded slot (any valid index on padding)
+    q_real: torch.Tensor  # (n,) the padded slots that hold the packed queries, in packed order
+    k_slots: torch.Tensor  # (B*T,) history index of row b's token at true position j
+    past: tuple[torch.Tensor, ...]  # earlier passes' (k0, v0, k1, v1, ...) chunks, layer-major per pass
+    n_layers: int
+    inner: str  # the model's own attention implementation
+    new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def history(self, layer: int, current: torch.Tensor, which: int) -> torch.Tensor:
+        """(1, H_kv, G, hd): this layer's keys (``which=0``) or values (1) of every pass so far."""
+        n_chunks = len(self.past) // (2 * self.n_layers)
+        parts = [self.past[(c * self.n_layers + layer) * 2 + which] for c in range(n_chunks)]
+        return torch.cat([*parts, current], dim=2) if parts else current
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     ltscale_layout: PackedLayout | None = None, **kwargs):
+    """``AttentionInterface`` function for packed passes: (1, H, n, hd) queries in, (1, n, H, hd) out."""
+    lay = ltscale_layout
+    if lay is None:
+        raise RuntimeError(
+            f"{type(module).__name__}: packed attention called without its layout; this model's decoder does "
+            "not pass attention kwargs through (set engine.packed_passes: off)")
+    layer = module.layer_idx
+    lay.new_kv[layer] = (key, value)
+    keys, values = lay.history(layer, key, 0), lay.history(layer, value, 1)
+    heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[-1]
+    q = query[0].index_select(1, lay.q_slots).view(heads, lay.bsz, lay.width, head_dim).transpose(0, 1)
+    k = keys[0].index_select(1, lay.k_slots).view(kv_heads, lay.bsz, lay.span, head_dim).transpose(0, 1)
+    v = values[0].index_select(1, lay.k_slots).view(kv_heads, lay.bsz, lay.span, head_dim).transpose(0, 1)
+    kernel = ALL_ATTENTION_FUNCTIONS[lay.inner] if lay.inner != "eager" else _eager()
+    out, _ = kernel(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling)  # (B, W, H, hd)
+    out = out.reshape(lay.bsz * lay.width, heads, head_dim).index_select(0, lay.q_real)
+    return out.unsqueeze(0), None
+
+
+def _eager():
+    # The model's own eager kernel: import lazily from the model's module is not generic, and every
+    # HF decoder's eager path is the same masked softmax(QK^T)V with GQA expansion.
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+@contextmanager
+def _attention_swapped(config):
+    original = config._attn_implementation
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield original
+    finally:
+        config._attn_implementation = original
+
+
+def run_packed_pass(decoder: torch.nn.Module, config, embeds: torch.Tensor, mask: torch.Tensor,
+                    position_ids: torch.Tensor, shape: tuple[int, int, int], q_slots: torch.Tensor,
+                    q_real: torch.Tensor, k_slots: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One decoder call on a packed row; same contract as ``rollout.run_decoder_pass``.
+
+    Returns ``(last_hidden_state, new_k0, new_v0, ...)``: this pass's K/V chunks per layer, which the
+    next passes get back as ``past`` (explicit tensors, so a checkpointed pass saves each once).
+    """
+    n_layers = config.num_hidden_layers
+    with _attention_swapped(config) as inner:
+        layout = PackedLayout(bsz=shape[0], width=shape[1], span=shape[2], q_slots=q_slots, q_real=q_real,
+                              k_slots=k_slots, past=past, n_layers=n_layers, inner=inner)
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                      ltscale_layout=layout)
+    if len(layout.new_kv) != n_layers:
+        raise RuntimeError(
+            f"packed pass: {len(layout.new_kv)} of {n_layers} attention layers went through the packed attention "
+            f"({type(decoder).__name__} computes attention its own way); set engine.packed_passes: off")
+    new_kv: list[torch.Tensor] = []
+    for layer in range(n_layers):
+        new_kv.extend(layout.new_kv[layer])
+    return (out.last_hidden_state, *new_kv)
