@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 from ltscale.model.packed import packing_supported
 from ltscale.model.rollout import count_passes, latent_rollout
 from ltscale.ops import context_prediction_fusion, fused_available
+from ltscale.ops.deferred import DeferredWeightGrads, deferred_linear
 
 MODES = ("cot", "hidden", "fusion", "pause")
 
@@ -40,21 +41,36 @@ class LatentLMOutput(ModelOutput):
 class FusionHead(nn.Module):
     """Computes the fused latent embedding inside its own ``forward``.
 
-    It owns no parameters; it reads the input-embedding weight. Under ZeRO-3 that weight is a
-    partition outside its module's forward, so the engine registers it as an *external parameter*
-    of this module (``LatentLM.zero3_external_parameters``) and DeepSpeed gathers it here.
+    It owns no parameters; it reads the input-embedding weight and, when it is not handed the
+    logits, the output-embedding weight (the rollout's per-pass head call happens here). Under ZeRO-3
+    those weights are partitions outside their modules' forwards, so the engine registers them as
+    *external parameters* of this module (``LatentLM.zero3_external_parameters``) and DeepSpeed
+    gathers them here.
+
+    In a training forward (``owner._deferred`` set) both reads defer their ``V x d`` weight gradients
+    to the step's accumulators (``ltscale/ops/deferred.py``): one gradient per weight per step
+    instead of one per pass.
     """
 
     def __init__(self, owner: LatentLM):
         super().__init__()
         object.__setattr__(self, "_owner", owner)  # not a submodule: avoids a second path to the base
 
-    def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         owner = self._owner
+        deferred = owner._deferred
+        if logits is None:  # LatentLM.lm_head's computation, from the weights
+            head = owner.base.get_output_embeddings()
+            logits = deferred_linear(hidden, head.weight, deferred)
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias
+            cap = getattr(owner.base.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
         weight = owner.base.get_input_embeddings().weight
         return context_prediction_fusion(
             hidden, logits, weight, alpha=owner.alpha, temperature=owner.temperature, top_p=owner.top_p,
-            exclude_token_id=owner.thinking_token_id, impl=owner.fusion_impl)
+            exclude_token_id=owner.thinking_token_id, impl=owner.fusion_impl, deferred=deferred)
 
 
 class LatentAdapter(nn.Module):
@@ -71,6 +87,10 @@ class LatentAdapter(nn.Module):
 
 
 class LatentLM(nn.Module):
+    # Defer the fusion latent function's V x d weight gradients to one per step (ops/deferred.py).
+    # False: the plain per-pass gradients (parity tests and before/after measurements).
+    defer_weight_grads: bool = True
+
     def __init__(self, base_model: nn.Module, thinking_token_id: int, mode: str = "hidden", alpha: float = 0.6,
                  temperature: float = 1.0, top_p: float = 0.9, *, adapter: bool = False,
                  adapter_hidden: int = 1024, gradient_checkpointing: bool = False, fusion_impl: str = "auto",
@@ -90,6 +110,7 @@ class LatentLM(nn.Module):
             raise ValueError(f"packed_passes={packed_passes!r} not in auto|off")
         self.packed_passes = packed_passes
         self.mode = "cot"
+        self._deferred: DeferredWeightGrads | None = None  # set for the duration of a training forward
         self.set_latent_mode(mode, alpha=alpha, temperature=temperature, top_p=top_p)
 
     # ------------------------------------------------------------------ configuration
@@ -120,7 +141,13 @@ class LatentLM(nn.Module):
         return self.mode in ("hidden", "fusion")
 
     def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
-        return [(self.fusion, self.base.get_input_embeddings().weight)]
+        """What ``FusionHead.forward`` reads: the input embedding, the output head (tied: once)."""
+        params = [self.base.get_input_embeddings().weight]
+        head = self.base.get_output_embeddings()
+        if head is not None:
+            params += [p for p in (head.weight, getattr(head, "bias", None)) if isinstance(p, nn.Parameter)]
+        unique = list({id(p): p for p in params}.values())
+        return [(self.fusion, p) for p in unique]
 
     # ------------------------------------------------------------------ pieces of the base model
     def decoder(self) -> nn.Module:
@@ -144,7 +171,7 @@ class LatentLM(nn.Module):
         if self.mode == "hidden":
             out = hidden
         elif self.mode == "fusion":
-            out = self.fusion(hidden, self.lm_head(hidden) if logits is None else logits)
+            out = self.fusion(hidden, logits)  # logits=None: the head runs inside the fusion module
         else:
             raise RuntimeError(f"mode {self.mode!r} has no latent function (slots keep their token embedding)")
         return self.adapter(out) if self.adapter is not None else out
@@ -169,12 +196,16 @@ class LatentLM(nn.Module):
         # Modes without a latent function run the same code path with no latent slots: one pass,
         # identical masking and position handling.
         rollout = self.uses_rollout
+        # One deferred-gradient accumulator per weight for this step (FusionHead makes them lazily);
+        # dropped after the rollout: calls outside a training forward take the plain path.
+        self._deferred = DeferredWeightGrads() if self.defer_weight_grads and torch.is_grad_enabled() else None
         res = latent_rollout(
             decoder=self.decoder(), config=self.base.config, embed=self.embed, lm_head=self.lm_head,
             latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
             thinking_token_id=self.thinking_token_id if rollout else -1, min_passes=min_passes if rollout else 1,
             gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits,
             packed=self.packed_passes == "auto" and packing_supported(self.base.config))
+        self._deferred = None  # the accumulators live on in the graph until its backward
         loss = None
         if labels is not None:
             loss = res.loss_sum / max(res.n_targets, 1)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ltscale.ops.deferred import DeferredWeightGrads, deferred_gather_rows, deferred_matmul
+
 IMPLS = ("auto", "fused", "torch", "reference")
 
 
@@ -121,9 +123,13 @@ def fusion_sparse_torch(
     temperature: float,
     top_p: float,
     exclude_token_id: int | None,
+    deferred: DeferredWeightGrads | None = None,
 ) -> torch.Tensor:
     """Touch only the kept rows of ``E``: K = the largest kept-set size in the batch (dense
-    product instead when K > V/4)."""
+    product instead when K > V/4).
+
+    ``deferred``: stash ``E``'s gradient (kept rows, or the dense product's pair) in the step's
+    accumulator instead of returning a ``V x d`` gradient per call (``deferred.py``)."""
     _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -139,9 +145,11 @@ def fusion_sparse_torch(
         # Most of V kept (flat rows, top_p = 1): gathering (N, K, d) rows would cost more memory
         # and time than the dense product (at N=64, K=25k, d=2048: 13 GB), so do that instead.
         dense = torch.zeros_like(probs).scatter(-1, order[:, :k], weights)
-        e_pred = dense.to(embedding_weight.dtype) @ embedding_weight[:vocab]
+        e_pred = deferred_matmul(dense.to(embedding_weight.dtype), embedding_weight, deferred)
     else:
-        rows = embedding_weight[order[:, :k]]  # (N, K, d): the only reads of E
+        rows = deferred_gather_rows(
+            embedding_weight, order[:, :k], deferred
+        )  # (N, K, d): the only reads of E
         e_pred = torch.einsum("nk,nkd->nd", weights.to(rows.dtype), rows)
     out = alpha * h2 + (1.0 - alpha) * e_pred.to(h2.dtype)
     return out.reshape(*lead, hidden.shape[-1])
@@ -212,15 +220,22 @@ class _FusedFusion(torch.autograd.Function):
     """autograd face of ``torch.ops.ltscale.context_prediction_fusion_{forward,backward}``.
 
     Forward keeps the kept set (padded indices + renormalised weights, ``N x K_max``) and ``E``;
-    backward needs nothing else (no re-selection, no softmax over V)."""
+    backward needs nothing else (no re-selection, no softmax over V).
+
+    With an accumulator (``acc``, its ``token`` an input so the collector runs after this backward)
+    the kernel is asked only for the hidden/logits gradients, and ``E``'s gradient goes to ``acc``
+    as the kept rows ``dE[idx[n, k]] += (1 - alpha) * w[n, k] * g[n]`` (the kernel's own formula;
+    padding entries have ``w = 0``), or as the kernel's dense pair ``(1 - alpha) W^T g`` when the kept
+    sets cover more than a quarter of ``N x V`` (the kernel's own switch, on ``N x K_max``)."""
 
     @staticmethod
-    def forward(ctx, hidden, logits, weight, alpha, temperature, top_p, exclude):
+    def forward(ctx, hidden, logits, weight, alpha, temperature, top_p, exclude, token=None, acc=None):
         out, idx, w = torch.ops.ltscale.context_prediction_fusion_forward(
             hidden, logits, weight, alpha, temperature, top_p, exclude
         )
         ctx.save_for_backward(weight, idx, w)
         ctx.args = (alpha, temperature, logits.shape[-1])
+        ctx.acc = acc
         return out
 
     @staticmethod
@@ -228,9 +243,14 @@ class _FusedFusion(torch.autograd.Function):
         weight, idx, w = ctx.saved_tensors
         alpha, temperature, vocab = ctx.args
         mask = list(ctx.needs_input_grad[:3])
+        defer = ctx.acc is not None and mask[2]
+        if defer:
+            mask[2] = False
         gh, gl, ge = torch.ops.ltscale.context_prediction_fusion_backward(
             grad_out.contiguous(), weight, idx, w, alpha, temperature, vocab, mask
         )
+        if defer:
+            _stash_kept_rows(ctx.acc, grad_out, idx, w, alpha, vocab)
         return (
             gh if mask[0] else None,
             gl if mask[1] else None,
@@ -239,7 +259,23 @@ class _FusedFusion(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
+
+
+def _stash_kept_rows(
+    acc, grad_out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, alpha: float, vocab: int
+) -> None:
+    """``E``'s gradient of one fused call, as the kernel computes it, into the step's accumulator."""
+    n, k = idx.shape
+    g = grad_out.to(acc.work_dtype)
+    coef = w.to(acc.work_dtype) * (1.0 - alpha)  # (N, K); padding entries are 0 (CUDA: w is fp32)
+    if 4 * k > vocab:  # wide kept sets: the dense pair costs less than N*K gathered rows
+        dense = torch.zeros((n, vocab), dtype=coef.dtype, device=coef.device).scatter_add_(1, idx, coef)
+        acc.add_dense(dense, g)
+    else:
+        acc.add_rows(idx, coef[:, :, None] * g[:, None, :])
 
 
 def fusion_fused(
@@ -251,8 +287,12 @@ def fusion_fused(
     temperature: float,
     top_p: float,
     exclude_token_id: int | None,
+    deferred: DeferredWeightGrads | None = None,
 ) -> torch.Tensor:
     """The compiled op (``ltscale._C``): same signature, values and gradients as the reference.
+
+    ``deferred``: stash ``E``'s gradient in the step's accumulator (``deferred.py``) instead of the
+    kernel returning a ``V x d`` gradient per call.
 
     Kept-set ties are broken by token id (the reference's ``torch.sort`` leaves tie order
     unspecified); on CUDA, tokens tied exactly at the top-p boundary are kept or cut together.
@@ -262,6 +302,9 @@ def fusion_fused(
     if why is not None:
         raise RuntimeError(f"context_prediction_fusion(impl='fused'): {why}")
     d, vocab = hidden.shape[-1], logits.shape[-1]
+    token = acc = None
+    if deferred is not None and deferred.active_for(embedding_weight):
+        token, acc = deferred.slot(embedding_weight)
     out = _FusedFusion.apply(
         hidden.reshape(-1, d),
         logits.reshape(-1, vocab),
@@ -270,6 +313,8 @@ def fusion_fused(
         float(temperature),
         float(top_p),
         -1 if exclude_token_id is None else int(exclude_token_id),
+        token,
+        acc,
     )
     return out.reshape(hidden.shape)
 
@@ -284,6 +329,7 @@ def context_prediction_fusion(
     top_p: float,
     exclude_token_id: int | None,
     impl: str = "auto",
+    deferred: DeferredWeightGrads | None = None,
 ) -> torch.Tensor:
     """Public op (DESIGN.md). ``impl``:
 
@@ -292,6 +338,10 @@ def context_prediction_fusion(
                     the inputs (``engine.fused: on``);
     * ``torch``     ``fusion_sparse_torch`` (``engine.fused: off``);
     * ``reference`` the dense transcription of the equations.
+
+    ``deferred`` (``fused``/``torch``; the reference, the parity anchor, ignores it): the step's
+    deferred-gradient accumulators (``deferred.py``), so ``E`` gets one ``V x d`` gradient per step
+    however many passes call the op.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} not in {IMPLS}")
@@ -301,5 +351,5 @@ def context_prediction_fusion(
     if impl == "fused" or (
         impl == "auto" and fused_unsupported_reason(hidden, logits, embedding_weight) is None
     ):
-        return fusion_fused(hidden, logits, embedding_weight, **kw)
-    return fusion_sparse_torch(hidden, logits, embedding_weight, **kw)
+        return fusion_fused(hidden, logits, embedding_weight, **kw, deferred=deferred)
+    return fusion_sparse_torch(hidden, logits, embedding_weight, **kw, deferred=deferred)

@@ -1,0 +1,344 @@
+"""Deferred weight gradients (``ltscale/ops/deferred.py``): the fusion latent function's ``V x d``
+weight gradients become one per step, with the same values and gradients.
+
+* the collector runs after every use's backward, whatever order those ran in, and the weight's
+  gradient equals plain autograd's (including other, non-deferred uses of the weight);
+* ``LatentLM`` fusion-mode loss and every parameter gradient, deferral on == off == the naive
+  per-slot reference (tied/untied head, compiled/torch op, adapter, gradient checkpointing);
+* one ``V x d`` gradient per step: the number of fresh ``V x d`` tensors backward creates does not
+  grow with the number of latent passes (it does without deferral);
+* lifecycle: no accumulator outside a training forward, none kept alive by a forward without backward.
+
+fp64 throughout. Tolerances as in test_rollout.py (Llama's RMSNorm/rotary run in fp32 internally).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ltscale.model import LatentLM
+from ltscale.model.reference import reference_forward
+from ltscale.ops import deferred as D
+from ltscale.ops import fused_available
+from tests.unit.test_rollout import assert_grads_close, batch, grads, tiny_base
+
+VOCAB, THINK = 64, 63
+
+
+def need_fused() -> None:
+    if not fused_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("ltscale._C is not built (CI=true: make install must build it)", pytrace=False)
+        pytest.skip("ltscale._C is not built (run `make install`)")
+
+
+@pytest.fixture
+def events(monkeypatch) -> list[tuple[int, str]]:
+    """``(id(weight), kind)`` for every piece stashed (``add_dense`` / ``add_rows``) and every
+    gradient materialised (``build``), in order. The rollout's packed passes defer the decoder's
+    Linear weights too: tests pick the vocabulary matrices (``vocab_events``)."""
+    seen: list[tuple[int, str]] = []
+    init = D.WeightGradAccumulator.__init__
+
+    def tagged_init(self, weight):
+        init(self, weight)
+        self.test_tag = id(weight)
+
+    monkeypatch.setattr(D.WeightGradAccumulator, "__init__", tagged_init)
+    for kind in ("add_dense", "add_rows", "build"):
+        real = getattr(D.WeightGradAccumulator, kind)
+
+        def logged(self, *args, _real=real, _kind=kind):
+            out = _real(self, *args)
+            if _kind != "build" or out is not None:
+                seen.append((self.test_tag, _kind))
+            return out
+
+        monkeypatch.setattr(D.WeightGradAccumulator, kind, logged)
+    return seen
+
+
+def vocab_events(lm: LatentLM, events: list[tuple[int, str]], kind: str) -> list[str]:
+    """Which vocabulary matrices (``E``, ``head``; tied: ``E``) had a ``kind`` event, sorted."""
+    names = {
+        id(lm.base.get_output_embeddings().weight): "head",
+        id(lm.base.get_input_embeddings().weight): "E",
+    }
+    return sorted(names[i] for i, k in events if k == kind and i in names)
+
+
+# ------------------------------------------------------------------------------------ the mechanism
+def _uses(weight, x, a, index, deferred, order: str):
+    """Three deferred uses of ``weight`` (head, dense mixture, row gather), created in ``order``;
+    the first-created one sits behind a longer chain to the loss."""
+    make = {
+        "linear": lambda: D.deferred_linear(x, weight, deferred).sum(-1),
+        "matmul": lambda: D.deferred_matmul(a, weight, deferred).sum(-1),
+        "gather": lambda: D.deferred_gather_rows(weight, index, deferred).sum((-2, -1)),
+    }
+    outs = []
+    for i, name in enumerate(order.split(",")):
+        y = make[name]()
+        for _ in range(3 - i):  # different depths: different backward order
+            y = torch.sin(y) * 1.5
+        outs.append(y)
+    return outs
+
+
+def _loss(weight, outs):
+    # the weight also has a plain (non-deferred) gradient, summed with the deferred one by autograd
+    return (
+        sum((o * torch.linspace(0.5, 1.5, o.numel(), dtype=o.dtype)).sum() for o in outs) + (weight**2).sum()
+    )
+
+
+@pytest.mark.parametrize("order", ["linear,matmul,gather", "gather,matmul,linear", "matmul,gather,linear"])
+def test_collector_runs_after_every_use_whatever_their_order(order, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    V, d, n = 12, 5, 4
+    w0 = torch.randn(V, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(n, V - 2, generator=g, dtype=torch.float64, requires_grad=True)  # fewer rows than W
+    index = torch.tensor([[1, 3, 3], [0, 11, 1], [3, 3, 3], [7, 1, 0]])  # repeats must sum
+
+    ref_w = w0.clone().requires_grad_()
+    _loss(ref_w, _uses(ref_w, x, a, index, None, order)).backward()
+    ref = (ref_w.grad, x.grad.clone(), a.grad.clone())
+    x.grad = a.grad = None
+
+    events: list[str] = []
+    for kind in ("add_dense", "add_rows", "build"):
+        real = getattr(D.WeightGradAccumulator, kind)
+        monkeypatch.setattr(
+            D.WeightGradAccumulator,
+            kind,
+            lambda self, *args, _real=real, _kind=kind: (events.append(_kind), _real(self, *args))[1],
+        )
+    w = w0.clone().requires_grad_()
+    deferred = D.DeferredWeightGrads()
+    outs = _uses(w, x, a, index, deferred, order)
+    assert len(deferred.accumulators()) == 1  # one collector for the three uses
+    _loss(w, outs).backward()
+    assert events[-1] == "build" and events.count("build") == 1
+    assert sorted(events[:-1]) == ["add_dense", "add_dense", "add_rows"]
+    torch.testing.assert_close(w.grad, ref[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(x.grad, ref[1], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(a.grad, ref[2], rtol=1e-13, atol=1e-13)
+    assert not deferred.accumulators()[0].dense and not deferred.accumulators()[0].rows  # stash emptied
+
+
+def test_use_backward_order_really_varies():
+    """The ordering test above is only meaningful if the uses' backwards run in different orders."""
+    seen = []
+    for order in ("linear,matmul,gather", "gather,matmul,linear"):
+        calls: list[str] = []
+        w = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(4, 5, dtype=torch.float64)
+        a = torch.randn(4, 10, dtype=torch.float64)
+        index = torch.tensor([[1, 3], [0, 11]])
+        deferred = D.DeferredWeightGrads()
+        outs = _uses(w, x, a, index, deferred, order)
+        acc = deferred.accumulators()[0]
+        acc.add_dense = lambda a_, b_, _real=acc.add_dense, _c=calls: (_c.append("dense"), _real(a_, b_))[1]
+        acc.add_rows = lambda i_, v_, _real=acc.add_rows, _c=calls: (_c.append("rows"), _real(i_, v_))[1]
+        _loss(w, outs).backward()
+        seen.append(calls)
+    assert seen[0] != seen[1]
+
+
+def test_plain_path_without_grad_or_accumulator():
+    w = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    deferred = D.DeferredWeightGrads()
+    with torch.no_grad():
+        assert D.deferred_linear(x, w, deferred).grad_fn is None
+    assert not deferred.accumulators()
+    y = D.deferred_linear(x, w.detach(), deferred)  # weight without grad: nothing to defer
+    assert y.grad_fn is None and not deferred.accumulators()
+    assert type(D.deferred_linear(x, w, None).grad_fn).__name__ != "BackwardCFunction"
+
+
+def test_bf16_weight_sums_rows_in_fp32_and_rounds_once():
+    """Repeated rows of a 16-bit weight: summed in fp32 (as the CUDA kernel's atomics), one rounding."""
+    g = torch.Generator().manual_seed(2)
+    w64 = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    index = torch.tensor([3] * 64 + [5, 1])
+    up = torch.randn(66, 4, generator=g, dtype=torch.float64)
+    w = w64.to(torch.bfloat16).requires_grad_()
+    deferred = D.DeferredWeightGrads()
+    (D.deferred_gather_rows(w, index, deferred) * up.to(torch.bfloat16)).sum().backward()
+    truth = torch.zeros_like(w64).index_add_(0, index, up.to(torch.bfloat16).double())
+    assert w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(w.grad.double(), truth.to(torch.bfloat16).double(), rtol=0, atol=0)
+
+
+def test_accumulator_rejects_pieces_that_do_not_fit():
+    acc = D.WeightGradAccumulator(torch.zeros(6, 3))
+    with pytest.raises(ValueError, match="does not fit"):
+        acc.add_dense(torch.zeros(2, 7), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="do not fit"):
+        acc.add_rows(torch.tensor([0, 1]), torch.zeros(3, 3))
+
+
+# ------------------------------------------------------------------------------------ LatentLM parity
+def _step(lm: LatentLM, ids, mask, labels, *, defer: bool | None):
+    """Loss and grads of one fusion forward+backward (``defer=None``: the naive reference)."""
+    lm.zero_grad(set_to_none=True)
+    lm.defer_weight_grads = bool(defer)
+    out = reference_forward(lm, ids, mask, labels) if defer is None else lm(ids, mask, labels)
+    out.loss.backward()
+    return out.loss.detach(), grads(lm)
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("adapter", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("packed", ["auto", "off"])
+def test_latent_lm_grads_equal_plain_and_reference(impl, tie, adapter, checkpointing, packed, events):
+    if impl == "fused":
+        need_fused()
+    lm = LatentLM(
+        tiny_base(tie=tie),
+        THINK,
+        mode="fusion",
+        alpha=0.6,
+        temperature=0.03,  # the tiny model's logits are flat: sharpen so that E gets kept rows
+        top_p=0.9,
+        adapter=adapter,
+        adapter_hidden=16,
+        gradient_checkpointing=checkpointing,
+        fusion_impl=impl,
+        packed_passes=packed,
+    )
+    lm.double().train()
+    ids, mask, labels = batch("mixed")
+    loss_on, g_on = _step(lm, ids, mask, labels, defer=True)
+    # one gradient per vocabulary matrix for the step (tied: head and E share one accumulator)
+    assert vocab_events(lm, events, "build") == (["E"] if tie else ["E", "head"])
+    assert "E" in vocab_events(lm, events, "add_rows")  # E's kept rows (not the flat case's dense pair)
+    n_events = len(vocab_events(lm, events, "build"))
+    loss_off, g_off = _step(lm, ids, mask, labels, defer=False)
+    loss_ref, g_ref = _step(lm, ids, mask, labels, defer=None)
+    assert len(vocab_events(lm, events, "build")) == n_events  # the plain paths defer nothing
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-13, atol=0)
+    torch.testing.assert_close(loss_on, loss_ref, rtol=1e-12, atol=0)
+    assert_grads_close(g_on, g_off, rtol=1e-12)
+    assert_grads_close(g_on, g_ref)
+    assert any(k.startswith("adapter.") for k in g_on) == adapter
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+def test_flat_distribution_takes_the_dense_pair(impl, events):
+    """top_p = 1 keeps every token: E's deferred gradient is the dense pair, not gathered rows."""
+    if impl == "fused":
+        need_fused()
+    lm = LatentLM(tiny_base(tie=True), THINK, mode="fusion", alpha=0.3, top_p=1.0, fusion_impl=impl).train()
+    ids, mask, labels = batch("mixed")
+    loss_on, g_on = _step(lm, ids, mask, labels, defer=True)
+    loss_ref, g_ref = _step(lm, ids, mask, labels, defer=None)
+    assert vocab_events(lm, events, "build") == ["E"]
+    assert vocab_events(lm, events, "add_rows") == []
+    torch.testing.assert_close(loss_on, loss_ref, rtol=1e-12, atol=0)
+    assert_grads_close(g_on, g_ref)
+
+
+# ------------------------------------------------------------------------------------ one V x d per step
+class _FreshShapeCounter(TorchDispatchMode):
+    """Counts ops that return a new tensor of ``shape`` (in-place ops and views excluded)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        mutates = any(a.alias_info is not None for a in schema.arguments) or any(
+            r.alias_info is not None for r in schema.returns
+        )
+        if not mutates:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            self.count += sum(isinstance(t, torch.Tensor) and t.shape == self.shape for t in outs)
+        return out
+
+
+def _backward_vd_count(lm: LatentLM, n_latents: int) -> int:
+    """Fresh V x d tensors created by the backward of one step with ``n_latents`` in a row."""
+    ids = torch.randint(1, 60, (2, 12), generator=torch.Generator().manual_seed(5))
+    ids[0, 2 : 2 + n_latents] = lm.thinking_token_id
+    ids[1, 3] = lm.thinking_token_id
+    lm.zero_grad(set_to_none=True)
+    loss = lm(ids, torch.ones_like(ids), ids.clone()).loss
+    weight = lm.base.get_input_embeddings().weight
+    counter = _FreshShapeCounter(weight.shape)
+    with counter:
+        loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    return counter.count
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+def test_one_vocab_gradient_per_step_whatever_the_passes(impl, events):
+    if impl == "fused":
+        need_fused()
+    # V = 96 x d = 32: no other parameter or activation of the model has that shape
+    from tests.helpers import make_tiny_llama
+
+    base = make_tiny_llama(
+        96, kv_heads=2, tie=True, max_positions=256, isolated_rng=False, record_dtype=False
+    )
+    lm = LatentLM(base, 95, mode="fusion", top_p=0.9, fusion_impl=impl).train()
+    deferred = {n: _backward_vd_count(lm, n) for n in (1, 6)}
+    assert vocab_events(lm, events, "build") == ["E", "E"]  # one per step (tied: head and E share it)
+    lm.defer_weight_grads = False
+    plain = {n: _backward_vd_count(lm, n) for n in (1, 6)}
+    assert deferred[1] == deferred[6], deferred  # independent of the number of passes
+    assert plain[6] >= plain[1] + 5, plain  # the plain path adds V x d gradients per pass
+
+
+# ------------------------------------------------------------------------------------ lifecycle
+def test_accumulators_live_only_in_a_training_forward_and_its_graph(monkeypatch):
+    lm = LatentLM(tiny_base(), THINK, mode="fusion").train()
+    ids, mask, labels = batch("mixed")
+    registries, accs = [], []
+    real = D.DeferredWeightGrads.slot
+
+    def slot(self, weight):
+        token, acc = real(self, weight)
+        registries.append(weakref.ref(self))
+        accs.append(weakref.ref(acc))
+        return token, acc
+
+    monkeypatch.setattr(D.DeferredWeightGrads, "slot", slot)
+    out = lm(ids, mask, labels)
+    assert lm._deferred is None and registries and registries[0]() is None  # not kept on the module
+    assert all(a() is not None for a in accs)  # ... but in the graph, for its backward
+    del out  # a forward without backward: the accumulators go with its graph (no reference cycle)
+    assert all(a() is None for a in accs)
+    n = len(accs)
+    with torch.no_grad():
+        lm(ids, mask, labels)
+    assert len(accs) == n  # no_grad (generation, eval): plain path, no accumulator
+    # latent_input outside a forward (generation / analysis hand in logits): plain path too
+    h = torch.randn(2, 32, dtype=torch.float64)
+    lm.latent_input(h, lm.lm_head(h)).sum().backward()
+    lm.latent_input(h).sum().backward()
+    assert len(accs) == n
+
+
+def test_zero3_external_parameters_cover_both_heads_once():
+    untied = LatentLM(tiny_base(), THINK, mode="fusion")
+    tied = LatentLM(tiny_base(tie=True), THINK, mode="fusion")
+    ext = untied.zero3_external_parameters()
+    assert [m for m, _ in ext] == [untied.fusion, untied.fusion]
+    assert {id(p) for _, p in ext} == {
+        id(untied.base.get_input_embeddings().weight),
+        id(untied.base.get_output_embeddings().weight),
+    }
+    assert [p for _, p in tied.zero3_external_parameters()] == [tied.base.get_input_embeddings().weight]
