@@ -185,6 +185,63 @@ def test_accumulator_rejects_pieces_that_do_not_fit():
         acc.add_rows(torch.tensor([0, 1]), torch.zeros(3, 3))
 
 
+# ------------------------------------------------------------------------------------ the fusion op
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("top_p", [0.5, 1.0])  # kept rows / the dense pair
+def test_fusion_op_calls_sharing_an_accumulator_equal_plain_calls(impl, top_p, events):
+    """Three "passes" of the op on one E with more rows than the vocabulary (the dense pair then
+    covers only the first V rows), leading dims, and a pass whose hidden needs no grad."""
+    from ltscale.ops import context_prediction_fusion
+
+    if impl == "fused":
+        need_fused()
+    g = torch.Generator().manual_seed(3)
+    V, d, extra = 40, 6, 3
+    E0 = torch.randn(V + extra, d, generator=g, dtype=torch.float64)
+    inputs = [
+        (
+            torch.randn(2, 3, d, generator=g, dtype=torch.float64),
+            3 * torch.randn(2, 3, V, generator=g, dtype=torch.float64),
+        )
+        for _ in range(3)
+    ]
+
+    def run(deferred):
+        E = E0.clone().requires_grad_()
+        leaves, outs = [], []
+        for k, (h0, l0) in enumerate(inputs):
+            h, lg = h0.clone().requires_grad_(k != 1), l0.clone().requires_grad_()
+            leaves += [h, lg]
+            outs.append(
+                context_prediction_fusion(
+                    h,
+                    lg,
+                    E,
+                    alpha=0.4,
+                    temperature=0.8,
+                    top_p=top_p,
+                    exclude_token_id=2,
+                    impl=impl,
+                    deferred=deferred,
+                )
+            )
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+        loss.backward()
+        return [E.grad] + [t.grad for t in leaves]
+
+    deferred = D.DeferredWeightGrads()
+    got, want = run(deferred), run(None)
+    assert len(deferred.accumulators()) == 1
+    kinds = [k for _, k in events]
+    assert kinds.count("build") == 1 and kinds.count("add_rows" if top_p < 1 else "add_dense") == 3, kinds
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert got[0][V:].abs().max() == 0  # rows past the vocabulary get nothing
+
+
 # ------------------------------------------------------------------------------------ LatentLM parity
 def _step(lm: LatentLM, ids, mask, labels, *, defer: bool | None):
     """Loss and grads of one fusion forward+backward (``defer=None``: the naive reference)."""
