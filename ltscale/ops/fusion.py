@@ -147,9 +147,8 @@ def fusion_sparse_torch(
         dense = torch.zeros_like(probs).scatter(-1, order[:, :k], weights)
         e_pred = deferred_matmul(dense.to(embedding_weight.dtype), embedding_weight, deferred)
     else:
-        rows = deferred_gather_rows(
-            embedding_weight, order[:, :k], deferred
-        )  # (N, K, d): the only reads of E
+        # (N, K, d): the only reads of E
+        rows = deferred_gather_rows(embedding_weight, order[:, :k], deferred)
         e_pred = torch.einsum("nk,nkd->nd", weights.to(rows.dtype), rows)
     out = alpha * h2 + (1.0 - alpha) * e_pred.to(h2.dtype)
     return out.reshape(*lead, hidden.shape[-1])
@@ -246,11 +245,13 @@ class _FusedFusion(torch.autograd.Function):
         defer = ctx.acc is not None and mask[2]
         if defer:
             mask[2] = False
-        gh, gl, ge = torch.ops.ltscale.context_prediction_fusion_backward(
-            grad_out.contiguous(), weight, idx, w, alpha, temperature, vocab, mask
-        )
+        gh = gl = ge = None
+        if any(mask):
+            gh, gl, ge = torch.ops.ltscale.context_prediction_fusion_backward(
+                grad_out.contiguous(), weight, idx, w, alpha, temperature, vocab, mask
+            )
         if defer:
-            _stash_kept_rows(ctx.acc, grad_out, idx, w, alpha, vocab)
+            _stash_e_grad(ctx.acc, grad_out, idx, w, alpha, vocab)
         return (
             gh if mask[0] else None,
             gl if mask[1] else None,
@@ -264,10 +265,10 @@ class _FusedFusion(torch.autograd.Function):
         )
 
 
-def _stash_kept_rows(
+def _stash_e_grad(
     acc, grad_out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, alpha: float, vocab: int
 ) -> None:
-    """``E``'s gradient of one fused call, as the kernel computes it, into the step's accumulator."""
+    """``E``'s gradient of one fused call (the kernel's formula) into the step's accumulator."""
     n, k = idx.shape
     g = grad_out.to(acc.work_dtype)
     coef = w.to(acc.work_dtype) * (1.0 - alpha)  # (N, K); padding entries are 0 (CUDA: w is fp32)

@@ -190,7 +190,7 @@ def test_accumulator_rejects_pieces_that_do_not_fit():
 @pytest.mark.parametrize("top_p", [0.5, 1.0])  # kept rows / the dense pair
 def test_fusion_op_calls_sharing_an_accumulator_equal_plain_calls(impl, top_p, events):
     """Three "passes" of the op on one E with more rows than the vocabulary (the dense pair then
-    covers only the first V rows), leading dims, and a pass whose hidden needs no grad."""
+    covers only the first V rows), leading dims, a pass whose hidden needs no grad and one where only E does."""
     from ltscale.ops import context_prediction_fusion
 
     if impl == "fused":
@@ -210,7 +210,7 @@ def test_fusion_op_calls_sharing_an_accumulator_equal_plain_calls(impl, top_p, e
         E = E0.clone().requires_grad_()
         leaves, outs = [], []
         for k, (h0, l0) in enumerate(inputs):
-            h, lg = h0.clone().requires_grad_(k != 1), l0.clone().requires_grad_()
+            h, lg = h0.clone().requires_grad_(k == 0), l0.clone().requires_grad_(k != 2)
             leaves += [h, lg]
             outs.append(
                 context_prediction_fusion(
