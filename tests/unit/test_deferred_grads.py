@@ -9,7 +9,7 @@ weight gradients become one per step, with the same values and gradients.
   grow with the number of latent passes (it does without deferral);
 * lifecycle: no accumulator outside a training forward, none kept alive by a forward without backward.
 
-fp64 throughout. Tolerances as in test_rollout.py (Llama's RMSNorm/rotary run in fp32 internally).
+fp64 (one bf16 rounding test). Tolerances as in test_rollout.py (Llama's RMSNorm/rotary run in fp32 internally).
 """
 
 from __future__ import annotations
