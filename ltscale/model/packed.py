@@ -10,6 +10,12 @@ into ``(B, W_k)``, gathers each row's keys from the layer's packed K/V history i
 attention kernel under a causal mask by true position. Key ``j`` of row ``b`` *is* the row's token
 at true position ``j``, so the mask is just ``j <= query position``.
 
+The pass's ``nn.Linear`` layers also defer their weight gradients (``ltscale/ops/deferred.py``):
+with a handful of tokens per pass, each pass's ``dW = g^T x`` is a skinny GEMM that writes a full
+weight-sized output (10x slower per byte than the forward's read of the weight at SmolLM2 shape),
+and autograd then adds it into the running sum. Deferred, every weight gets one GEMM over the real
+tokens of all passes, as in a single-pass step.
+
 Only models whose attention is plain masked dot-product attention (``sdpa`` / ``eager``, no logit
 soft-capping) are packed (``packing_supported``); others keep the padded passes. A model whose
 decoder does not route attention through ``AttentionInterface`` with its kwargs is caught after the
@@ -20,10 +26,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ltscale.ops.deferred import DeferredWeightGrads, deferred_linear
 
 PACKED_ATTENTION = "ltscale_packed"
 _INNER_KERNELS = ("sdpa", "eager")
@@ -98,16 +107,43 @@ def _attention_swapped(config):
         config._attn_implementation = original
 
 
-def run_packed_pass(decoder: torch.nn.Module, config, embeds: torch.Tensor, mask: torch.Tensor,
-                    position_ids: torch.Tensor, shape: tuple[int, int, int], q_slots: torch.Tensor,
-                    q_real: torch.Tensor, k_slots: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _linear_forward(module: torch.nn.Linear, deferred: DeferredWeightGrads, x: torch.Tensor) -> torch.Tensor:
+    out = deferred_linear(x, module.weight, deferred)
+    return out if module.bias is None else out + module.bias
+
+
+@contextmanager
+def _linears_deferred(decoder: torch.nn.Module, deferred: DeferredWeightGrads | None):
+    """Route the decoder's ``nn.Linear`` calls through ``deferred_linear`` while the pass runs.
+
+    An instance attribute shadows ``Linear.forward`` only for this call (and for its recompute under
+    checkpointing, which calls ``run_packed_pass`` again); module hooks (ZeRO-3's gathers) still run.
+    """
+    if deferred is None or not torch.is_grad_enabled():
+        yield
+        return
+    linears = [m for m in decoder.modules() if type(m) is torch.nn.Linear]
+    for m in linears:
+        m.forward = partial(_linear_forward, m, deferred)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
+def run_packed_pass(decoder: torch.nn.Module, config, deferred: DeferredWeightGrads | None, embeds: torch.Tensor,
+                    mask: torch.Tensor, position_ids: torch.Tensor, shape: tuple[int, int, int],
+                    q_slots: torch.Tensor, q_real: torch.Tensor, k_slots: torch.Tensor,
+                    *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One decoder call on a packed row; same contract as ``rollout.run_decoder_pass``.
 
     Returns ``(last_hidden_state, new_k0, new_v0, ...)``: this pass's K/V chunks per layer, which the
     next passes get back as ``past`` (explicit tensors, so a checkpointed pass saves each once).
+    ``deferred``: the step's collector for the decoder's Linear weight gradients (``None``: plain).
     """
     n_layers = config.num_hidden_layers
-    with _attention_swapped(config) as inner:
+    with _attention_swapped(config) as inner, _linears_deferred(decoder, deferred):
         layout = PackedLayout(bsz=shape[0], width=shape[1], span=shape[2], q_slots=q_slots, q_real=q_real,
                               k_slots=k_slots, past=past, n_layers=n_layers, inner=inner)
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,

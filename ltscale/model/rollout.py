@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from ltscale.model.packed import run_packed_pass
+from ltscale.ops.deferred import DeferredWeightGrads
 
 IGNORE_INDEX = -100
 
@@ -207,6 +208,8 @@ class _PackedPasses:
         self.span = 1
         self.hidden: torch.Tensor | None = None
         self.slot_map: torch.Tensor | None = None
+        # One weight gradient per decoder Linear per step, not one per pass (packed.py).
+        self.deferred = DeferredWeightGrads() if torch.is_grad_enabled() else None
 
     def previous_state(self, spec: PassSpec) -> torch.Tensor:
         rows = torch.arange(self.slot_map.shape[0], device=self.slot_map.device)
@@ -240,7 +243,7 @@ class _PackedPasses:
         allowed = keys[None, None, :] <= spec.position_ids[:, :, None]
         mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
         mask = mask.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)[:, None]
-        args = (self.decoder, self.config, embeds[None], mask, positions[None], (bsz, width, self.span),
+        args = (self.decoder, self.config, self.deferred, embeds[None], mask, positions[None], (bsz, width, self.span),
                 self.slot_map.reshape(-1), q_real, k_slots, *self.chunks)
         outs = checkpoint(run_packed_pass, *args, use_reentrant=False) if self.checkpointed else run_packed_pass(*args)
         self.hidden = outs[0][0]

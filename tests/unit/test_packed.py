@@ -102,3 +102,28 @@ def test_a_decoder_that_drops_attention_kwargs_is_refused_not_miscomputed():
 def test_bad_packed_passes_value_is_an_error():
     with pytest.raises(ValueError, match="packed_passes"):
         LatentLM(tiny_base(), THINK, mode="fusion", packed_passes="on")
+
+
+def test_packed_passes_build_one_weight_gradient_per_decoder_linear_per_step(monkeypatch):
+    from ltscale.ops import deferred
+
+    built: list[tuple[int, ...]] = []
+    original = deferred.WeightGradAccumulator.build
+
+    def counting_build(self):
+        grad = original(self)
+        if grad is not None:
+            built.append(tuple(grad.shape))
+        return grad
+
+    monkeypatch.setattr(deferred.WeightGradAccumulator, "build", counting_build)
+    lm = LatentLM(tiny_base(), THINK, mode="hidden", gradient_checkpointing=True).train()
+    ids, mask, labels = batch("mixed")
+    out, g = run(lm, "auto", ids, mask, labels)
+    assert out.n_passes == 5
+    linears = [m for m in lm.decoder().modules() if type(m) is torch.nn.Linear]
+    assert len(built) == len(linears), "one deferred gradient per decoder Linear, not one per pass"
+    assert sorted(built) == sorted(tuple(m.weight.shape) for m in linears)
+    assert all(f"base.{n}" in g for n, _ in lm.base.named_parameters() if "proj" in n)
+    assert all(type(m).forward is torch.nn.Linear.forward and "forward" not in vars(m) for m in linears), \
+        "the per-pass Linear override must be gone after the step"
