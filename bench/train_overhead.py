@@ -7,6 +7,10 @@ with the model in ``cot`` mode (``<thinking>`` is an ordinary token there), so t
 what the latent rollout costs, not the extra tokens. Latent layouts: ``n`` latents per row in the
 response, sites drawn like the paper's (bench/common.py ``paper_like_sites``).
 
+``before`` is the same model with packed passes and deferred weight gradients switched off
+(``packed_passes=off``, ``defer_weight_grads=False``): the rollout as it was before those two
+changes, kept as a variant so their speed-up is measured in the same run.
+
 Sizes: tiny = configs/tiny.yaml's model, micro-batch 16 x ~128 tokens; smol = SmolLM2-135M's shape
 (random init), 2 x ~64 tokens (a larger batch does not fit the 15-minute CPU budget). Coconut's
 loop and the full recompute take ~50 s per step at tiny/16x128, so they are timed side by side
@@ -38,6 +42,12 @@ def step_fns(lm, batch, variants):
                 lm.set_latent_mode("fusion")
         if v == "ours":
             return lm(**batch, return_logits=False).loss
+        if v == "before":  # this session's starting point: padded passes, a V x d / weight grad per pass
+            lm.packed_passes, lm.defer_weight_grads = "off", False
+            try:
+                return lm(**batch, return_logits=False).loss
+            finally:
+                lm.packed_passes, lm.defer_weight_grads = "auto", True
         return SCHEDULES[v](lm, **batch)
 
     def make(v):
@@ -95,11 +105,11 @@ def measure(model: str, batch: int, length: int, n_latents: int, variants: list[
 
 def run(size: str = "full") -> dict:
     if size == "full":
-        cases = [("tiny", 16, 128, n, ["cot", "ours", "per_column"], 3) for n in (8, 16)]
-        cases += [("smol", 2, 64, n, ["cot", "ours", "per_column"], 2) for n in (8, 16)]
+        cases = [("tiny", 16, 128, n, ["cot", "ours", "before", "per_column"], 3) for n in (8, 16)]
+        cases += [("smol", 2, 64, n, ["cot", "ours", "before", "per_column"], 2) for n in (8, 16)]
         cases += [("tiny", 4, 64, 8, ["ours", "per_column", "coconut", "recompute"], 2)]
     else:
-        cases = [("micro", 2, 24, 3, ["cot", "ours", *SCHEDULES], 1)]
+        cases = [("micro", 2, 24, 3, ["cot", "ours", "before", *SCHEDULES], 1)]
     results, rows = [], []
     for model, bsz, length, n, variants, reps in cases:
         r = measure(model, bsz, length, n, variants, reps)
@@ -115,7 +125,7 @@ def run(size: str = "full") -> dict:
                 f"{r['stage3_over_stage1']:.2f}x" if "stage3_over_stage1" in r else "-",
                 *(
                     f"{r[f'speedup_vs_{v}']:.2f}x" if f"speedup_vs_{v}" in r else "-"
-                    for v in ("per_column", "coconut", "recompute")
+                    for v in ("before", "per_column", "coconut", "recompute")
                 ),
                 " / ".join(f"{v} {ms_[v]:.2f}" for v in variants),
             ]
@@ -135,6 +145,7 @@ def run(size: str = "full") -> dict:
             "passes ours",
             "passes per-column",
             "stage3/stage1",
+            "speed-up vs before",
             "speed-up vs per-column",
             "vs Coconut",
             "vs full recompute",
