@@ -16,6 +16,11 @@ Variants, each decoding the same 32 prompts greedily, ``max_new_tokens=96`` (con
   function on a ``<thinking>`` step (research/lt-tuning-paper.md 5). A cache is the generous reading;
   the product's cacheless reference (``reference_generate``) would be slower still.
 
+Continuous batching: 96 prompts (the first 32 are the ones above) decoded with 32 rows in flight,
+``generate_many`` (a finished row's slot takes the next prompt; what ``ltscale eval`` runs) vs
+fixed batches of 32 through ``generate_batched`` vs the batch-1 loop, all asserted to emit the same
+tokens. With fixed batches every batch runs until its longest answer ends.
+
 tokens/s counts generated tokens up to and including EOS (latent steps count as tokens). Variants
 alternate inside each repetition; ratios are medians of same-repetition ratios.
 
@@ -31,16 +36,16 @@ from common import ROOT, build_lm, emit, interleaved, md_table, median, paired_r
 from transformers import DynamicCache
 
 from ltscale.data import encode_records, synthetic_splits
-from ltscale.model.generation import generate_batched
+from ltscale.model.generation import generate_batched, generate_many
 
 
-def load_model(size: str):
+def load_model(size: str, n_prompts: int = 32):
     ckpt = ROOT / "runs" / "tiny" / "stage3" / "hf"
     if size != "smoke" and (ckpt / "ltscale_latent.json").is_file():
         from ltscale.model.io import load_latent_model
 
         lm, tok = load_latent_model(ckpt)
-        _, test = synthetic_splits(10, 32, 4321, min_steps=1, max_steps=5, max_value=30, max_operand=9)
+        _, test = synthetic_splits(10, n_prompts, 4321, min_steps=1, max_steps=5, max_value=30, max_operand=9)
         prompts = [
             e.input_ids[: e.prompt_len] for e in encode_records(tok, test, max_length=512, strict=False)
         ]
@@ -54,7 +59,7 @@ def load_model(size: str):
     ms = spec("tiny" if size != "smoke" else "micro")
     lm = build_lm(ms, "fusion").eval()
     g = torch.Generator().manual_seed(0)
-    n = 32 if size != "smoke" else 4
+    n = n_prompts if size != "smoke" else 4
     prompts = [
         torch.randint(3, ms.vocab, (int(torch.randint(20, 41, (), generator=g)),), generator=g).tolist()
         for _ in range(n)
@@ -104,8 +109,57 @@ def paper_loop(lm, prompts: list[list[int]], max_new: int, eos: int) -> list[lis
     return outs
 
 
+def continuous(lm, prompts, eos: int, pad: int, max_new: int, slots: int, reps: int) -> dict:
+    """More prompts than slots: fixed batches of ``slots`` (each runs until its longest answer ends)
+    vs continuous batching (a finished row's slot takes the next prompt) vs the batch-1 loop."""
+    produced: dict[str, list[list[int]]] = {}
+
+    def fixed():
+        seqs = []
+        for s in range(0, len(prompts), slots):
+            ids, mask = left_pad(prompts[s : s + slots], pad)
+            out = generate_batched(lm, ids, mask, max_new, eos_token_id=eos, pad_token_id=pad)
+            seqs += [trim(r, eos) for r in out.sequences]
+        produced["fixed"] = seqs
+
+    def refill():
+        out = generate_many(lm, prompts, max_new, slots=slots, eos_token_id=eos, pad_token_id=pad)
+        produced["continuous"] = [trim(r, eos) for r in out.sequences]
+
+    def loop():
+        produced["paper_loop"] = paper_loop(lm, prompts, max_new, eos)
+
+    times = interleaved({"fixed": fixed, "continuous": refill, "paper_loop": loop}, reps=reps, warmup=0)
+    toks = {k: sum(len(s) for s in v) for k, v in produced.items()}
+    per_tok = {k: [t / toks[k] for t in times[k]] for k in times}
+    res = {
+        "prompts": len(prompts),
+        "slots": slots,
+        "tokens": toks["continuous"],
+        "tokens_per_s": {k: toks[k] / median(times[k]) for k in times},
+        "continuous_over_paper_loop": paired_ratio(per_tok, "paper_loop", "continuous"),
+        "fixed_over_paper_loop": paired_ratio(per_tok, "paper_loop", "fixed"),
+        "continuous_over_fixed": paired_ratio(per_tok, "fixed", "continuous"),
+        "same_tokens": produced["continuous"] == produced["paper_loop"] == produced["fixed"],
+    }
+    tps = res["tokens_per_s"]
+    res["table"] = md_table(
+        ["prompts", "slots", "continuous tok/s", "fixed batches tok/s", "paper loop tok/s",
+         "continuous / paper loop", "fixed / paper loop", "continuous / fixed", "same tokens"],
+        [[len(prompts), slots, tps["continuous"], tps["fixed"], tps["paper_loop"],
+          res["continuous_over_paper_loop"], res["fixed_over_paper_loop"], res["continuous_over_fixed"],
+          "yes" if res["same_tokens"] else "no"]],
+    )
+    print(f"P3 continuous batching, {len(prompts)} prompts / {slots} slots: "
+          f"{res['continuous_over_paper_loop']:.1f}x the batch-1 loop, {res['continuous_over_fixed']:.2f}x fixed batches",
+          flush=True)
+    print(res["table"])
+    return res
+
+
 def run(size: str = "full") -> dict:
-    lm, prompts, eos, pad, source = load_model(size)
+    lm, prompts_all, eos, pad, source = load_model(size, n_prompts=96 if size == "full" else 4)
+    prompts = prompts_all[:32]
     max_new = 96 if size == "full" else 6
     reps = 2 if size == "full" else 1
     sizes = (1, 8, 32) if size == "full" else (1, 4)
@@ -232,11 +286,15 @@ def run(size: str = "full") -> dict:
         rows,
     )
     res["paper_loop_tokens_per_s"] = tps["paper_loop"]
+    print(res["table"])
+    cb = continuous(lm, prompts_all, eos, pad, max_new, slots=big, reps=reps)
+    res["continuous"] = cb
+    res["table"] += "\n\n" + cb["table"]
     res["headline"] = (
         f"b{big}: {res[f'b{big}']['ours_over_hf_explicit']:.2f}x HF, "
-        f"{res[f'b{big}']['ours_over_paper_loop']:.1f}x batch-1 loop"
+        f"{res[f'b{big}']['ours_over_paper_loop']:.1f}x batch-1 loop (fixed batch); continuous batching "
+        f"{cb['prompts']} prompts / {cb['slots']} slots: {cb['continuous_over_paper_loop']:.1f}x"
     )
-    print(res["table"])
     return res
 
 

@@ -243,6 +243,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ltscale: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A command that joined a process group (``ltscale eval`` under a launcher) leaves it before
+    interpreter teardown, which can otherwise abort a gloo rank after a successful run."""
+    if "torch.distributed" not in sys.modules:  # light commands never import torch
+        return
+    from ltscale.engine.dist import shutdown_distributed
+
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

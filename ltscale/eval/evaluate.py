@@ -7,10 +7,12 @@ Decisions (and why):
   size). Every per-example dict carries its global ``index``; the caller gathers the lists and
   calls :func:`summarize` on rank 0, which de-duplicates by index and sorts, so the summary is
   identical to a single-rank run.
-* **Lockstep generate calls.** Under ZeRO-3 every rank must run the same number of forward passes.
-  Shards differ by at most one record, which can mean one batch fewer on some ranks; those ranks
-  run a discarded one-prompt *filler* batch so every rank calls ``generate`` the same number of
-  times. (Keeping the decode steps inside one ``generate`` call in lockstep is the model's job.)
+* **Continuous batching.** A model with ``generate_many`` (``LatentLM``) decodes the whole shard
+  with ``batch_size`` rows in flight, refilling a row as soon as its answer ends, so one long
+  answer does not hold a whole batch (bench/decoding.py). Other decoders get fixed batches.
+* **Lockstep generate calls** (fixed batches). Shards differ by at most one record, which can mean
+  one batch fewer on some ranks; those ranks run a discarded one-prompt *filler* batch so every rank
+  calls ``generate`` the same number of times, for decoders that run collectives.
 * **Length-sorted batches.** Prompts are sorted by length (longest first, so an OOM shows up on the
   first batch, not the last) and left-padded; results are restored to the original order.
 * **Decoding.** Only the ``lengths[b]`` generated tokens are decoded, minus a final EOS (the official
@@ -160,6 +162,11 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.devic
     return ids.to(device), mask.to(device)
 
 
+def _to_cpu(out):
+    return type(out)(sequences=out.sequences.detach().cpu(), num_latent=out.num_latent.detach().cpu(),
+                     lengths=out.lengths.detach().cpu())
+
+
 def _default_prompt_fn(use_chat_template: bool | None) -> PromptFn:
     from ltscale.data.formatting import prompt_ids
 
@@ -220,39 +227,39 @@ def evaluate(
         model.eval()
 
     results: list[dict[str, Any] | None] = [None] * len(shard)
-    bar = tqdm(total=n_calls, desc="eval", unit="batch", disable=not (progress and rank == 0))
+
+    def score(out, b: int, j: int) -> None:
+        n = int(out.lengths[b])
+        results[j] = _score_one(index=indices[j], record=shard[j], ids=out.sequences[b, :n].tolist(),
+                                num_latent=int(out.num_latent[b]), tokenizer=tokenizer, eos_id=eos_id,
+                                thinking_id=thinking_id, max_new_tokens=max_new_tokens)
+
+    show = progress and rank == 0
     try:
-        for call in range(n_calls):
-            batch = batches[call] if call < len(batches) else None
-            batch_prompts = [prompts[j] for j in batch] if batch is not None else [filler]
-            input_ids, attention_mask = _left_pad(batch_prompts, pad_id, device)
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids,
-                    attention_mask,
-                    max_new_tokens,
-                    eos_token_id=eos_id,
-                    without_thinking=without_thinking,
-                )
-            bar.update(1)
-            if batch is None:  # filler batch: results discarded
-                continue
-            sequences = out.sequences.detach().cpu()
-            lengths = out.lengths.detach().cpu().tolist()
-            num_latent = out.num_latent.detach().cpu().tolist()
-            for b, j in enumerate(batch):
-                results[j] = _score_one(
-                    index=indices[j],
-                    record=shard[j],
-                    ids=sequences[b, : int(lengths[b])].tolist(),
-                    num_latent=int(num_latent[b]),
-                    tokenizer=tokenizer,
-                    eos_id=eos_id,
-                    thinking_id=thinking_id,
-                    max_new_tokens=max_new_tokens,
-                )
+        if getattr(model, "supports_continuous_batching", False):
+            with tqdm(total=len(shard), desc="eval", unit="problem", disable=not show) as bar:
+                out = model.generate_many([prompts[j] for j in order], max_new_tokens, slots=batch_size,
+                                          eos_token_id=eos_id, pad_token_id=pad_id,
+                                          without_thinking=without_thinking, on_finish=bar.update)
+            out = _to_cpu(out)
+            for b, j in enumerate(order):
+                score(out, b, j)
+        else:
+            with tqdm(total=n_calls, desc="eval", unit="batch", disable=not show) as bar:
+                for call in range(n_calls):
+                    batch = batches[call] if call < len(batches) else None
+                    batch_prompts = [prompts[j] for j in batch] if batch is not None else [filler]
+                    input_ids, attention_mask = _left_pad(batch_prompts, pad_id, device)
+                    with torch.no_grad():
+                        out = model.generate(input_ids, attention_mask, max_new_tokens, eos_token_id=eos_id,
+                                             without_thinking=without_thinking)
+                    bar.update(1)
+                    if batch is None:  # filler batch: results discarded
+                        continue
+                    out = _to_cpu(out)
+                    for b, j in enumerate(batch):
+                        score(out, b, j)
     finally:
-        bar.close()
         if was_training and hasattr(model, "train"):
             model.train(True)
 

@@ -220,3 +220,19 @@ class LatentLM(nn.Module):
 
         return generate_batched(self, input_ids, attention_mask, max_new_tokens, eos_token_id=eos_token_id,
                                 pad_token_id=pad_token_id, without_thinking=without_thinking, forced=forced)
+
+    @property
+    def supports_continuous_batching(self) -> bool:
+        """``generate_many`` decodes as ``generate`` does; a subclass that overrides ``generate`` opts out."""
+        return type(self).generate is LatentLM.generate
+
+    @torch.no_grad()
+    def generate_many(self, prompts, max_new_tokens: int = 256, *, slots: int, eos_token_id: int | None = None,
+                      pad_token_id: int | None = None, without_thinking: bool = False,
+                      forced: torch.Tensor | None = None, on_finish=None):
+        """Continuous batching over unpadded prompts (``generation.generate_many``); the evaluator's path."""
+        from ltscale.model.generation import generate_many
+
+        return generate_many(self, prompts, max_new_tokens, slots=slots, eos_token_id=eos_token_id,
+                             pad_token_id=pad_token_id, without_thinking=without_thinking, forced=forced,
+                             on_finish=on_finish)

@@ -304,6 +304,31 @@ def test_real_latent_lm_batched_equals_one_by_one() -> None:
     assert all(e["num_generated"] >= 1 for e in batched)
 
 
+def test_continuous_batching_scores_like_fixed_batches() -> None:
+    """``LatentLM`` is decoded with continuous batching; a subclass that overrides ``generate``
+    (as SoftCoT does) opts out and gets fixed batches. Both score every example the same."""
+    import ltscale.model as model_pkg
+
+    class FixedBatches(model_pkg.LatentLM):
+        def generate(self, *args, **kwargs):
+            self.fixed_calls = getattr(self, "fixed_calls", 0) + 1
+            return super().generate(*args, **kwargs)
+
+    tok = make_tokenizer()
+    base = make_tiny_llama(len(WORDS), kv_heads=2, max_positions=64, isolated_rng=False, record_dtype=False)
+    think = tok.convert_tokens_to_ids("<thinking>")
+    with torch.no_grad():
+        base.lm_head.weight[think] += 0.5 * base.lm_head.weight.abs().mean(dim=0).sign()
+    continuous = model_pkg.LatentLM(base, think, mode="fusion")
+    fixed = FixedBatches(base, think, mode="fusion")
+    assert continuous.supports_continuous_batching and not fixed.supports_continuous_batching
+    kw = {"max_new_tokens": 6, "progress": False, "prompt_fn": prompt_fn, "batch_size": 2}
+    _, a = evaluate(continuous, tok, make_records(7), **kw)
+    _, b = evaluate(fixed, tok, make_records(7), **kw)
+    assert a == b
+    assert fixed.fixed_calls == 4
+
+
 # ------------------------------------------------------------------- benchmarks through `ltscale eval`
 
 
@@ -413,8 +438,8 @@ mod.LATENT_CONFIG_FILE = "ltscale_latent.json"
 sys.modules["ltscale.model.io"] = mod
 from ltscale.cli import main
 rc = main(sys.argv[2:])
-import torch.distributed as dist
-print(json.dumps({"rank": dist.get_rank(), "generate_calls": len(calls[0].calls)}), flush=True)
+import os  # main() has left the process group by now
+print(json.dumps({"rank": int(os.environ["RANK"]), "generate_calls": len(calls[0].calls)}), flush=True)
 sys.exit(rc)
 """
 

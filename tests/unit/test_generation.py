@@ -64,3 +64,57 @@ def test_per_sample_eos_and_padding_after_it():
         if n < 16:
             assert int(out.sequences[b, n - 1]) == EOS
             assert torch.all(out.sequences[b, n:] == 0)
+
+
+def many_prompts(n: int = 7) -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(6, 60, (int(torch.randint(1, 9, (), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def one_at_a_time(lm, prompts, max_new, **kw):
+    outs = [reference_generate(lm, torch.tensor([p]), None, max_new, eos_token_id=EOS, pad_token_id=0, **kw)
+            for p in prompts]
+    return (torch.cat([o.sequences for o in outs]), torch.cat([o.num_latent for o in outs]),
+            torch.cat([o.lengths for o in outs]))
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 16])
+def test_continuous_batching_equals_one_at_a_time(slots):
+    from ltscale.model.generation import generate_many
+
+    lm = model("fusion", think_bias=0.35)
+    with torch.no_grad():
+        lm.base.lm_head.weight[EOS] += 0.05  # some rows stop after 1-7 tokens, others think for 14
+    ps = many_prompts()
+    finished: list[int] = []
+    fast = generate_many(lm, ps, 14, slots=slots, eos_token_id=EOS, pad_token_id=0, on_finish=finished.append)
+    seqs, n_latent, lengths = one_at_a_time(lm, ps, 14)
+    assert torch.equal(fast.sequences, seqs)
+    assert torch.equal(fast.num_latent, n_latent)
+    assert torch.equal(fast.lengths, lengths)
+    assert sum(finished) == len(ps)
+    assert int(n_latent.sum()) > 0, "test is vacuous: no latent step was taken"
+    assert len(set(lengths.tolist())) > 2, "test is vacuous: rows should finish at different steps"
+
+
+def test_continuous_batching_follows_the_forced_schedule_per_row():
+    from ltscale.model.generation import generate_many
+
+    lm = model("hidden", think_bias=0.0)
+    ps = many_prompts(5)
+    forced = torch.tensor([THINK, THINK, 7])
+    fast = generate_many(lm, ps, 10, slots=2, eos_token_id=EOS, pad_token_id=0, forced=forced)
+    seqs, n_latent, lengths = one_at_a_time(lm, ps, 10, forced=forced)
+    assert torch.equal(fast.sequences[:, :3], forced.expand(5, 3)), "late-admitted rows start their own schedule"
+    assert torch.equal(fast.sequences, seqs) and torch.equal(fast.lengths, lengths)
+    assert torch.all(fast.num_latent >= 2)
+
+
+def test_generate_many_rejects_bad_input():
+    from ltscale.model.generation import generate_many
+
+    lm = model("fusion", think_bias=0.0)
+    with pytest.raises(ValueError, match="prompt 1 has none"):
+        generate_many(lm, [[7, 8], []], 4, slots=2)
+    with pytest.raises(ValueError, match="slots=0"):
+        generate_many(lm, [[7, 8]], 4, slots=0)
