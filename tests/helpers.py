@@ -10,7 +10,9 @@ can import them too).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -85,6 +87,30 @@ def tiny_latent_lm(think_id: int, mode: str, vocab_size: int = 64):
     return LatentLM(base, think_id, mode=mode)
 
 
+def zero3_latent_step(lm, batch: dict, world_size: int):
+    """One ZeRO-3 (every tensor sharded) forward + backward of ``lm`` on this rank's ``batch``, at the
+    ranks' common pass count. Returns ``(engine, output, full gradients by name, local passes, passes)``."""
+    from ltscale.engine import all_reduce_max, build_engine, full_grad, render_ds_config
+
+    names = [n for n, _ in lm.named_parameters()]
+    ds = render_ds_config("zero3", micro_batch=2, grad_accum=1, world_size=world_size, grad_clip=0.0,
+                          precision="fp32", overrides={"zero_optimization.stage3_param_persistence_threshold": 0})
+    engine = build_engine(lm, ds_config=ds, lr=0.0, weight_decay=0.0,
+                          external_parameters=lm.zero3_external_parameters())
+    local = lm.count_passes(batch["input_ids"], batch["attention_mask"])
+    passes = all_reduce_max(local)
+    out = engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                 min_passes=passes, return_logits=False)
+    engine.backward(out.loss)
+    grads = {n: full_grad(prm) for n, prm in zip(names, lm.parameters())}
+    return engine, out, grads, local, passes
+
+
+def max_rel_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """Worst per-tensor ``max |got - want| / max |want|`` over ``want``'s names."""
+    return max(((got[n] - want[n]).abs().max() / (want[n].abs().max() + 1e-30)).item() for n in want)
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of token rows left-padded to the longest, as ``evaluate()``
     batches prompts for generation."""
@@ -98,14 +124,26 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tens
 
 
 def free_port() -> int:
-    """An unused TCP port on 127.0.0.1.
+    """An unused TCP port on 127.0.0.1, below the kernel's ephemeral range.
 
-    The kernel picks it (bind to port 0); it is released before the caller binds it, so a race is
-    possible but rare: every launch asks anew rather than reusing a fixed port.
+    A port the kernel hands out for ``bind(0)`` is an ephemeral one: between this check and the
+    rendezvous binding it, any outgoing connection (mpirun's daemons, another test's gloo ranks) may
+    be given the same port, and the store then fails with EADDRINUSE (seen once in CI). Ports
+    below the ephemeral range are never handed out implicitly, so only an explicit bind can race.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    low = 20000
+    with contextlib.suppress(OSError, ValueError):
+        low = min(low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 2000)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(low - 8000, 1024), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("free_port: no bindable port found below the ephemeral range")
 
 
 def pythonpath(repo_root: str | os.PathLike) -> str:

@@ -19,17 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ltscale.engine import (  # noqa: E402
-    all_reduce_max,
-    build_engine,
-    full_grad,
-    init_distributed,
-    render_ds_config,
-    shutdown_distributed,
-)
+from ltscale.engine import init_distributed, shutdown_distributed  # noqa: E402
 from ltscale.model import LatentLM  # noqa: E402
 from ltscale.ops import deferred as D  # noqa: E402
-from tests.helpers import make_tiny_llama  # noqa: E402
+from tests.helpers import make_tiny_llama, max_rel_error, zero3_latent_step  # noqa: E402
 
 VOCAB, THINK = 64, 63
 TEMPERATURES = (0.03, 1.0)
@@ -96,38 +89,13 @@ def main() -> None:
     for temperature in TEMPERATURES:
         torch.manual_seed(0)
         lm = latent_lm(temperature)
-        names = [n for n, _ in lm.named_parameters()]
-        ds = render_ds_config(
-            "zero3",
-            micro_batch=2,
-            grad_accum=1,
-            world_size=info.world_size,
-            grad_clip=0.0,
-            precision="fp32",
-            overrides={"zero_optimization.stage3_param_persistence_threshold": 0},
-        )
-        engine = build_engine(
-            lm, ds_config=ds, lr=0.0, weight_decay=0.0, external_parameters=lm.zero3_external_parameters()
-        )
-        batch = batches()[info.rank]
-        passes = all_reduce_max(lm.count_passes(batch["input_ids"], batch["attention_mask"]))
         built.clear()
-        out = engine(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            min_passes=passes,
-            return_logits=False,
-        )
-        engine.backward(out.loss)
+        engine, _, grads, _, _ = zero3_latent_step(lm, batches()[info.rank], info.world_size)
         vocab_builds = built.count(id(lm.base.get_input_embeddings().weight))
-        grads = {n: full_grad(prm) for n, prm in zip(names, lm.parameters())}
         if info.is_main:
             torch.manual_seed(0)
             ref = reference_grads(temperature)
-            worst = max(
-                ((grads[n] - ref[n]).abs().max() / (ref[n].abs().max() + 1e-30)).item() for n in names
-            )
+            worst = max_rel_error(grads, ref)
             result[f"T={temperature}"] = {
                 "max_rel_grad_err": worst,
                 "vocab_builds": vocab_builds,

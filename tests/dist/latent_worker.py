@@ -18,16 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ltscale.engine import (  # noqa: E402
-    all_reduce_max,
-    build_engine,
-    full_grad,
-    init_distributed,
-    render_ds_config,
-    shutdown_distributed,  # noqa: E402
-)
+from ltscale.engine import init_distributed, shutdown_distributed  # noqa: E402
 from ltscale.model import LatentLM  # noqa: E402
-from tests.helpers import make_tiny_llama  # noqa: E402
+from tests.helpers import make_tiny_llama, max_rel_error, zero3_latent_step  # noqa: E402
 
 VOCAB, THINK = 64, 63
 
@@ -71,37 +64,11 @@ def main() -> None:
     result: dict[str, object] = {}
     for gc in (False, True):
         lm = LatentLM(base_model(), THINK, mode="fusion", gradient_checkpointing=gc)
-        names = [n for n, _ in lm.named_parameters()]
-        ds = render_ds_config(
-            "zero3",
-            micro_batch=2,
-            grad_accum=1,
-            world_size=info.world_size,
-            grad_clip=0.0,
-            precision="fp32",
-            overrides={"zero_optimization.stage3_param_persistence_threshold": 0},
-        )
-        engine = build_engine(
-            lm, ds_config=ds, lr=0.0, weight_decay=0.0, external_parameters=lm.zero3_external_parameters()
-        )
-        batch = batches()[info.rank]
-        local = lm.count_passes(batch["input_ids"], batch["attention_mask"])
-        passes = all_reduce_max(local)
-        out = engine(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            min_passes=passes,
-            return_logits=False,
-        )
-        engine.backward(out.loss)
-        grads = {n: full_grad(prm) for n, prm in zip(names, lm.parameters())}
+        engine, out, grads, local, passes = zero3_latent_step(lm, batches()[info.rank], info.world_size)
         sharded = sum(1 for prm in lm.parameters() if prm.numel() == 0)  # ZeRO-3 leaves an empty placeholder
         if info.is_main:
             ref_losses, ref = reference_grads(gc)
-            worst = max(
-                ((grads[n] - ref[n]).abs().max() / (ref[n].abs().max() + 1e-30)).item() for n in names
-            )
+            worst = max_rel_error(grads, ref)
             result[f"gc={gc}"] = {
                 "local_passes": local,
                 "passes": passes,
