@@ -87,6 +87,20 @@ def tiny_latent_lm(think_id: int, mode: str, vocab_size: int = 64):
     return LatentLM(base, think_id, mode=mode)
 
 
+def require_fused(*, module_level: bool = False) -> None:
+    """Skip when ``ltscale._C`` is not built; under ``CI=true`` (where ``make install`` must build it)
+    fail instead, so a broken build can never pass as skipped tests."""
+    import pytest
+
+    from ltscale.ops import fused_available
+
+    if fused_available():
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("ltscale._C is not built (CI=true: make install must build it)", pytrace=False)
+    pytest.skip("ltscale._C is not built (run `make install`)", allow_module_level=module_level)
+
+
 def zero3_latent_step(lm, batch: dict, world_size: int):
     """One ZeRO-3 (every tensor sharded) forward + backward of ``lm`` on this rank's ``batch``, at the
     ranks' common pass count. Returns ``(engine, output, full gradients by name, local passes, passes)``."""

@@ -9,13 +9,11 @@ locally and fails under ``CI=true``.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import yaml
 
 from ltscale.monitor import read_scalars
-from ltscale.ops import fused_available
+from tests.helpers import require_fused
 
 pytestmark = [pytest.mark.e2e]
 
@@ -40,10 +38,7 @@ CONFIG = {
 
 
 def test_fusion_stage_losses_equal_with_fused_on_and_off(tmp_path, run_ranks, repo_root):
-    if not fused_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("ltscale._C is not built (CI=true: make install must build it)")
-        pytest.skip("ltscale._C is not built (run `make install`)")
+    require_fused()
     cfg = tmp_path / "fusion_only.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))
     # quoted: an unquoted YAML `on`/`off` is a boolean, which engine.fused rejects

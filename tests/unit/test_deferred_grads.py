@@ -14,7 +14,6 @@ fp64 (one bf16 rounding test). Tolerances as in test_rollout.py (Llama's RMSNorm
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import pytest
@@ -24,17 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ltscale.model import LatentLM
 from ltscale.model.reference import reference_forward
 from ltscale.ops import deferred as D
-from ltscale.ops import fused_available
+from tests.helpers import require_fused
 from tests.unit.test_rollout import assert_grads_close, batch, grads, tiny_base
 
 VOCAB, THINK = 64, 63
-
-
-def need_fused() -> None:
-    if not fused_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("ltscale._C is not built (CI=true: make install must build it)", pytrace=False)
-        pytest.skip("ltscale._C is not built (run `make install`)")
 
 
 @pytest.fixture
@@ -194,7 +186,7 @@ def test_fusion_op_calls_sharing_an_accumulator_equal_plain_calls(impl, top_p, e
     from ltscale.ops import context_prediction_fusion
 
     if impl == "fused":
-        need_fused()
+        require_fused()
     g = torch.Generator().manual_seed(3)
     V, d, extra = 40, 6, 3
     E0 = torch.randn(V + extra, d, generator=g, dtype=torch.float64)
@@ -259,7 +251,7 @@ def _step(lm: LatentLM, ids, mask, labels, *, defer: bool | None):
 @pytest.mark.parametrize("packed", ["auto", "off"])
 def test_latent_lm_grads_equal_plain_and_reference(impl, tie, adapter, checkpointing, packed, events):
     if impl == "fused":
-        need_fused()
+        require_fused()
     lm = LatentLM(
         tiny_base(tie=tie),
         THINK,
@@ -294,7 +286,7 @@ def test_latent_lm_grads_equal_plain_and_reference(impl, tie, adapter, checkpoin
 def test_flat_distribution_takes_the_dense_pair(impl, events):
     """top_p = 1 keeps every token: E's deferred gradient is the dense pair, not gathered rows."""
     if impl == "fused":
-        need_fused()
+        require_fused()
     lm = LatentLM(tiny_base(tie=True), THINK, mode="fusion", alpha=0.3, top_p=1.0, fusion_impl=impl).train()
     ids, mask, labels = batch("mixed")
     loss_on, g_on = _step(lm, ids, mask, labels, defer=True)
@@ -343,7 +335,7 @@ def _backward_vd_count(lm: LatentLM, n_latents: int) -> int:
 @pytest.mark.parametrize("impl", ["fused", "torch"])
 def test_one_vocab_gradient_per_step_whatever_the_passes(impl, events):
     if impl == "fused":
-        need_fused()
+        require_fused()
     # V = 96 x d = 32: no other parameter or activation of the model has that shape
     from tests.helpers import make_tiny_llama
 

@@ -14,11 +14,9 @@ import pytest
 import torch
 
 from ltscale.ops import fusion as F
+from tests.helpers import require_fused
 
-if not F.fused_available():
-    if os.environ.get("CI") == "true":
-        pytest.fail("ltscale._C is not built (CI=true: make install must build it)", pytrace=False)
-    pytest.skip("ltscale._C is not built (run `make install`)", allow_module_level=True)
+require_fused(module_level=True)
 
 
 def make(n=6, V=50, d=8, seed=0, scale=3.0, dtype=torch.float64, extra_rows=0):
