@@ -64,9 +64,7 @@ class FusionHead(nn.Module):
             logits = deferred_linear(hidden, head.weight, deferred)
             if getattr(head, "bias", None) is not None:
                 logits = logits + head.bias
-            cap = getattr(owner.base.config, "final_logit_softcapping", None)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            logits = owner.softcap(logits)
         weight = owner.base.get_input_embeddings().weight
         return context_prediction_fusion(
             hidden, logits, weight, alpha=owner.alpha, temperature=owner.temperature, top_p=owner.top_p,
@@ -87,8 +85,9 @@ class LatentAdapter(nn.Module):
 
 
 class LatentLM(nn.Module):
-    # Defer the fusion latent function's V x d weight gradients to one per step (ops/deferred.py).
-    # False: the plain per-pass gradients (parity tests and before/after measurements).
+    # Defer weight gradients used by several passes (the fusion's V x d reads, the packed passes'
+    # Linear layers) to one per step (ops/deferred.py). False: plain per-pass gradients (parity
+    # tests and before/after measurements).
     defer_weight_grads: bool = True
 
     def __init__(self, base_model: nn.Module, thinking_token_id: int, mode: str = "hidden", alpha: float = 0.6,
@@ -157,11 +156,12 @@ class LatentLM(nn.Module):
         return self.base.get_input_embeddings()(ids)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.base.get_output_embeddings()(hidden)
+        return self.softcap(self.base.get_output_embeddings()(hidden))
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final-logit soft-capping (Gemma-2 style), identity when it has none."""
         cap = getattr(self.base.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def latent_input(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The method's latent function: what a ``<thinking>`` slot is fed.
@@ -196,15 +196,16 @@ class LatentLM(nn.Module):
         # Modes without a latent function run the same code path with no latent slots: one pass,
         # identical masking and position handling.
         rollout = self.uses_rollout
-        # One deferred-gradient accumulator per weight for this step (FusionHead makes them lazily);
-        # dropped after the rollout: calls outside a training forward take the plain path.
+        # One deferred-gradient accumulator per weight for this step, shared by the fusion head and
+        # the packed passes' Linear layers (made lazily at first use); dropped after the rollout:
+        # calls outside a training forward take the plain path.
         self._deferred = DeferredWeightGrads() if self.defer_weight_grads and torch.is_grad_enabled() else None
         res = latent_rollout(
             decoder=self.decoder(), config=self.base.config, embed=self.embed, lm_head=self.lm_head,
             latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
             thinking_token_id=self.thinking_token_id if rollout else -1, min_passes=min_passes if rollout else 1,
             gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits,
-            packed=self.packed_passes == "auto" and packing_supported(self.base.config))
+            packed=self.packed_passes == "auto" and packing_supported(self.base.config), deferred=self._deferred)
         self._deferred = None  # the accumulators live on in the graph until its backward
         loss = None
         if labels is not None:

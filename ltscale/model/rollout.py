@@ -164,9 +164,13 @@ class RolloutResult:
 
 
 class _PaddedPasses:
-    """Pass ``k`` as a ``(B, W_k)`` batch over a padded per-pass K/V cache (any HF decoder)."""
+    """Pass ``k`` as a ``(B, W_k)`` batch over a padded per-pass K/V cache (any HF decoder).
 
-    def __init__(self, decoder, config, embeds_all: torch.Tensor, checkpointed: bool):
+    Takes ``deferred`` for a uniform constructor but keeps plain per-pass weight gradients.
+    """
+
+    def __init__(self, decoder, config, embeds_all: torch.Tensor, checkpointed: bool,
+                 deferred: DeferredWeightGrads | None):
         self.decoder, self.config, self.embeds_all, self.checkpointed = decoder, config, embeds_all, checkpointed
         self.rows = torch.arange(embeds_all.shape[0], device=embeds_all.device)
         self.chunks: list[torch.Tensor] = []
@@ -198,7 +202,8 @@ class _PaddedPasses:
 class _PackedPasses:
     """Pass ``k`` as one packed row of its real tokens (``packed.py``): no padded slot reaches a Linear."""
 
-    def __init__(self, decoder, config, embeds_all: torch.Tensor, checkpointed: bool):
+    def __init__(self, decoder, config, embeds_all: torch.Tensor, checkpointed: bool,
+                 deferred: DeferredWeightGrads | None):
         self.decoder, self.config, self.embeds_all, self.checkpointed = decoder, config, embeds_all, checkpointed
         bsz, length = embeds_all.shape[:2]
         self.chunks: list[torch.Tensor] = []
@@ -209,7 +214,7 @@ class _PackedPasses:
         self.hidden: torch.Tensor | None = None
         self.slot_map: torch.Tensor | None = None
         # One weight gradient per decoder Linear per step, not one per pass (packed.py).
-        self.deferred = DeferredWeightGrads() if torch.is_grad_enabled() else None
+        self.deferred = deferred
 
     def previous_state(self, spec: PassSpec) -> torch.Tensor:
         rows = torch.arange(self.slot_map.shape[0], device=self.slot_map.device)
@@ -266,6 +271,7 @@ def latent_rollout(
     gradient_checkpointing: bool = False,
     return_logits: bool = True,
     packed: bool = False,
+    deferred: DeferredWeightGrads | None = None,
 ) -> RolloutResult:
     """The fast path. ``latent_input(h_prev, None) -> embedding`` is the method's latent function; it
     computes the logits it needs itself (``hidden`` mode needs none), so their head call can defer its
@@ -273,6 +279,8 @@ def latent_rollout(
 
     ``packed``: run each pass on its real tokens only (``packed.py``; needs ``packing_supported``);
     otherwise on a ``(B, W_k)`` padded batch. Same values and gradients either way.
+    ``deferred``: the step's weight-gradient accumulators (``ops/deferred.py``); packed passes route
+    the decoder's Linear layers through them. ``None``: plain per-pass gradients.
     """
     plan = plan_rollout(input_ids, attention_mask, thinking_token_id, min_passes)
     bsz, length = input_ids.shape
@@ -285,7 +293,7 @@ def latent_rollout(
     # would each materialise a dense V x d weight gradient in backward (and run the head on padding).
     embeds_all = embed(input_ids)
     runner_type = _PackedPasses if packed else _PaddedPasses
-    runner = runner_type(decoder, config, embeds_all, gradient_checkpointing and torch.is_grad_enabled())
+    runner = runner_type(decoder, config, embeds_all, gradient_checkpointing and torch.is_grad_enabled(), deferred)
     hiddens: list[torch.Tensor] = []
     keep_in_graph: list[torch.Tensor] = []
     for k, spec in enumerate(plan.passes):
