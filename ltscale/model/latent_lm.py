@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ltscale.model.families import attach
 from ltscale.model.packed import packing_supported
 from ltscale.model.rollout import count_passes, latent_rollout
 from ltscale.ops import context_prediction_fusion, fused_available
@@ -64,11 +65,13 @@ class FusionHead(nn.Module):
             logits = deferred_linear(hidden, head.weight, deferred)
             if getattr(head, "bias", None) is not None:
                 logits = logits + head.bias
-            logits = owner.softcap(logits)
+            logits = owner.family.final_logits(logits)
         weight = owner.base.get_input_embeddings().weight
+        # The expected *input* embedding: the embedding module's own scale (Gemma: sqrt(d)) applies.
         return context_prediction_fusion(
             hidden, logits, weight, alpha=owner.alpha, temperature=owner.temperature, top_p=owner.top_p,
-            exclude_token_id=owner.thinking_token_id, impl=owner.fusion_impl, deferred=deferred)
+            exclude_token_id=owner.thinking_token_id, impl=owner.fusion_impl, deferred=deferred,
+            embed_scale=owner.family.embedding_scale())
 
 
 class LatentAdapter(nn.Module):
@@ -95,6 +98,7 @@ class LatentLM(nn.Module):
                  adapter_hidden: int = 1024, gradient_checkpointing: bool = False, fusion_impl: str = "auto",
                  packed_passes: str = "auto"):
         super().__init__()
+        self.family = attach(base_model)  # refuses a model family that has not been checked (families.py)
         self.base = base_model
         self.thinking_token_id = int(thinking_token_id)
         self.fusion = FusionHead(self)
@@ -156,12 +160,8 @@ class LatentLM(nn.Module):
         return self.base.get_input_embeddings()(ids)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.softcap(self.base.get_output_embeddings()(hidden))
-
-    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
-        """The model's final-logit soft-capping (Gemma-2 style), identity when it has none."""
-        cap = getattr(self.base.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        """The logits the model's own ``forward`` computes (Granite's scaling, Gemma's soft-cap included)."""
+        return self.family.final_logits(self.base.get_output_embeddings()(hidden))
 
     def latent_input(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The method's latent function: what a ``<thinking>`` slot is fed.

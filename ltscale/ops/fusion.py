@@ -1,4 +1,8 @@
-"""Context-Prediction Fusion (spec eq. 6-7): ``e = a*h + (1-a) * sum_w P(w) E(w)``.
+"""Context-Prediction Fusion (spec eq. 6-7): ``e = a*h + (1-a) * s * sum_w P(w) E(w)``.
+
+``s`` (``embed_scale``) is the factor the model's input-embedding module multiplies its rows by
+(sqrt(d) for Gemma, 1 elsewhere), so the expected embedding is the embedding module's output under
+``P`` (docs/method.md, "Scaled-embedding models").
 
 ``P`` is the temperature softmax of the logits with ``<thinking>`` masked, cut to the tokens whose
 cumulative (descending) probability is <= ``top_p`` (the official code's rule: the token that
@@ -37,6 +41,7 @@ def _check_args(
     alpha: float,
     temperature: float,
     top_p: float,
+    embed_scale: float = 1.0,
 ) -> None:
     if hidden.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
@@ -58,6 +63,8 @@ def _check_args(
         raise ValueError(f"temperature={temperature} must be > 0")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} outside (0, 1]")
+    if not embed_scale > 0:
+        raise ValueError(f"embed_scale={embed_scale} must be > 0")
 
 
 def masked_probs(logits: torch.Tensor, *, temperature: float, exclude_token_id: int | None) -> torch.Tensor:
@@ -104,13 +111,16 @@ def fusion_reference(
     temperature: float,
     top_p: float,
     exclude_token_id: int | None,
+    embed_scale: float = 1.0,
 ) -> torch.Tensor:
-    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
+    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p, embed_scale)
     weights = fusion_weights_dense(
         logits, temperature=temperature, top_p=top_p, exclude_token_id=exclude_token_id
     )
     vocab = logits.shape[-1]
     e_pred = weights.to(embedding_weight.dtype) @ embedding_weight[:vocab]
+    if embed_scale != 1.0:
+        e_pred = e_pred * embed_scale
     return alpha * hidden + (1.0 - alpha) * e_pred.to(hidden.dtype)
 
 
@@ -124,13 +134,14 @@ def fusion_sparse_torch(
     top_p: float,
     exclude_token_id: int | None,
     deferred: DeferredWeightGrads | None = None,
+    embed_scale: float = 1.0,
 ) -> torch.Tensor:
     """Touch only the kept rows of ``E``: K = the largest kept-set size in the batch (dense
     product instead when K > V/4).
 
     ``deferred``: stash ``E``'s gradient (kept rows, or the dense product's pair) in the step's
     accumulator instead of returning a ``V x d`` gradient per call (``deferred.py``)."""
-    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
+    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p, embed_scale)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     l2 = logits.reshape(-1, logits.shape[-1])
@@ -150,6 +161,8 @@ def fusion_sparse_torch(
         # (N, K, d): the only reads of E
         rows = deferred_gather_rows(embedding_weight, order[:, :k], deferred)
         e_pred = torch.einsum("nk,nkd->nd", weights.to(rows.dtype), rows)
+    if embed_scale != 1.0:
+        e_pred = e_pred * embed_scale
     out = alpha * h2 + (1.0 - alpha) * e_pred.to(h2.dtype)
     return out.reshape(*lead, hidden.shape[-1])
 
@@ -289,6 +302,7 @@ def fusion_fused(
     top_p: float,
     exclude_token_id: int | None,
     deferred: DeferredWeightGrads | None = None,
+    embed_scale: float = 1.0,
 ) -> torch.Tensor:
     """The compiled op (``ltscale._C``): same signature, values and gradients as the reference.
 
@@ -297,8 +311,12 @@ def fusion_fused(
 
     Kept-set ties are broken by token id (the reference's ``torch.sort`` leaves tie order
     unspecified); on CUDA, tokens tied exactly at the top-p boundary are kept or cut together.
+
+    ``embed_scale`` s != 1 runs the kernel at ``a' = a / (a + (1-a) s)`` and scales its output by
+    ``c = a + (1-a) s``: ``c a' = a`` and ``c (1-a') = (1-a) s``, so the kernel's own forward,
+    backward and E-gradient formulas apply unchanged, at the cost of one extra rounding.
     """
-    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p)
+    _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p, embed_scale)
     why = fused_unsupported_reason(hidden, logits, embedding_weight)
     if why is not None:
         raise RuntimeError(f"context_prediction_fusion(impl='fused'): {why}")
@@ -306,17 +324,20 @@ def fusion_fused(
     token = acc = None
     if deferred is not None and deferred.active_for(embedding_weight):
         token, acc = deferred.slot(embedding_weight)
+    outer = 1.0 if embed_scale == 1.0 else alpha + (1.0 - alpha) * embed_scale
     out = _FusedFusion.apply(
         hidden.reshape(-1, d),
         logits.reshape(-1, vocab),
         embedding_weight,
-        float(alpha),
+        float(alpha / outer),
         float(temperature),
         float(top_p),
         -1 if exclude_token_id is None else int(exclude_token_id),
         token,
         acc,
     )
+    if outer != 1.0:
+        out = out * outer
     return out.reshape(hidden.shape)
 
 
@@ -331,6 +352,7 @@ def context_prediction_fusion(
     exclude_token_id: int | None,
     impl: str = "auto",
     deferred: DeferredWeightGrads | None = None,
+    embed_scale: float = 1.0,
 ) -> torch.Tensor:
     """Public op (DESIGN.md). ``impl``:
 
@@ -343,10 +365,12 @@ def context_prediction_fusion(
     ``deferred`` (``fused``/``torch``; the reference, the parity anchor, ignores it): the step's
     deferred-gradient accumulators (``deferred.py``), so ``E`` gets one ``V x d`` gradient per step
     however many passes call the op.
+    ``embed_scale``: the input-embedding module's row factor ``s`` (module docstring).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} not in {IMPLS}")
-    kw = dict(alpha=alpha, temperature=temperature, top_p=top_p, exclude_token_id=exclude_token_id)
+    kw = dict(alpha=alpha, temperature=temperature, top_p=top_p, exclude_token_id=exclude_token_id,
+              embed_scale=embed_scale)
     if impl == "reference":
         return fusion_reference(hidden, logits, embedding_weight, **kw)
     if impl == "fused" or (

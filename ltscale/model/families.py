@@ -1,0 +1,184 @@
+"""The Hugging Face model families ``LatentLM`` supports, and what it must know about each.
+
+``LatentLM`` drives an untouched HF model through its pieces (input-embedding module, decoder,
+output head; ``latent_lm.py``), never through the model's own ``forward``. Whatever a family's
+``forward`` does around those pieces has to be reproduced here, and a family whose quirks have not
+been checked is refused at model build (``attach``) instead of being trained with wrong numbers.
+Every family listed in ``FAMILIES`` is covered by ``tests/unit/test_families.py`` (values and
+gradients against the naive reference, single-pass logits and loss against the model's own
+``forward``, batched against one-at-a-time decoding); the README's "Supported models" table is
+the user-facing copy of this list.
+
+What differs between the supported families, and where it is handled:
+
+* **Final logits.** Granite divides the head's output by ``logits_scaling`` in ``forward``;
+  Gemma 2 (and Gemma 3 when configured) soft-caps it (``final_logit_softcapping``):
+  :meth:`ModelFamily.final_logits`.
+* **Input embeddings.** Gemma 1/2/3 multiply the embedding rows by sqrt(d) *inside* the embedding
+  module (``Gemma*TextScaledWordEmbedding``), so token inputs already carry it and latent inputs
+  (passed as ``inputs_embeds``) are not rescaled. The fusion's expected embedding is the embedding
+  module's output under the predicted distribution, ``s * sum_w P(w) E(w)``:
+  :meth:`ModelFamily.embedding_scale` (docs/method.md, "Scaled-embedding models"). Granite scales
+  ``inputs_embeds`` *in the decoder* (``embedding_multiplier``), i.e. tokens and latents alike.
+* **Attention kernels.** ``sdpa`` and ``eager`` everywhere except Gemma 2, whose attention-logit
+  soft-capping exists only in ``eager`` (transformers refuses ``sdpa``); soft-capped attention also
+  rules out packed passes (``packed.packing_supported``).
+* **Sliding-window attention** (Mistral's and Phi-3's configs, Gemma 2/3's local layers). Rollout,
+  packed passes and decoding hand the decoder their own 4D masks, which transformers applies as
+  given, without the window. That is exact while no query is ``sliding_window`` or more key
+  slots away from its first key; a longer call is refused by a guard on the decoder
+  (:func:`attach`), never computed with the wrong window.
+* **Mixture of experts** (Qwen3-MoE): the expert GEMM takes fp32/bf16/fp16 only (fp64 needs
+  ``config._experts_implementation = "eager"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("sdpa", "eager")
+
+
+class UnsupportedModelError(ValueError):
+    """The base model is of a family (or in a configuration) ``LatentLM`` has not been checked on."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as the README table spells it
+    kernels: tuple[str, ...] = KERNELS
+    limits: str = ""  # one line for error messages and the README
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("Llama (Llama 2/3, SmolLM2, TinyLlama)"),
+    "mistral": Family("Mistral", limits="sliding window: rows up to `sliding_window` tokens"),
+    "qwen2": Family("Qwen2 / Qwen2.5"),
+    "qwen3": Family("Qwen3"),
+    "qwen3_moe": Family("Qwen3-MoE", limits="expert GEMM in fp32/bf16/fp16 only"),
+    "phi3": Family("Phi-3", limits="sliding window: rows up to `sliding_window` tokens"),
+    "olmo2": Family("OLMo-2"),
+    "granite": Family("Granite"),
+    "gemma": Family("Gemma"),
+    "gemma2": Family("Gemma 2", kernels=("eager",),
+                     limits="eager only (attention soft-capping); padded passes; rows up to `sliding_window` tokens"),
+    "gemma3_text": Family("Gemma 3 (text)", limits="rows up to `sliding_window` tokens"),
+}
+
+# Families users ask for that are refused with a pointer instead of the generic message.
+_REFUSED = {
+    "gemma3": "the multimodal Gemma 3 (Gemma3ForConditionalGeneration) is not supported; the text-only "
+              "checkpoints (model_type gemma3_text, e.g. google/gemma-3-1b-it, google/gemma-3-270m) are",
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_of(config) -> Family:
+    """The checked family of a model config, or ``UnsupportedModelError`` naming it."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    why = _REFUSED.get(model_type, f"model family {model_type!r} ({type(config).__name__}) has not been checked "
+                                   "with ltscale's latent rollout")
+    raise UnsupportedModelError(
+        f"{why}. Supported model_type values: {', '.join(supported_model_types())} (README: Supported models). "
+        "A family is added by listing it in ltscale/model/families.py and covering it in tests/unit/test_families.py.")
+
+
+def check_config(config, attn_implementation: str | None = None) -> Family:
+    """Family and attention kernel checks that need only the config (run before loading weights)."""
+    family = family_of(config)
+    kernel = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+    if kernel not in family.kernels:
+        extra = " (its attention-logit soft-capping exists only in eager; transformers refuses sdpa for it)" \
+            if config.model_type == "gemma2" else ""
+        raise UnsupportedModelError(
+            f"model.attn_implementation: {kernel!r} is not supported for {family.name} "
+            f"(model_type {config.model_type}){extra}; use one of {', '.join(family.kernels)}")
+    return family
+
+
+def sliding_window(config) -> int | None:
+    """The smallest attention window of any layer (``None``: every layer attends to all keys)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    _, per_layer = get_layer_types_and_kwargs(config)
+    windows = [kw["sliding_window"] for kw in per_layer if kw.get("sliding_window")]
+    return min(windows) if windows else None
+
+
+def embedding_scale(embedding: nn.Module) -> float:
+    """The factor the input-embedding module multiplies its rows by, in the weight's dtype.
+
+    Gemma's ``*ScaledWordEmbedding`` multiplies by ``embed_scale.to(weight.dtype)`` (a buffer made
+    in fp32 from ``scalar_embed_scale``); the same rounding is reproduced on the host so that a
+    one-token expected embedding equals the module's output bit for bit, with no device sync.
+    """
+    if type(embedding) is nn.Embedding:
+        return 1.0
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if not isinstance(scale, (int, float)) or not isinstance(embedding, nn.Embedding):
+        raise UnsupportedModelError(
+            f"input embedding module {type(embedding).__name__} is neither nn.Embedding nor a known scaled embedding: "
+            "the fusion's expected input embedding cannot be computed for it")
+    return float(torch.tensor(float(scale), dtype=torch.float32).to(embedding.weight.dtype))
+
+
+class ModelFamily:
+    """What ``LatentLM`` needs to know about its base model's family (made by :func:`attach`)."""
+
+    def __init__(self, base_model: nn.Module, family: Family):
+        self.family = family
+        self._base = base_model  # looked up per call: resize_token_embeddings replaces the module
+        self.embedding_scale()  # refuse an unknown embedding module now, not in stage 3
+
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's output turned into the logits the model's own ``forward`` returns."""
+        config = self._base.config
+        scaling = getattr(config, "logits_scaling", None)  # Granite
+        if scaling is not None and scaling != 1:
+            logits = logits / scaling
+        cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def embedding_scale(self) -> float:
+        """``s`` in the expected input embedding ``s * sum_w P(w) E(w)`` (1 for plain embeddings)."""
+        return embedding_scale(self._base.get_input_embeddings())
+
+
+def _length_guard(name: str, window: int):
+    def guard(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-1] > window:
+            raise ValueError(
+                f"{name}: this decoder call attends over {mask.shape[-1]} key slots, but the model's sliding-window "
+                f"attention (window {window}) is reproduced by ltscale's own masks only up to {window}: shorten the "
+                "sequences (data.max_length, eval.max_new_tokens, eval.batch_size) or use packed passes "
+                "(engine.packed_passes: auto), whose key slots are true positions")
+
+    return guard
+
+
+def attach(base_model: nn.Module) -> ModelFamily:
+    """``LatentLM``'s construction hook: refuse an unchecked model, guard a windowed one.
+
+    Idempotent per base model (several wrappers may be built around one model).
+    """
+    config = base_model.config
+    family = check_config(config)
+    window = sliding_window(config)
+    decoder = base_model.get_decoder()
+    if window is not None and not getattr(decoder, "_ltscale_length_guard", False):
+        decoder.register_forward_pre_hook(_length_guard(family.name, window), with_kwargs=True)
+        decoder._ltscale_length_guard = True
+        log.info("%s: sliding-window attention (window %d); longer decoder calls are refused", family.name, window)
+    return ModelFamily(base_model, family)
