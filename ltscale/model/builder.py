@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from ltscale.model.families import check_config
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,9 @@ def build_base_model(
         }
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
+        else:  # an unchecked family or kernel fails here, before any weight is read (families.py)
+            check_config(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code),
+                         attn_implementation)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         return _mark_dequantized(model) if gguf_file else model
     torch.manual_seed(seed)
