@@ -116,8 +116,10 @@ def build_base_model(
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
         else:  # an unchecked family or kernel fails here, before any weight is read (families.py)
-            check_config(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code),
-                         attn_implementation)
+            check_config(
+                AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code),
+                attn_implementation,
+            )
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         return _mark_dequantized(model) if gguf_file else model
     torch.manual_seed(seed)

@@ -66,15 +66,18 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family("OLMo-2"),
     "granite": Family("Granite"),
     "gemma": Family("Gemma"),
-    "gemma2": Family("Gemma 2", kernels=("eager",),
-                     limits="eager only (attention soft-capping); padded passes; rows up to `sliding_window` tokens"),
+    "gemma2": Family(
+        "Gemma 2",
+        kernels=("eager",),
+        limits="eager only (attention soft-capping); padded passes; rows up to `sliding_window` tokens",
+    ),
     "gemma3_text": Family("Gemma 3 (text)", limits="rows up to `sliding_window` tokens"),
 }
 
 # Families users ask for that are refused with a pointer instead of the generic message.
 _REFUSED = {
     "gemma3": "the multimodal Gemma 3 (Gemma3ForConditionalGeneration) is not supported; the text-only "
-              "checkpoints (model_type gemma3_text, e.g. google/gemma-3-1b-it, google/gemma-3-270m) are",
+    "checkpoints (model_type gemma3_text, e.g. google/gemma-3-1b-it, google/gemma-3-270m) are",
 }
 
 
@@ -87,11 +90,15 @@ def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    why = _REFUSED.get(model_type, f"model family {model_type!r} ({type(config).__name__}) has not been checked "
-                                   "with ltscale's latent rollout")
+    why = _REFUSED.get(
+        model_type,
+        f"model family {model_type!r} ({type(config).__name__}) has not been checked "
+        "with ltscale's latent rollout",
+    )
     raise UnsupportedModelError(
         f"{why}. Supported model_type values: {', '.join(supported_model_types())} (README: Supported models). "
-        "A family is added by listing it in ltscale/model/families.py and covering it in tests/unit/test_families.py.")
+        "A family is added by listing it in ltscale/model/families.py and covering it in tests/unit/test_families.py."
+    )
 
 
 def check_config(config, attn_implementation: str | None = None) -> Family:
@@ -99,11 +106,15 @@ def check_config(config, attn_implementation: str | None = None) -> Family:
     family = family_of(config)
     kernel = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
     if kernel not in family.kernels:
-        extra = " (its attention-logit soft-capping exists only in eager; transformers refuses sdpa for it)" \
-            if config.model_type == "gemma2" else ""
+        extra = (
+            " (its attention-logit soft-capping exists only in eager; transformers refuses sdpa for it)"
+            if config.model_type == "gemma2"
+            else ""
+        )
         raise UnsupportedModelError(
             f"model.attn_implementation: {kernel!r} is not supported for {family.name} "
-            f"(model_type {config.model_type}){extra}; use one of {', '.join(family.kernels)}")
+            f"(model_type {config.model_type}){extra}; use one of {', '.join(family.kernels)}"
+        )
     return family
 
 
@@ -129,7 +140,8 @@ def embedding_scale(embedding: nn.Module) -> float:
     if not isinstance(scale, (int, float)) or not isinstance(embedding, nn.Embedding):
         raise UnsupportedModelError(
             f"input embedding module {type(embedding).__name__} is neither nn.Embedding nor a known scaled embedding: "
-            "the fusion's expected input embedding cannot be computed for it")
+            "the fusion's expected input embedding cannot be computed for it"
+        )
     return float(torch.tensor(float(scale), dtype=torch.float32).to(embedding.weight.dtype))
 
 
@@ -163,7 +175,8 @@ def _length_guard(name: str, window: int):
                 f"{name}: this decoder call attends over {mask.shape[-1]} key slots, but the model's sliding-window "
                 f"attention (window {window}) is reproduced by ltscale's own masks only up to {window}: shorten the "
                 "sequences (data.max_length, eval.max_new_tokens, eval.batch_size) or use packed passes "
-                "(engine.packed_passes: auto), whose key slots are true positions")
+                "(engine.packed_passes: auto), whose key slots are true positions"
+            )
 
     return guard
 
@@ -180,5 +193,7 @@ def attach(base_model: nn.Module) -> ModelFamily:
     if window is not None and not getattr(decoder, "_ltscale_length_guard", False):
         decoder.register_forward_pre_hook(_length_guard(family.name, window), with_kwargs=True)
         decoder._ltscale_length_guard = True
-        log.info("%s: sliding-window attention (window %d); longer decoder calls are refused", family.name, window)
+        log.info(
+            "%s: sliding-window attention (window %d); longer decoder calls are refused", family.name, window
+        )
     return ModelFamily(base_model, family)

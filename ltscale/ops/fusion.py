@@ -369,8 +369,13 @@ def context_prediction_fusion(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} not in {IMPLS}")
-    kw = dict(alpha=alpha, temperature=temperature, top_p=top_p, exclude_token_id=exclude_token_id,
-              embed_scale=embed_scale)
+    kw = dict(
+        alpha=alpha,
+        temperature=temperature,
+        top_p=top_p,
+        exclude_token_id=exclude_token_id,
+        embed_scale=embed_scale,
+    )
     if impl == "reference":
         return fusion_reference(hidden, logits, embedding_weight, **kw)
     if impl == "fused" or (

@@ -34,8 +34,18 @@ from ltscale.model.reference import reference_forward, reference_generate
 from tests.unit.test_rollout import THINK, VOCAB, assert_grads_close, batch, grads
 
 EOS = 5
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # Per family: what makes its tiny config exercise the family's own code (head_dim where it is not
 # hidden/heads, Granite's multipliers, soft-caps small enough to bite, a Gemma 3 window that is
 # installed but longer than any test row; the window itself is tested below).
@@ -47,12 +57,20 @@ CONFIGS: dict[str, dict] = {
     "qwen3_moe": {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
     "phi3": {},
     "olmo2": {},
-    "granite": {"embedding_multiplier": 3.0, "logits_scaling": 2.0, "residual_multiplier": 0.5,
-                "attention_multiplier": 0.3},
+    "granite": {
+        "embedding_multiplier": 3.0,
+        "logits_scaling": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.3,
+    },
     "gemma": {"head_dim": 8},
     "gemma2": {"head_dim": 8, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 2.0},
-    "gemma3_text": {"head_dim": 8, "sliding_window": 64, "final_logit_softcapping": 3.0,
-                    "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {
+        "head_dim": 8,
+        "sliding_window": 64,
+        "final_logit_softcapping": 3.0,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
 }
 # The grouped expert GEMM takes no float64: float32, and float64 through the experts' eager loop.
 MOE_FP32 = "qwen3_moe"
@@ -76,11 +94,15 @@ def base_model(family: str, kernel: str, seed: int = 0, **overrides) -> torch.nn
 def tolerances(family: str, kernel: str) -> dict:
     if family == MOE_FP32:  # measured: loss 1e-7, logits 3e-6, grads 6e-7 relative; 10-30x margin
         return dict(loss=1e-5, logits=1e-4, grads=2e-5)
-    return dict(loss=1e-12 if kernel == "sdpa" else 1e-8, logits=1e-10 if kernel == "sdpa" else 1e-7, grads=2e-6)
+    return dict(
+        loss=1e-12 if kernel == "sdpa" else 1e-8, logits=1e-10 if kernel == "sdpa" else 1e-7, grads=2e-6
+    )
 
 
 def test_the_grid_covers_every_supported_family():
-    assert set(CONFIGS) == set(FAMILIES), "a family claimed in families.py must be in this grid (and vice versa)"
+    assert set(CONFIGS) == set(FAMILIES), (
+        "a family claimed in families.py must be in this grid (and vice versa)"
+    )
 
 
 @pytest.mark.parametrize("packed", ["auto", "off"])
@@ -119,7 +141,9 @@ def test_single_pass_equals_the_models_own_forward(family, kernel):
         theirs = base(input_ids=ids, attention_mask=mask, labels=labels)
     valid = mask.bool()
     tol = tolerances(family, kernel)
-    torch.testing.assert_close(ours.logits[valid], theirs.logits[valid], rtol=tol["logits"], atol=tol["logits"])
+    torch.testing.assert_close(
+        ours.logits[valid], theirs.logits[valid], rtol=tol["logits"], atol=tol["logits"]
+    )
     # transformers takes the loss in float32 (ltscale keeps float64): compare at float32 precision
     torch.testing.assert_close(ours.loss.float(), theirs.loss.float(), rtol=1e-6, atol=0)
 
@@ -145,7 +169,9 @@ def test_expected_embedding_is_the_embedding_modules_output(family, impl):
         lm.set_latent_mode("fusion", alpha=0.0, top_p=1e-6)
         assert torch.equal(lm.latent_input(hidden, logits), lm.embed(masked.argmax(-1)))
     scale = embedding_scale(base.get_input_embeddings())
-    assert scale == (1.0 if not family.startswith("gemma") else float(torch.tensor(32**0.5, dtype=torch.float32)))
+    assert scale == (
+        1.0 if not family.startswith("gemma") else float(torch.tensor(32**0.5, dtype=torch.float32))
+    )
 
 
 @pytest.mark.parametrize("mode", ["hidden", "fusion"])
@@ -167,7 +193,9 @@ def test_batched_decoding_equals_one_at_a_time(family, mode):
     forced = torch.tensor([THINK, THINK])
     fast = lm.generate_many(prompts, 12, slots=3, eos_token_id=EOS, pad_token_id=0, forced=forced)
     for b, p in enumerate(prompts):
-        ref = reference_generate(lm, torch.tensor([p]), None, 12, eos_token_id=EOS, pad_token_id=0, forced=forced)
+        ref = reference_generate(
+            lm, torch.tensor([p]), None, 12, eos_token_id=EOS, pad_token_id=0, forced=forced
+        )
         n = int(ref.lengths[0])
         assert int(fast.lengths[b]) == n
         assert torch.equal(fast.sequences[b, :n], ref.sequences[0, :n]), f"prompt {b}"
@@ -178,7 +206,9 @@ def test_batched_decoding_equals_one_at_a_time(family, mode):
 # ----------------------------------------------------------------------------- refusals and limits
 def test_an_unchecked_family_is_refused_at_build_naming_it():
     cfg = AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4)
-    with pytest.raises(UnsupportedModelError, match=r"model family 'gpt2' \(GPT2Config\).*Supported model_type"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"model family 'gpt2' \(GPT2Config\).*Supported model_type"
+    ):
         LatentLM(AutoModelForCausalLM.from_config(cfg), THINK, mode="hidden")
     multimodal = AutoConfig.for_model("gemma3")
     with pytest.raises(UnsupportedModelError, match="multimodal Gemma 3.*gemma3_text"):
@@ -187,7 +217,9 @@ def test_an_unchecked_family_is_refused_at_build_naming_it():
 
 def test_gemma2_with_sdpa_is_refused_naming_the_config_key():
     cfg = AutoConfig.for_model("gemma2", **{**_COMMON, **CONFIGS["gemma2"]})
-    with pytest.raises(UnsupportedModelError, match=r"model.attn_implementation: 'sdpa'.*Gemma 2.*soft-capping.*eager"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"model.attn_implementation: 'sdpa'.*Gemma 2.*soft-capping.*eager"
+    ):
         check_config(cfg, "sdpa")
     assert check_config(cfg, "eager").name == "Gemma 2"
 
@@ -198,13 +230,24 @@ def test_build_base_model_refuses_before_loading_weights(tmp_path):
     gemma2 = base_model("gemma2", "eager")
     gemma2.save_pretrained(tmp_path / "g2")
     with pytest.raises(UnsupportedModelError, match="model.attn_implementation: 'sdpa'"):
-        build_base_model(name_or_path=str(tmp_path / "g2"), init={}, vocab_size=VOCAB, dtype=torch.float32,
-                         attn_implementation="sdpa")
-    built = build_base_model(name_or_path=str(tmp_path / "g2"), init={}, vocab_size=VOCAB, dtype=torch.float64,
-                             attn_implementation="eager")
+        build_base_model(
+            name_or_path=str(tmp_path / "g2"),
+            init={},
+            vocab_size=VOCAB,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+        )
+    built = build_base_model(
+        name_or_path=str(tmp_path / "g2"),
+        init={},
+        vocab_size=VOCAB,
+        dtype=torch.float64,
+        attn_implementation="eager",
+    )
     assert built.config._attn_implementation == "eager"
-    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2,
-                                                                 n_head=4))
+    gpt2 = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4)
+    )
     gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UnsupportedModelError, match="'gpt2'"):
         build_base_model(name_or_path=str(tmp_path / "gpt2"), init={}, vocab_size=VOCAB, dtype=torch.float32)
