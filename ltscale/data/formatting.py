@@ -6,6 +6,13 @@ The prompt is the tokenizer's chat template (user turn = question, generation pr
 has one, as the official code does; tokenizers without a template (our sentencepiece one, base
 models) get ``bos + "Question: <q>\\nAnswer:\\n"``.
 
+With a chat template, the response ends the way the template ends an assistant turn: ``load_tokenizer``
+makes that token the tokenizer's EOS (:func:`align_eos_with_chat_template`), so training appends it
+and decoding stops on it everywhere (``<|im_end|>`` for Qwen's format even in a base model's
+tokenizer, ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma). Templates that render the date
+(Llama 3.2's ``strftime_now``) get a fixed one (``CHAT_TEMPLATE_KWARGS``), so the same question
+always gives the same prompt ids.
+
 Prompt and response are tokenised separately and concatenated. That is the sequence the model
 sees at inference (the prompt is encoded alone, the response is generated token by token), so
 training on it avoids a train/inference mismatch at the boundary that joint tokenisation can
@@ -28,9 +35,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CHAT_TEMPLATE_KWARGS",
     "IGNORE_INDEX",
     "Encoded",
+    "align_eos_with_chat_template",
     "assistant_text",
+    "chat_end_of_turn",
     "encode_example",
     "encode_records",
     "plain_prompt_text",
@@ -39,6 +49,11 @@ __all__ = [
 
 IGNORE_INDEX = -100
 _BATCH = 1024
+#: Variables every chat template is rendered with. Llama 3.x templates print "Today Date" from
+#: ``date_string``, else from the clock: fixed to the templates' own fallback for reproducible ids.
+CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+# Private-use characters no template adds, to find where an assistant message's content ends.
+_MARK = "\ue000ltscale\ue001"
 
 
 @dataclass
@@ -80,9 +95,48 @@ def _prompt_text(tokenizer: PreTrainedTokenizerBase, question: str, chat: bool) 
         # Render to text, then tokenise without special tokens: templates spell out their own bos
         # (e.g. "<|begin_of_text|>"); tokenize=True returns a BatchEncoding in transformers 5.x.
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            tokenize=False,
+            **CHAT_TEMPLATE_KWARGS,
         )
     return plain_prompt_text(question)
+
+
+def chat_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template writes right after an assistant message's content.
+
+    ``None`` without a template, or when what follows the content is not a special token (then
+    the tokenizer's EOS stays the response terminator).
+    """
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, **CHAT_TEMPLATE_KWARGS)
+    except TemplateError as e:
+        logger.warning("chat template cannot render an assistant turn (%s); responses end with eos", e)
+        return None
+    if not isinstance(text, str) or _MARK not in text:
+        return None
+    ids = tokenizer.encode(text.split(_MARK, 1)[1], add_special_tokens=False)
+    specials = set(tokenizer.all_special_ids)
+    specials |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return tokenizer.convert_ids_to_tokens(ids[0]) if ids and ids[0] in specials else None
+
+
+def align_eos_with_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the template's end-of-assistant-turn token the EOS (see the module docstring).
+
+    Instruct tokenizers already have it as EOS; base tokenizers that ship the same template (Qwen2.5,
+    Llama 3.x) and Gemma's (``<eos>`` vs ``<end_of_turn>``) do not.
+    """
+    end = chat_end_of_turn(tokenizer)
+    if end is not None and end != tokenizer.eos_token:
+        logger.info("eos %r -> %r: the chat template ends assistant turns with it", tokenizer.eos_token, end)
+        tokenizer.eos_token = end
 
 
 def _prefix_ids(tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:

@@ -32,6 +32,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .formatting import align_eos_with_chat_template
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -178,7 +180,8 @@ def train_sentencepiece(
 def load_tokenizer(
     name_or_path: str, *, trust_remote_code: bool = False, **kwargs
 ) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` plus the one fix-up training needs: a pad token.
+    """``AutoTokenizer.from_pretrained`` plus the fix-ups training needs: EOS = the chat template's
+    end-of-turn token (``formatting.align_eos_with_chat_template``), and a pad token.
 
     Tokenizers without one (Llama-3, SmolLM2) get ``pad = eos``: padding is masked by position
     (attention mask, labels -100) everywhere in ltscale, never by id, so sharing the id is safe and
@@ -187,6 +190,7 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    align_eos_with_chat_template(tokenizer)  # responses end as the template ends a turn (formatting.py)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         logger.info("%s has no pad token; using eos %r as pad", name_or_path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
