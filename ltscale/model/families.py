@@ -27,7 +27,9 @@ What differs between the supported families, and where it is handled:
   packed passes and decoding hand the decoder their own 4D masks, which transformers applies as
   given, without the window. That is exact while no query is ``sliding_window`` or more key
   slots away from its first key; a longer call is refused by a guard on the decoder
-  (:func:`attach`), never computed with the wrong window.
+  (:func:`attach`), never computed with the wrong window. Rotary embeddings whose frequencies
+  depend on the call's longest position (Phi-3 128k's ``longrope``, ``dynamic``) get the same
+  guard at the length where they start to change (:func:`exact_length_limit`).
 * **Mixture of experts** (Qwen3-MoE): the expert GEMM takes fp32/bf16/fp16 only (fp64 needs
   ``config._experts_implementation = "eager"``).
 """
@@ -127,6 +129,37 @@ def sliding_window(config) -> int | None:
     return min(windows) if windows else None
 
 
+def _rope_limit(config) -> int | None:
+    """Longest row whose rotary frequencies do not depend on the call (``None``: any length).
+
+    ``longrope`` (Phi-3 128k) and ``dynamic`` rotary embeddings pick their frequencies from the
+    largest position *in each call*: past that length, a pass or a decode step would rotate its
+    queries differently from the keys cached by earlier calls, and from a single full forward.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    nested = bool(params) and all(isinstance(v, dict) for v in params.values())  # per layer type (Gemma 3)
+    limits = []
+    for p in params.values() if nested else [params]:
+        kind = p.get("rope_type", "default")
+        if kind == "longrope":
+            limits.append(p["original_max_position_embeddings"])
+        elif "dynamic" in kind:
+            limits.append(config.max_position_embeddings)
+    return min(limits) if limits else None
+
+
+def exact_length_limit(config) -> tuple[int, str] | None:
+    """``(tokens, why)``: the longest decoder call ltscale's own masks and caches reproduce exactly."""
+    limits = []
+    window = sliding_window(config)
+    if window is not None:
+        limits.append((window, f"sliding-window attention (window {window})"))
+    rope = _rope_limit(config)
+    if rope is not None:
+        limits.append((rope, f"position-dependent rotary frequencies (constant up to {rope} tokens)"))
+    return min(limits) if limits else None
+
+
 def embedding_scale(embedding: nn.Module) -> float:
     """The factor the input-embedding module multiplies its rows by, in the weight's dtype.
 
@@ -167,14 +200,17 @@ class ModelFamily:
         return embedding_scale(self._base.get_input_embeddings())
 
 
-def _length_guard(name: str, window: int):
+def _length_guard(name: str, limit: int, why: str):
+    """A decoder pre-hook. A 4D mask's key slots bound every query's position (a padded pass or a
+    decode batch counts padded slots too), so checking its width needs no device sync."""
+
     def guard(module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
-        if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-1] > window:
+        if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-1] > limit:
             raise ValueError(
-                f"{name}: this decoder call attends over {mask.shape[-1]} key slots, but the model's sliding-window "
-                f"attention (window {window}) is reproduced by ltscale's own masks only up to {window}: shorten the "
-                "sequences (data.max_length, eval.max_new_tokens, eval.batch_size) or use packed passes "
+                f"{name}: this decoder call attends over {mask.shape[-1]} key slots, but the model's {why} is "
+                f"reproduced by ltscale's own masks and caches only up to {limit}: shorten the sequences "
+                "(data.max_length, eval.max_new_tokens, eval.batch_size) or use packed passes "
                 "(engine.packed_passes: auto), whose key slots are true positions"
             )
 
@@ -188,12 +224,10 @@ def attach(base_model: nn.Module) -> ModelFamily:
     """
     config = base_model.config
     family = check_config(config)
-    window = sliding_window(config)
+    limit = exact_length_limit(config)
     decoder = base_model.get_decoder()
-    if window is not None and not getattr(decoder, "_ltscale_length_guard", False):
-        decoder.register_forward_pre_hook(_length_guard(family.name, window), with_kwargs=True)
+    if limit is not None and not getattr(decoder, "_ltscale_length_guard", False):
+        decoder.register_forward_pre_hook(_length_guard(family.name, *limit), with_kwargs=True)
         decoder._ltscale_length_guard = True
-        log.info(
-            "%s: sliding-window attention (window %d); longer decoder calls are refused", family.name, window
-        )
+        log.info("%s: %s; decoder calls over %d key slots are refused", family.name, limit[1], limit[0])
     return ModelFamily(base_model, family)

@@ -78,9 +78,8 @@ MOE_FP64 = "qwen3_moe/eager-experts"
 CASES = [(f, k) for f in CONFIGS for k in FAMILIES[f].kernels] + [(MOE_FP64, k) for k in ("sdpa", "eager")]
 
 
-@functools.cache
-def base_model(family: str, kernel: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random model of ``family``; cached, so tests must not change its weights (generation builds its own)."""
+def fresh_model(family: str, kernel: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random model of ``family`` (``CONFIGS``, with ``overrides``), float64 unless ``MOE_FP32``."""
     model_type = family.split("/")[0]
     cfg = AutoConfig.for_model(model_type, **{**_COMMON, **CONFIGS[model_type], **overrides})
     with torch.random.fork_rng(devices=[]):
@@ -89,6 +88,12 @@ def base_model(family: str, kernel: str, seed: int = 0, **overrides) -> torch.nn
     if family == MOE_FP64:
         model.config._experts_implementation = "eager"
     return model.to(torch.float32 if family == MOE_FP32 else torch.float64).train()
+
+
+@functools.cache
+def base_model(family: str, kernel: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """``fresh_model``, shared by the tests that do not change its weights."""
+    return fresh_model(family, kernel, seed, **overrides)
 
 
 def tolerances(family: str, kernel: str) -> dict:
@@ -179,9 +184,7 @@ def test_expected_embedding_is_the_embedding_modules_output(family, impl):
 def test_batched_decoding_equals_one_at_a_time(family, mode):
     # greedy decoding compares argmaxes: float64 for MoE too, so rounding cannot flip a near-tie
     family = MOE_FP64 if family == MOE_FP32 else family
-    shared = base_model(family, FAMILIES[family.split("/")[0]].kernels[0], seed=7)
-    base = type(shared)(shared.config).to(shared.dtype)  # a private copy: the head is biased below
-    base.load_state_dict(shared.state_dict())
+    base = fresh_model(family, FAMILIES[family.split("/")[0]].kernels[0], seed=7)  # its head is biased below
     with torch.no_grad():
         head = base.get_output_embeddings().weight
         head[THINK] += 3 * head.std()  # make <thinking> a frequent argmax
@@ -261,6 +264,8 @@ def test_sliding_window_is_exact_up_to_the_window_and_refused_beyond():
     out = exact(ids, mask, labels)
     ref = reference_forward(exact, ids, mask, labels)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=0)
+    # the last position's logits are the ones a window of 15 would change (0.04 without the guard)
+    torch.testing.assert_close(out.logits[mask.bool()], ref.logits[mask.bool()], rtol=1e-10, atol=1e-12)
     short = LatentLM(base_model("gemma3_text", "sdpa", sliding_window=15), THINK, mode="fusion")
     with pytest.raises(ValueError, match=r"Gemma 3 \(text\).*16 key slots.*window 15"):
         short(ids, mask, labels)  # packed: key slot j of a row is its token at true position j
@@ -269,3 +274,39 @@ def test_sliding_window_is_exact_up_to_the_window_and_refused_beyond():
         exact(ids, mask, labels)
     with pytest.raises(ValueError, match="window 15"):
         short.generate_many([list(range(6, 20))], 4, slots=1)
+
+
+@pytest.mark.parametrize("original", [16, 15])
+def test_position_dependent_rope_is_exact_up_to_its_limit_and_refused_beyond(original):
+    """Phi-3 128k's LongRoPE switches frequencies once a call's longest row passes the original
+    context: rows of 16 tokens are exact at 16, refused at 15."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "original_max_position_embeddings": original,
+        "short_factor": [1.0, 1.0, 1.0, 1.0],
+        "long_factor": [1.0, 2.0, 4.0, 8.0],
+    }
+    lm = LatentLM(
+        fresh_model("phi3", "sdpa", original_max_position_embeddings=original, rope_parameters=rope),
+        THINK,
+        mode="hidden",
+    )
+    ids, mask, labels = batch("mixed", "left")
+    if original == 16:
+        torch.testing.assert_close(
+            lm(ids, mask, labels).loss, reference_forward(lm, ids, mask, labels).loss, rtol=1e-12, atol=0
+        )
+    else:
+        with pytest.raises(ValueError, match=r"Phi-3.*rotary frequencies.*up to 15"):
+            lm(ids, mask, labels)
+
+
+def test_the_qwen_instruct_example_config_loads_and_names_a_checked_family(repo_root):
+    from ltscale.config import load_config
+
+    cfg = load_config(repo_root / "configs" / "qwen2.5-0.5b-instruct-gsm8k.yaml")
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model.use_chat_template
+    assert (
+        check_config(AutoConfig.for_model("qwen2"), cfg.model.attn_implementation).name == "Qwen2 / Qwen2.5"
+    )
