@@ -31,12 +31,18 @@ What differs between the supported families, and where it is handled:
   depend on the call's longest position (Phi-3 128k's ``longrope``, ``dynamic``) get the same
   guard at the length where they start to change (:func:`exact_length_limit`).
 * **Mixture of experts** (Qwen3-MoE): the expert GEMM takes fp32/bf16/fp16 only (fp64 needs
-  ``config._experts_implementation = "eager"``).
+  ``config._experts_implementation = "eager"``). The model's ``forward`` adds
+  ``router_aux_loss_coef`` times the load-balancing loss of all its tokens when
+  ``config.output_router_logits`` is set; ``LatentLM`` calls the decoder once per pass, so
+  :class:`RouterAuxLoss` collects each pass's router logits of its real tokens and computes the
+  loss once over all tokens of the step, as that single forward would (not once per pass, and
+  not dropped).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +184,66 @@ def embedding_scale(embedding: nn.Module) -> float:
     return float(torch.tensor(float(scale), dtype=torch.float32).to(embedding.weight.dtype))
 
 
+class RouterAuxLoss:
+    """A mixture-of-experts model's router load-balancing loss over the real tokens of a rollout.
+
+    Between :meth:`begin` and :meth:`end`, a forward hook on every router keeps its logits (the
+    module and output index the model itself records as ``router_logits``). Each decoder call (one per pass)
+    runs every router once, in layer order. :meth:`loss` keeps, per pass, the rows that are real
+    tokens (a padded pass also routes its padding; an empty lockstep pass routes one dummy) and
+    applies the model's own ``load_balancing_loss_func`` to all of them at once. Hooks fire again
+    when a checkpointed pass is recomputed in backward; by then the collection has ended.
+    """
+
+    def __init__(self, base_model: nn.Module):
+        config = base_model.config
+        decoder = base_model.get_decoder()
+        recorder = getattr(decoder, "_can_record_outputs", {}).get("router_logits")
+        self.loss_fn = getattr(sys.modules[type(base_model).__module__], "load_balancing_loss_func", None)
+        if recorder is None or self.loss_fn is None:
+            raise UnsupportedModelError(
+                f"{type(base_model).__name__}: no router logits to build its aux loss from"
+            )
+        self.routers = [m for m in decoder.modules() if isinstance(m, recorder.target_class)]
+        self.index = recorder.index
+        self.coef = float(config.router_aux_loss_coef)
+        self.num_experts, self.top_k = int(config.num_experts), int(config.num_experts_per_tok)
+        self.calls: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def begin(self) -> None:
+        """Start collecting (a fresh list; hooks left by a collection that raised are replaced)."""
+        self.end()
+        self.calls = []
+        self._handles = [r.register_forward_hook(self._keep) for r in self.routers]
+
+    def end(self) -> list[torch.Tensor]:
+        """Stop collecting; the logits of every router call since :meth:`begin` (pass-major, layer-minor)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return self.calls
+
+    def _keep(self, module: nn.Module, args: tuple, out: tuple) -> None:
+        self.calls.append(out[self.index])
+
+    def loss(self, calls: list[torch.Tensor], real_rows: list[torch.Tensor | None]) -> torch.Tensor:
+        """``coef * load_balancing_loss`` of the real tokens; ``real_rows[k]``: the rows of pass ``k``'s
+        decoder call that are real tokens (a bool mask or indices; ``None``: all of them)."""
+        n_layers = len(self.routers)
+        if len(calls) != n_layers * len(real_rows):
+            raise RuntimeError(
+                f"router aux loss: {len(calls)} router calls for {len(real_rows)} passes "
+                f"x {n_layers} MoE layers (was the decoder called outside the rollout?)"
+            )
+        per_layer = []
+        for layer in range(n_layers):
+            rows = [calls[k * n_layers + layer] for k in range(len(real_rows))]
+            rows = [r if sel is None else r[sel] for r, sel in zip(rows, real_rows)]
+            per_layer.append(torch.cat(rows))
+        return self.coef * self.loss_fn(tuple(per_layer), self.num_experts, self.top_k)
+
+
 class ModelFamily:
     """What ``LatentLM`` needs to know about its base model's family (made by :func:`attach`)."""
 
@@ -185,6 +251,16 @@ class ModelFamily:
         self.family = family
         self._base = base_model  # looked up per call: resize_token_embeddings replaces the module
         self.embedding_scale()  # refuse an unknown embedding module now, not in stage 3
+        self._router_aux: RouterAuxLoss | None = None
+
+    @property
+    def router_aux(self) -> RouterAuxLoss | None:
+        """The router aux loss the model's own ``forward`` would add (``None``: it adds none)."""
+        if not getattr(self._base.config, "output_router_logits", False):
+            return None
+        if self._router_aux is None:
+            self._router_aux = RouterAuxLoss(self._base)
+        return self._router_aux
 
     def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The head's output turned into the logits the model's own ``forward`` returns."""
@@ -198,6 +274,23 @@ class ModelFamily:
     def embedding_scale(self) -> float:
         """``s`` in the expected input embedding ``s * sum_w P(w) E(w)`` (1 for plain embeddings)."""
         return embedding_scale(self._base.get_input_embeddings())
+
+
+def real_rows_per_pass(plan, packed: bool) -> list[torch.Tensor | None]:
+    """For :meth:`RouterAuxLoss.loss`: which rows of each pass's decoder call are real tokens.
+
+    A padded pass routes its ``(B, W_k)`` slots row-major, padding included; a packed pass routes
+    exactly its real tokens, or one dummy when it is an empty lockstep pass (``rollout.py``).
+    """
+    rows: list[torch.Tensor | None] = []
+    for spec in plan.passes:
+        if not packed:
+            rows.append(spec.valid.reshape(-1))
+        else:
+            rows.append(
+                None if bool(spec.valid.any()) else torch.zeros(1, dtype=torch.bool, device=spec.valid.device)
+            )
+    return rows
 
 
 def _length_guard(name: str, limit: int, why: str):

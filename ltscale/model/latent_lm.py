@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ltscale.model.families import attach
+from ltscale.model.families import attach, real_rows_per_pass
 from ltscale.model.packed import packing_supported
-from ltscale.model.rollout import count_passes, latent_rollout
+from ltscale.model.rollout import count_passes, latent_rollout, plan_rollout
 from ltscale.ops import context_prediction_fusion, fused_available
 from ltscale.ops.deferred import DeferredWeightGrads, deferred_linear
 
@@ -37,6 +37,7 @@ class LatentLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     n_passes: int | None = None
     n_targets: int | None = None
+    aux_loss: torch.Tensor | None = None  # mixture of experts: router load balancing, already in ``loss``
 
 
 class FusionHead(nn.Module):
@@ -200,6 +201,9 @@ class LatentLM(nn.Module):
         # the packed passes' Linear layers (made lazily at first use); dropped after the rollout:
         # calls outside a training forward take the plain path.
         self._deferred = DeferredWeightGrads() if self.defer_weight_grads and torch.is_grad_enabled() else None
+        router_aux = self.family.router_aux if labels is not None else None  # mixture of experts (families.py)
+        if router_aux is not None:
+            router_aux.begin()
         res = latent_rollout(
             decoder=self.decoder(), config=self.base.config, embed=self.embed, lm_head=self.lm_head,
             latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
@@ -207,10 +211,17 @@ class LatentLM(nn.Module):
             gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits,
             packed=self.packed_passes == "auto" and packing_supported(self.base.config), deferred=self._deferred)
         self._deferred = None  # the accumulators live on in the graph until its backward
-        loss = None
+        loss = aux = None
         if labels is not None:
             loss = res.loss_sum / max(res.n_targets, 1)
-        return LatentLMOutput(loss=loss, logits=res.logits, n_passes=res.n_passes, n_targets=res.n_targets)
+        if router_aux is not None:  # one load-balancing loss over the real tokens of all passes
+            plan = plan_rollout(input_ids, attention_mask, self.thinking_token_id if rollout else -1,
+                                min_passes if rollout else 1)
+            packed = self.packed_passes == "auto" and packing_supported(self.base.config)
+            aux = router_aux.loss(router_aux.end(), real_rows_per_pass(plan, packed))
+            loss = loss + aux
+        return LatentLMOutput(loss=loss, logits=res.logits, n_passes=res.n_passes, n_targets=res.n_targets,
+                              aux_loss=aux)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -310,3 +310,82 @@ def test_the_qwen_instruct_example_config_loads_and_names_a_checked_family(repo_
     assert (
         check_config(AutoConfig.for_model("qwen2"), cfg.model.attn_implementation).name == "Qwen2 / Qwen2.5"
     )
+
+
+# ----------------------------------------------------------------------------- mixture of experts: router aux loss
+AUX_COEF = 0.5  # large, so that a dropped or repeated aux loss shows in the total
+
+
+def moe_with_aux() -> torch.nn.Module:
+    return fresh_model(MOE_FP64, "sdpa", output_router_logits=True, router_aux_loss_coef=AUX_COEF)
+
+
+@pytest.mark.parametrize("packed", ["auto", "off"])
+def test_router_aux_loss_equals_the_models_own_forward(packed):
+    """No latents, one pass: the loss the model's own ``forward`` computes (cross-entropy +
+    coef * load balancing over the real tokens of the padded batch)."""
+    base = moe_with_aux()
+    lm = LatentLM(base, THINK, mode="cot", packed_passes=packed)
+    ids, mask, labels = batch("none", "right")
+    with torch.no_grad():
+        ours = lm(ids, mask, labels)
+        theirs = base(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(
+        ours.aux_loss, AUX_COEF * theirs.aux_loss.to(ours.aux_loss.dtype), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(ours.loss.float(), theirs.loss.float(), rtol=1e-6, atol=0)  # HF: float32 loss
+    assert ours.aux_loss > 1e-3 * ours.loss, "the aux term must be visible in the total"
+
+
+def reference_aux(lm: LatentLM, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive reference's loss and the aux loss of its last full forward of each sample: every
+    real token routed exactly once, with its latent inputs in place."""
+    aux = lm.family.router_aux
+    starts: list[int] = []
+    hook = lm.decoder().register_forward_pre_hook(lambda m, a: starts.append(len(aux.calls)))
+    aux.begin()
+    try:
+        ref = reference_forward(lm, ids, mask, labels)
+    finally:
+        calls = aux.end()
+        hook.remove()
+    n_layers = len(aux.routers)
+    latents = ((ids == THINK) & mask.bool()).sum(1).tolist() if lm.uses_rollout else [0] * len(ids)
+    last = [sum(n + 1 for n in latents[: b + 1]) - 1 for b in range(len(ids))]  # each sample's final call
+    final = [calls[starts[c] : starts[c] + n_layers] for c in last]
+    per_layer = tuple(torch.cat([f[layer] for f in final]) for layer in range(n_layers))
+    return ref.loss, aux.coef * aux.loss_fn(per_layer, aux.num_experts, aux.top_k)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("packed", ["auto", "off"])
+@pytest.mark.parametrize("mode", ["hidden", "fusion"])
+def test_router_aux_loss_is_counted_once_over_all_passes(mode, packed, checkpointing):
+    """Five passes plus two empty lockstep ones: one aux loss over every real token, equal to the
+    reference's (values and gradients), neither once per pass nor dropped."""
+    lm = LatentLM(
+        moe_with_aux(), THINK, mode=mode, packed_passes=packed, gradient_checkpointing=checkpointing
+    )
+    ids, mask, labels = batch("mixed", "left" if packed == "auto" else "right")
+    lm.zero_grad()
+    fast = lm(ids, mask, labels, min_passes=7)
+    fast.loss.backward()
+    g_fast = grads(lm)
+    lm.zero_grad()
+    ce_ref, aux_ref = reference_aux(lm, ids, mask, labels)
+    (ce_ref + aux_ref).backward()
+    g_ref = grads(lm)
+    assert fast.n_passes == 7
+    torch.testing.assert_close(fast.aux_loss, aux_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fast.loss, ce_ref + aux_ref, rtol=1e-12, atol=0)
+    assert_grads_close(g_fast, g_ref, rtol=2e-6)
+    assert any("gate" in n and g.abs().max() > 0 for n, g in g_fast.items()), (
+        "the routers learn from the aux loss"
+    )
+
+
+def test_without_output_router_logits_there_is_no_aux_loss_as_in_the_models_forward():
+    base = fresh_model(MOE_FP64, "sdpa")
+    assert base.config.output_router_logits is False  # the Qwen3-MoE checkpoints' setting
+    out = LatentLM(base, THINK, mode="hidden")(*batch("mixed"))
+    assert out.aux_loss is None
