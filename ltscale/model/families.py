@@ -60,26 +60,23 @@ class UnsupportedModelError(ValueError):
 @dataclass(frozen=True)
 class Family:
     name: str  # as the README table spells it
-    kernels: tuple[str, ...] = KERNELS
-    limits: str = ""  # one line for error messages and the README
+    kernels: tuple[str, ...] = KERNELS  # the attention implementations checked for it
 
 
+# Keyed by ``config.model_type``. Their limits are in the README table; attach() refuses the calls
+# that would compute wrong numbers.
 FAMILIES: dict[str, Family] = {
     "llama": Family("Llama (Llama 2/3, SmolLM2, TinyLlama)"),
-    "mistral": Family("Mistral", limits="sliding window: rows up to `sliding_window` tokens"),
+    "mistral": Family("Mistral"),
     "qwen2": Family("Qwen2 / Qwen2.5"),
     "qwen3": Family("Qwen3"),
-    "qwen3_moe": Family("Qwen3-MoE", limits="expert GEMM in fp32/bf16/fp16 only"),
-    "phi3": Family("Phi-3", limits="sliding window: rows up to `sliding_window` tokens"),
+    "qwen3_moe": Family("Qwen3-MoE"),
+    "phi3": Family("Phi-3"),
     "olmo2": Family("OLMo-2"),
     "granite": Family("Granite"),
     "gemma": Family("Gemma"),
-    "gemma2": Family(
-        "Gemma 2",
-        kernels=("eager",),
-        limits="eager only (attention soft-capping); padded passes; rows up to `sliding_window` tokens",
-    ),
-    "gemma3_text": Family("Gemma 3 (text)", limits="rows up to `sliding_window` tokens"),
+    "gemma2": Family("Gemma 2", kernels=("eager",)),  # attention soft-capping: eager only
+    "gemma3_text": Family("Gemma 3 (text)"),
 }
 
 # Families users ask for that are refused with a pointer instead of the generic message.
@@ -188,8 +185,8 @@ class RouterAuxLoss:
     """A mixture-of-experts model's router load-balancing loss over the real tokens of a rollout.
 
     Between :meth:`begin` and :meth:`end`, a forward hook on every router keeps its logits (the
-    module and output index the model itself records as ``router_logits``). Each decoder call (one per pass)
-    runs every router once, in layer order. :meth:`loss` keeps, per pass, the rows that are real
+    module and output index the model itself records as ``router_logits``). Each decoder call (one
+    per pass) runs every router once, in layer order. :meth:`loss` keeps, per pass, the rows that are real
     tokens (a padded pass also routes its padding; an empty lockstep pass routes one dummy) and
     applies the model's own ``load_balancing_loss_func`` to all of them at once. Hooks fire again
     when a checkpointed pass is recomputed in backward; by then the collection has ended.
