@@ -103,7 +103,8 @@ def test_thinking_token_after_the_specials_with_an_embedding_row(tmp_path, kind,
     assert tok.encode("a<thinking>b", add_special_tokens=False).count(think) == 1
     init_thinking_embedding(base, tok, think)
     emb = base.get_input_embeddings().weight
-    assert emb.shape[0] == max(rows, len(tok)), "rows past the tokenizer are kept; a missing row is added"
+    # rows past the tokenizer are kept, a missing row is added (a resize may round up to a multiple)
+    assert emb.shape[0] >= max(rows, len(tok))
     src = tok.encode("emm", add_special_tokens=False)
     src = src[0] if len(src) == 1 else tok.eos_token_id
     assert torch.equal(emb[think], emb[src])
