@@ -6,15 +6,16 @@ Rank 0 is the one a user reads; the other ranks still report problems.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 
+from ltscale.launch_env import rank_label
+
 
 def setup_logging(level: int | None = None) -> None:
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    if level is None:
-        level = logging.INFO if rank == 0 else logging.WARNING
+    rank = rank_label()
+    if level is None:  # a rank that cannot tell who it is logs everything
+        level = logging.INFO if rank in ("0", "?") else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True, stream=sys.stderr)
     logging.getLogger("ltscale").setLevel(level)

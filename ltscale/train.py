@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from ltscale.data import DataError
     from ltscale.engine.checkpoint import CheckpointCorruptError
     from ltscale.engine.dist import is_collective_failure
+    from ltscale.launch_env import rank_label
     from ltscale.trainer import Preempted, StageOrderError, TooManySkippedSteps, train
 
-    rank = os.environ.get("RANK", "0")
+    rank = rank_label()
     try:
         train(cfg, args.stage)
     except Preempted as stop:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from ltscale.launch_env import LaunchEnvError, RankEnv, rank_env
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -51,19 +53,7 @@ __all__ = [
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = "29500"
 
-# (rank, size, local rank, local size) as exported by Open MPI (mpirun), by MPICH / Intel MPI /
-# Slurm's PMI, and by an `srun` job step (batch steps have one task, so they never match).
-_LAUNCHER_ENV = (
-    (
-        "mpi",
-        "OMPI_COMM_WORLD_RANK",
-        "OMPI_COMM_WORLD_SIZE",
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "OMPI_COMM_WORLD_LOCAL_SIZE",
-    ),
-    ("mpi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-    ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", None),
-)
+_LAUNCH: RankEnv | None = None  # what _prepare_env resolved for this process
 
 
 @dataclass(frozen=True)
@@ -86,65 +76,31 @@ def _free_port() -> int:
 def _prepare_env() -> str:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the launcher; return its name.
 
-    Precedence: an explicit RANK+WORLD_SIZE (torchrun, deepspeed launcher, our Slurm scripts)
-    wins; then MPI / PMI variables; then an ``srun`` step with more than one task; otherwise
-    this is a single process (with a free port, so concurrent single-process runs don't clash).
-    MASTER_ADDR defaults to loopback only when every rank is on this node: a multi-node MPI/srun
-    launch without MASTER_ADDR is an error, not a hang on 127.0.0.1.
+    Which launcher and which rank: ``ltscale.launch_env.rank_env`` (the one reader of launch
+    variables). MASTER_ADDR defaults to loopback only when every rank is on this node: an MPI/PMI/
+    srun launch across nodes (or one that does not say) without MASTER_ADDR is an error, not a hang
+    on 127.0.0.1. A single process gets a free port, so concurrent single-process runs don't clash.
     """
+    global _LAUNCH
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        for how, rank_k, size_k, *_ in _LAUNCHER_ENV:
-            # Inherited, stale torch variables under another launcher: every rank would claim the
-            # same rank and the rendezvous would hang. Say so instead.
-            if (
-                how != "srun"
-                and rank_k in env
-                and size_k in env
-                and (env[rank_k], env[size_k]) != (env["RANK"], env["WORLD_SIZE"])
-            ):
-                raise RuntimeError(
-                    f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} contradict the {how} launcher's "
-                    f"{rank_k}={env[rank_k]} {size_k}={env[size_k]}: stale variables inherited from another "
-                    "launch? unset RANK/WORLD_SIZE/LOCAL_RANK"
-                )
-        env.setdefault("LOCAL_RANK", "0")
-        env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
-        env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
-        return "env"
-    for k in ("RANK", "WORLD_SIZE"):
-        if k in env:
-            other = "WORLD_SIZE" if k == "RANK" else "RANK"
-            raise RuntimeError(
-                f"environment has {k}={env[k]!r} but no {other}; launch with torchrun/deepspeed/mpirun or unset {k}"
-            )
-    for how, rank_k, size_k, local_k, local_size_k in _LAUNCHER_ENV:
-        if rank_k not in env or size_k not in env:
-            continue
-        world = int(env[size_k])
-        if how == "srun" and world <= 1:
-            continue
-        if local_size_k is not None and local_size_k in env:
-            multi_node = int(env[local_size_k]) < world
-        else:
-            multi_node = int(env.get("SLURM_STEP_NUM_NODES", "1")) > 1
-        if multi_node and "MASTER_ADDR" not in env:
-            raise RuntimeError(
-                f"{how} launch across several nodes ({size_k}={world}) without MASTER_ADDR: export "
-                "MASTER_ADDR (the first node's address) and MASTER_PORT; ltscale never guesses it"
-            )
-        env["RANK"] = env[rank_k]
-        env["WORLD_SIZE"] = str(world)
-        env["LOCAL_RANK"] = env.get(local_k, "0")
-        env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
-        env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
-        return how
-    env["RANK"] = "0"
-    env["WORLD_SIZE"] = "1"
-    env["LOCAL_RANK"] = "0"
+    launch = rank_env(env)
+    if (
+        launch.source in ("openmpi", "pmi", "srun")
+        and launch.spans_nodes is not False
+        and "MASTER_ADDR" not in env
+    ):
+        on_node = "an unknown number" if launch.local_world_size is None else launch.local_world_size
+        raise LaunchEnvError(
+            f"{launch.source} launch of {launch.world_size} ranks, {on_node} of them on this node, without "
+            "MASTER_ADDR: export MASTER_ADDR (the first node's address) and MASTER_PORT; ltscale never guesses it"
+        )
+    env["RANK"] = str(launch.rank)
+    env["WORLD_SIZE"] = str(launch.world_size)
+    env["LOCAL_RANK"] = str(launch.local_rank)
     env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
-    env.setdefault("MASTER_PORT", str(_free_port()))
-    return "single"
+    env.setdefault("MASTER_PORT", str(_free_port()) if launch.source == "single" else DEFAULT_MASTER_PORT)
+    _LAUNCH = launch
+    return launch.source
 
 
 def _skip_shm_build() -> None:
@@ -161,7 +117,7 @@ def _skip_shm_build() -> None:
 def _info_from_pg() -> DistInfo:
     rank = tdist.get_rank()
     world = tdist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    local = _LAUNCH.local_rank if _LAUNCH is not None else rank
     return DistInfo(rank=rank, world_size=world, local_rank=local, is_main=rank == 0)
 
 
