@@ -9,7 +9,7 @@ shell scripts (see ``launcher/__main__.py``).
 from launcher.commands import (
     deepspeed_command,
     hostfile,
-    rank_env,
+    rendezvous_env,
     resolve_nproc,
     torchrun_command,
     visible_devices_warning,
@@ -33,7 +33,7 @@ __all__ = [
     "master_port",
     "parse_gpu_count",
     "parse_tasks_per_node",
-    "rank_env",
+    "rendezvous_env",
     "resolve_nproc",
     "slurm_context",
     "torchrun_command",

@@ -1,12 +1,13 @@
 """``python -m launcher {hostfile|command|env} [options] [-- script args...]``: the shell face of ``launcher``.
 
-Why a CLI: the Slurm scripts must compute per-node values (node rank, rank env) *on each node*,
+Why a CLI: the Slurm scripts must compute per-node values (the node rank) *on each node*,
 inside ``srun``; expanding ``$SLURM_NODEID`` once in the batch shell gives every node rank 0 and
 hangs the rendezvous. Each subcommand reads the current environment and prints:
 
 - ``hostfile``: DeepSpeed hostfile text (run once, in the batch shell, into a shared path);
 - ``command``: this node's launcher command, shell-quoted (``eval`` it, or split it);
-- ``env``: ``KEY=VALUE`` lines for a launcher-less ``srun`` task (values shell-quoted).
+- ``env``: ``MASTER_ADDR=.. MASTER_PORT=..`` lines (values shell-quoted) for a launcher-less
+  ``srun`` step, whose tasks read their ranks from Slurm's variables themselves.
 
 Errors print one line to stderr and exit with status 2, like argparse usage errors.
 """
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from launcher.commands import (
     deepspeed_command,
     hostfile,
-    rank_env,
+    rendezvous_env,
     resolve_nproc,
     torchrun_command,
     visible_devices_warning,
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="workers per node (default: GPUs on this node)")  # fmt: skip
     c.add_argument("--rendezvous", choices=("static", "c10d"), default="static", help="torchrun only")
     c.add_argument("--python", default=None, help="run the launcher as PYTHON -m ... instead of its script")
-    sub.add_parser("env", parents=[master], help="RANK/WORLD_SIZE/... for one srun task")
+    sub.add_parser("env", parents=[master], help="MASTER_ADDR/MASTER_PORT for a launcher-less srun step")
     return p
 
 
@@ -61,7 +62,7 @@ def _run(args: argparse.Namespace, script: list[str], env: Mapping[str, str]) ->
     if args.what == "hostfile":
         return hostfile(ctx, args.nproc), None
     if args.what == "env":
-        pairs = rank_env(ctx, addr=args.master_addr, port=args.master_port)
+        pairs = rendezvous_env(ctx, addr=args.master_addr, port=args.master_port)
         return "".join(f"{k}={shlex.quote(v)}\n" for k, v in pairs.items()), None
     if not script:
         raise ValueError("command needs the training script after '--', e.g. -- ltscale/train.py --config X")

@@ -10,8 +10,9 @@ Three ways to start ltscale on a Slurm allocation, one ``srun`` task per node fo
   --master_port P --num_nodes N --num_gpus G script ...`` on every node.
 - ``torchrun_command``: ``torchrun --nnodes N --node_rank R --nproc_per_node G --master_addr A
   --master_port P script ...`` (static), or the c10d rendezvous variant.
-- ``rank_env``: no launcher at all; ``srun`` starts one task per GPU and each task exports
-  RANK/WORLD_SIZE/... itself (what ``ltscale.engine.dist`` reads first).
+- ``rendezvous_env``: no launcher at all; ``srun`` starts one task per GPU and every task reads
+  its rank from ``SLURM_PROCID``/``SLURM_LOCALID`` itself (``ltscale.launch_env``); this gives the
+  MASTER_ADDR/MASTER_PORT that every task needs and no task can guess, the same on every node.
 
 DeepSpeed 0.19.8 facts behind ``deepspeed_command``, read in ``deepspeed/launcher/runner.py``
 and ``launch.py``:
@@ -54,7 +55,7 @@ from launcher.slurm import SlurmContext, master_addr, master_port
 __all__ = [
     "deepspeed_command",
     "hostfile",
-    "rank_env",
+    "rendezvous_env",
     "resolve_nproc",
     "torchrun_command",
     "visible_devices_warning",
@@ -175,35 +176,15 @@ def torchrun_command(
     return [*cmd, script, *script_args]
 
 
-def rank_env(ctx: SlurmContext, *, addr: str | None = None, port: int | None = None) -> dict[str, str]:
-    """RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT/NODE_RANK for one ``srun`` task.
+def rendezvous_env(ctx: SlurmContext, *, addr: str | None = None, port: int | None = None) -> dict[str, str]:
+    """MASTER_ADDR/MASTER_PORT for ``srun --ntasks-per-node=G python ltscale/train.py`` with no launcher.
 
-    For ``srun --ntasks-per-node=G python ltscale/train.py`` with no launcher: SLURM_PROCID is the
-    global rank and SLURM_LOCALID the local one, whatever the task distribution. Give every task
-    all of the node's GPUs (``--gpus-per-node``, not ``--gpus-per-task`` binding), since the
+    The same for every task, so it can be computed once in the batch shell and exported. Give every
+    task all of the node's GPUs (``--gpus-per-node``, not ``--gpus-per-task`` binding), since the
     trainer selects ``cuda:LOCAL_RANK``.
     """
-    if ctx.procid is None:
-        raise KeyError("SLURM_PROCID is not set: run this inside `srun`, once per task")
-    if ctx.localid is None:
-        raise KeyError("SLURM_LOCALID is not set: run this inside `srun`, once per task")
-    world, local_world = ctx.num_tasks, ctx.local_tasks
-    if ctx.procid >= world:
-        raise ValueError(f"SLURM_PROCID={ctx.procid} but the task layout has only {world} tasks")
-    if ctx.localid >= local_world:
-        raise ValueError(
-            f"SLURM_LOCALID={ctx.localid} but node {ctx.node_rank} ({ctx.hostname}) has {local_world} tasks"
-        )
     a, p = _rendezvous(ctx, addr, port)
-    return {
-        "RANK": str(ctx.procid),
-        "WORLD_SIZE": str(world),
-        "LOCAL_RANK": str(ctx.localid),
-        "LOCAL_WORLD_SIZE": str(local_world),
-        "MASTER_ADDR": a,
-        "MASTER_PORT": str(p),
-        "NODE_RANK": str(ctx.node_rank),
-    }
+    return {"MASTER_ADDR": a, "MASTER_PORT": str(p)}
 
 
 def visible_devices_warning(env: Mapping[str, str], nproc: int) -> str | None:

@@ -20,8 +20,10 @@ Variables read (first one present wins):
   else 1 per node.
 - GPUs on this node: ``SLURM_GPUS_ON_NODE``, ``SLURM_GPUS_PER_NODE`` (``4``, ``gpu:4``,
   ``a100:8``, ``gpu:a100:4``), the number of entries of ``CUDA_VISIBLE_DEVICES``, else 0.
-- ``SLURM_PROCID``, ``SLURM_LOCALID`` (optional: only ``rank_env`` needs them),
-  ``SLURM_RESTART_COUNT`` (default 0), ``SLURM_CPUS_PER_TASK`` (default 1).
+- ``SLURM_RESTART_COUNT`` (default 0), ``SLURM_CPUS_PER_TASK`` (default 1).
+
+A training rank's own place (``SLURM_PROCID`` and friends) is not read here: that is
+``ltscale.launch_env``, the one reader of launch variables, whose task-count parser this reuses.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import product
+
+from ltscale.launch_env import parse_tasks_per_node
 
 __all__ = [
     "MAX_HOSTS",
@@ -51,7 +55,6 @@ MAX_HOSTS = 65536
 _HOST_CHARS = frozenset(string.ascii_letters + string.digits + "-._")
 _SEPARATORS = frozenset(", \t\n")
 _RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?")
-_TASKS_RE = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 _GPU_SUFFIX_RE = re.compile(r"\([^()]*\)$")  # "gpu:4(IDX:0-3)" as printed in some TRES strings
 
 
@@ -163,17 +166,6 @@ def expand_nodelist(spec: str) -> list[str]:
 # --------------------------------------------------------------------------- small parsers
 
 
-def parse_tasks_per_node(spec: str, *, var: str = "SLURM_TASKS_PER_NODE") -> list[int]:
-    """Expand Slurm's compressed per-node task counts: ``2(x3),1`` -> [2, 2, 2, 1]."""
-    out: list[int] = []
-    for item in spec.strip().split(","):
-        m = _TASKS_RE.fullmatch(item.strip())
-        if not m or (m.group(2) is not None and int(m.group(2)) < 1):
-            raise ValueError(f"{var}={spec!r}: bad item {item!r}, expected N or N(xK) as in '2(x3),1'")
-        out.extend([int(m.group(1))] * int(m.group(2) or 1))
-    return out
-
-
 def parse_gpu_count(spec: str, *, var: str = "SLURM_GPUS_PER_NODE") -> int:
     """GPUs from a Slurm GPU string: ``4``, ``gpu:4``, ``a100:8``, ``gpu:a100:4``, ``gpu:4(IDX:0-3)``.
 
@@ -232,7 +224,6 @@ class SlurmContext:
 
     ``nodes`` and ``tasks_per_node`` are tuples (lists are converted) so the context stays
     immutable and hashable; ``tasks_per_node[i]`` is the task count on ``nodes[i]``.
-    ``procid``/``localid`` are None when Slurm did not export them (e.g. a hand-written env).
     """
 
     job_id: str
@@ -241,8 +232,6 @@ class SlurmContext:
     num_nodes: int
     tasks_per_node: tuple[int, ...]
     gpus_per_node: int
-    procid: int | None = None
-    localid: int | None = None
     restart_count: int = 0
     cpus_per_task: int = 1
 
@@ -356,8 +345,6 @@ def slurm_context(env: Mapping[str, str]) -> SlurmContext:
         num_nodes=len(nodes),
         tasks_per_node=tuple(_tasks_per_node(env, len(nodes))),
         gpus_per_node=_gpus_per_node(env),
-        procid=_optional_int(env, "SLURM_PROCID", None),
-        localid=_optional_int(env, "SLURM_LOCALID", None),
         restart_count=_optional_int(env, "SLURM_RESTART_COUNT", 0) or 0,
         cpus_per_task=_optional_int(env, "SLURM_CPUS_PER_TASK", 1, minimum=1) or 1,
     )

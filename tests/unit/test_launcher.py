@@ -19,7 +19,13 @@ import pytest
 
 from launcher import parse_gpu_count, parse_tasks_per_node
 from launcher.__main__ import main
-from launcher.commands import deepspeed_command, hostfile, rank_env, torchrun_command, visible_devices_warning
+from launcher.commands import (
+    deepspeed_command,
+    hostfile,
+    rendezvous_env,
+    torchrun_command,
+    visible_devices_warning,
+)
 from launcher.slurm import SlurmContext, expand_nodelist, master_addr, master_port, slurm_context
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,13 +146,10 @@ def test_parse_gpu_count_malformed(spec: str) -> None:
 
 def test_context_one_node_one_task() -> None:
     ctx = slurm_context(ENV_1x1)
-    assert ctx == SlurmContext("4242", ("node17",), 0, 1, (1,), 1, procid=0, localid=0, cpus_per_task=8)
+    assert ctx == SlurmContext("4242", ("node17",), 0, 1, (1,), 1, cpus_per_task=8)
     assert master_addr(ctx) == "node17"
     assert hostfile(ctx) == "node17 slots=1\n"
-    expected = (
-        "RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=node17 MASTER_PORT=29742 NODE_RANK=0"
-    )
-    assert rank_env(ctx) == _rec(expected)
+    assert rendezvous_env(ctx) == {"MASTER_ADDR": "node17", "MASTER_PORT": "29742"}
 
 
 def test_context_four_nodes_eight_gpus_node2() -> None:
@@ -175,10 +178,9 @@ def test_context_uneven_tasks_and_padded_list() -> None:
     assert ctx.nodes == ("gpu01", "gpu02", "gpu04", "gpu07")
     assert ctx.tasks_per_node == (2, 2, 2, 1)
     assert (ctx.num_tasks, ctx.local_tasks, ctx.gpus_per_node) == (7, 2, 4)
-    expected = "RANK=6 WORLD_SIZE=7 LOCAL_RANK=0 LOCAL_WORLD_SIZE=2 MASTER_ADDR=gpu01 MASTER_PORT=29517"
-    assert rank_env(ctx) == _rec(expected + " NODE_RANK=2")
+    assert rendezvous_env(ctx) == {"MASTER_ADDR": "gpu01", "MASTER_PORT": "29517"}
     last = slurm_context(_env(ENV_UNEVEN, SLURM_NODEID="3", SLURM_PROCID="6", SLURM_LOCALID="0"))
-    assert rank_env(last)["LOCAL_WORLD_SIZE"] == "1"
+    assert last.local_tasks == 1
 
 
 def test_context_step_layout_wins_and_ntasks_per_node_fallback() -> None:
@@ -217,7 +219,7 @@ def test_missing_nodelist_is_a_clear_error() -> None:
         ({"SLURM_JOB_NODELIST": "gpu[01-02],gpu02"}, "SLURM_JOB_NODELIST"),  # duplicate host
         ({"SLURM_JOB_NUM_NODES": "8"}, "SLURM_JOB_NUM_NODES"),
         ({"SLURM_NODEID": "two"}, "SLURM_NODEID"), ({"SLURM_NODEID": "4"}, "SLURM_NODEID"),
-        ({"SLURM_PROCID": "x"}, "SLURM_PROCID"), ({"SLURM_RESTART_COUNT": "once"}, "SLURM_RESTART_COUNT"),
+        ({"SLURM_RESTART_COUNT": "once"}, "SLURM_RESTART_COUNT"),
         ({"SLURM_CPUS_PER_TASK": "0"}, "SLURM_CPUS_PER_TASK"), ({"SLURM_GPUS_ON_NODE": "x"}, "SLURM_GPUS_ON_NODE"),
         ({"SLURM_GPUS_ON_NODE": None, "SLURM_GPUS_PER_NODE": "gpu:a100"}, "SLURM_GPUS_PER_NODE"),
         ({"SLURM_STEP_TASKS_PER_NODE": "1(x2)"}, "SLURM_STEP_TASKS_PER_NODE"),  # step on 2 of 4 nodes
@@ -247,7 +249,7 @@ def test_requeued_job_keeps_port_and_commands() -> None:
         deepspeed_command(c, "ltscale/train.py", ["--stage", "2"], hostfile_path="h") for c in (first, again)
     ]
     assert ds[0] == ds[1]
-    assert rank_env(again) == rank_env(first)
+    assert rendezvous_env(again) == rendezvous_env(first)
 
 
 def test_context_is_immutable_and_validated() -> None:
@@ -310,15 +312,6 @@ def test_python_module_form_and_overrides() -> None:
         torchrun_command(ctx, "t.py", rendezvous="etcd")
 
 
-def test_rank_env_errors() -> None:
-    with pytest.raises(KeyError, match="SLURM_PROCID"):
-        rank_env(slurm_context(_env(ENV_4x8_NODE2, SLURM_PROCID=None)))
-    with pytest.raises(ValueError, match="SLURM_PROCID=4"):
-        rank_env(slurm_context(_env(ENV_4x8_NODE2, SLURM_PROCID="4")))
-    with pytest.raises(ValueError, match="SLURM_LOCALID=1"):
-        rank_env(slurm_context(_env(ENV_4x8_NODE2, SLURM_LOCALID="1")))
-
-
 def test_visible_devices_warning() -> None:
     assert visible_devices_warning({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 4) is None
     assert visible_devices_warning({}, 4) is None
@@ -348,8 +341,7 @@ def test_cli_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["hostfile"], env=ENV_4x8_NODE2) == 0
     assert capsys.readouterr().out.splitlines() == [f"gpu0{i} slots=8" for i in range(1, 5)]
     assert main(["env", "--master-port", "1234"], env=ENV_UNEVEN) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert "RANK=6" in lines and "MASTER_PORT=1234" in lines and "MASTER_ADDR=gpu01" in lines
+    assert capsys.readouterr().out.splitlines() == ["MASTER_ADDR=gpu01", "MASTER_PORT=1234"]
     argv = ["command", "--launcher", "torchrun", "--rendezvous", "c10d", "--", "t.py", "a b"]
     assert main(argv, env=ENV_1x1) == 0
     out = shlex.split(capsys.readouterr().out)
