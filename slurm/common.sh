@@ -1,9 +1,13 @@
 # shellcheck shell=bash
-# slurm/common.sh -- the logic behind slurm/stage{1,2,3}.sh (sourced by them; not a job script).
+# slurm/common.sh -- the one script behind slurm/stage{1,2,3}.sh, which only add their #SBATCH
+# defaults (sbatch reads those from the file it is given) and `exec` this script.
 #
-# Two entry points:
-#   ltscale_stage_main N [override ...]     the batch shell of a stage job (runs on the first node)
-#   bash slurm/common.sh node -- ARGS...    one srun task per node: starts this node's launcher
+#   export LTSCALE_RUN_DIR=/shared/runs/exp1 LTSCALE_CONFIG=configs/tiny.yaml
+#   sbatch [-N 4] [--gpus-per-node=4] [-p PART] [-t 12:00:00] slurm/stage2.sh [key=value ...]
+#
+# Entry points (run as a script):
+#   bash slurm/common.sh stage N [override ...]   the batch shell of a stage job (on the first node)
+#   bash slurm/common.sh node -- ARGS...          one srun task per node: starts this node's launcher
 #
 # What a stage job does, in order (each step says why in its function):
 #   1. read and check its inputs (LTSCALE_RUN_DIR, LTSCALE_CONFIG, ...) -> exit 2 with one clear
@@ -19,22 +23,34 @@
 #      are forwarded to the step as SIGUSR1 via srun, which hands them to every process of the
 #      step.  Launchers ignore SIGUSR1/SIGTERM (the node wrapper starts them with both ignored), so
 #      only the training ranks react: they agree at the next step boundary, checkpoint, exit 143;
-#   6. exit 143 after a SIGUSR1 -> `scontrol requeue $SLURM_JOB_ID` (bounded by LTSCALE_MAX_RESTARTS);
-#      the requeued job keeps its id (afterok dependents keep waiting) and resumes exactly.
-#      After a SIGTERM Slurm itself decides (preemption requeues the job; scancel or the time
-#      limit end it), so the script never requeues then: `scancel` must stay a way to stop a job.
-#      Any other non-zero exit fails the job: a crash must not loop.
+#   6. how the step ended is read from the code each node's launcher exited with (srun's own code
+#      mixes in the nodes it had to kill after the first one ended), then:
+#      - 143 after a SIGUSR1 -> `scontrol requeue $SLURM_JOB_ID` (bounded by LTSCALE_MAX_RESTARTS);
+#        the requeued job keeps its id (afterok dependents keep waiting) and resumes exactly;
+#      - 4, a lost rank (ltscale/train.py: a peer died, hung or became unreachable; see
+#        docs/RELIABILITY.md) -> requeue the same way, the run is resumable by design; but not
+#        twice at the same checkpoint: a failure that recurs before any progress is not transient;
+#      - after a SIGTERM Slurm itself decides (preemption requeues the job; scancel or the time
+#        limit end it), so the script never requeues then: `scancel` must stay a way to stop a job;
+#      - any other non-zero exit fails the job: a crash must not loop.
 #
-# Environment read by the stage scripts (documented for users in README.md, section "Slurm"):
-#   LTSCALE_RUN_DIR (required), LTSCALE_CONFIG (required), LTSCALE_ARGS, LTSCALE_NPROC_PER_NODE,
-#   LTSCALE_LAUNCHER (deepspeed|torchrun), LTSCALE_MASTER_ADDR, LTSCALE_MASTER_PORT, LTSCALE_PYTHON,
-#   LTSCALE_MAX_RESTARTS, LTSCALE_SEEDS (with job arrays), LTSCALE_SRUN_ARGS, LTSCALE_REPO,
-#   LTSCALE_RESIGNAL_S.
+# Environment read by a stage job (sbatch exports the submitting shell's; README.md, section
+# "Slurm", documents each for users): LTSCALE_RUN_DIR and LTSCALE_CONFIG (required), LTSCALE_ARGS,
+# LTSCALE_NPROC_PER_NODE, LTSCALE_LAUNCHER (deepspeed|torchrun), LTSCALE_MASTER_ADDR,
+# LTSCALE_MASTER_PORT, LTSCALE_PYTHON, LTSCALE_MAX_RESTARTS, LTSCALE_SEEDS (with job arrays),
+# LTSCALE_SRUN_ARGS (after, so overriding, the step's --mpi=none --cpus-per-task --mem=0),
+# LTSCALE_REPO, LTSCALE_RESIGNAL_S.
+#
+# Logs: everything goes to Slurm's output file and to RUN_DIR/logs/<job name>-<job id>.out
+# (--open-mode=append keeps one file across requeues); RUN_DIR/logs/exit-codes/<job id>.<restart>/
+# holds the code each node's launcher exited with.
 
 LTSCALE_EXIT_USAGE=2      # bad input / stage order: same code as ltscale/train.py
+LTSCALE_EXIT_LOST_RANK=4  # ltscale/train.py: lost contact with another rank; resumable
 LTSCALE_EXIT_STOPPED=143  # ltscale/train.py: every rank checkpointed at a step boundary, then stopped
 LTSCALE_RESIGNAL_S=${LTSCALE_RESIGNAL_S:-30}  # re-send the stop signal this often until the ranks stop
 LTSCALE_STEP_GRACE_S=5    # no stop signal to a step younger than this: its node wrappers may not ignore it yet
+LTSCALE_NODE_GRACE_S=60   # after one node's launcher ends, the others' time to end on their own
 
 ltscale_log() { echo "[ltscale-slurm $(date +%H:%M:%S)] $*"; }
 ltscale_err() { echo "[ltscale-slurm $(date +%H:%M:%S)] ERROR: $*" >&2; }
@@ -243,11 +259,19 @@ ltscale_node_main() {  # bash slurm/common.sh node -- TRAIN_ARGS...: one srun ta
   trap '' USR1 TERM
   [ "${1:-}" = "--" ] && shift
   local quoted rc=0
-  quoted=$(ltscale_node_command "$@") || exit "$LTSCALE_EXIT_USAGE"
-  local cmd
-  eval "cmd=($quoted)"  # shlex.join output: POSIX-quoted words
-  "${cmd[@]}" || rc=$?
+  quoted=$(ltscale_node_command "$@") || rc=$LTSCALE_EXIT_USAGE
+  if [ "$rc" -eq 0 ]; then
+    local cmd
+    eval "cmd=($quoted)"  # shlex.join output: POSIX-quoted words
+    "${cmd[@]}" || rc=$?
+  fi
   [ "$rc" -eq 0 ] || echo "[ltscale-slurm] node ${SLURM_NODEID:-?} ($(hostname)): launcher exited with $rc" >&2
+  # The batch shell reads this, not srun's exit code: srun folds in the signal of every node it
+  # killed (128 + 9 after --wait), which would hide a lost rank's 4.
+  if [ -n "${LTSCALE_EXIT_DIR:-}" ]; then
+    local f=$LTSCALE_EXIT_DIR/node${SLURM_NODEID:-0}
+    { echo "$rc" >"$f.tmp" && mv -f "$f.tmp" "$f"; } 2>/dev/null || true
+  fi
   exit "$rc"
 }
 
@@ -274,14 +298,27 @@ ltscale_forward_stop() {
   fi
 }
 
-ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCALE_STEP_RC
+ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCALE_STEP_RC (ltscale_step_code)
   local srun_extra=()
   [ -n "${LTSCALE_SRUN_ARGS:-}" ] && read -r -a srun_extra <<<"$LTSCALE_SRUN_ARGS"
-  # --kill-on-bad-exit: a rank that crashes on one node must end the step, not leave the other
-  # nodes waiting in a collective. It also fires on 143, which is safe: a rank raises its stop
-  # only after the checkpoint's final barrier, so every node has written its part by then.
+  # Site defaults the step must not take (LTSCALE_SRUN_ARGS comes after them, so it can):
+  # --mpi=none: an MpiDefault=pmi2 site would export PMI_RANK/PMI_SIZE (this node's index) to every
+  #   rank beside deepspeed's RANK; nothing here speaks PMI (ltscale/launch_env.py copes anyway).
+  # --cpus-per-task: srun of Slurm 22.05-23.02 does not take the job's value from the environment,
+  #   so the one task per node -- the launcher and all of the node's ranks -- would get one core.
+  # --mem=0: the step may use all the memory the job has on each node.
+  local defaults=(--mpi=none --mem=0)
+  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && defaults+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
+  export LTSCALE_EXIT_DIR=$RUN_DIR/logs/exit-codes/$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}
+  rm -rf "$LTSCALE_EXIT_DIR" && mkdir -p "$LTSCALE_EXIT_DIR"
+  # --wait: once one node's launcher has ended, the others get LTSCALE_NODE_GRACE_S to end too and
+  # report their own code (a dead peer is seen within seconds; a stop ends every node together),
+  # then srun kills them (SIGKILL), so a rank hanging in a collective cannot hold the job. Not
+  # --kill-on-bad-exit: it would SIGTERM the other nodes at once, and deepspeed's launch.py answers
+  # that with exit 1, hiding their ranks' 4 (a lost rank, requeued) behind what looks like a crash.
   srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
-    --kill-on-bad-exit=1 --label "${srun_extra[@]+"${srun_extra[@]}"}" \
+    --kill-on-bad-exit=0 --wait="$LTSCALE_NODE_GRACE_S" --label "${defaults[@]}" \
+    "${srun_extra[@]+"${srun_extra[@]}"}" \
     bash "$LTSCALE_REPO/slurm/common.sh" node -- "${TRAIN_ARGS[@]}" &
   LTSCALE_SRUN_PID=$!
   LTSCALE_SRUN_START=$SECONDS
@@ -298,9 +335,40 @@ ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCAL
       ltscale_forward_stop
     fi
   done
-  LTSCALE_STEP_RC=0
-  wait "$LTSCALE_SRUN_PID" || LTSCALE_STEP_RC=$?
+  local srun_rc=0 codes=()
+  wait "$LTSCALE_SRUN_PID" || srun_rc=$?
   LTSCALE_SRUN_PID=
+  local f
+  for f in "$LTSCALE_EXIT_DIR"/node*; do
+    [ -f "$f" ] && codes+=("$(cat "$f")")
+  done
+  LTSCALE_STEP_RC=$(ltscale_step_code "$srun_rc" "${codes[@]+"${codes[@]}"}")
+  [ "$LTSCALE_STEP_RC" = "$srun_rc" ] || ltscale_log "srun exited with $srun_rc; the nodes' launchers with ${codes[*]}"
+}
+
+ltscale_step_code() {  # ltscale_step_code SRUN_RC [NODE_RC ...]: the one code that says how the step ended
+  # The nodes' own codes beat srun's. Among them: a trainer error (1..127 except 4: a crash, bad
+  # input, too many skipped steps) names the cause; else a lost rank (4), whose neighbours report
+  # the signal that ended them (>= 128: killed by srun, the OOM killer, a crashed rank); else a
+  # stop (143); else the largest. All 0 (or none reported) leaves srun's code.
+  local srun_rc=$1 c want max=0
+  shift
+  for c in "$@"; do
+    if ((c > 0 && c < 128 && c != 4)); then
+      echo "$c"
+      return
+    fi
+    ((c > max)) && max=$c
+  done
+  for want in 4 143; do
+    for c in "$@"; do
+      if ((c == want)); then
+        echo "$c"
+        return
+      fi
+    done
+  done
+  if ((max > 0)); then echo "$max"; else echo "$srun_rc"; fi
 }
 
 ltscale_latest_checkpoint() {  # the stage's newest complete checkpoint tag, or "none"
@@ -325,17 +393,32 @@ ltscale_check_progress() {  # ltscale_check_progress N TAG_BEFORE: refuse a requ
   fi
 }
 
-ltscale_requeue() {
-  local restarts=${SLURM_RESTART_COUNT:-0} max=${LTSCALE_MAX_RESTARTS:-20}
+ltscale_requeue() {  # ltscale_requeue CODE: requeue this job, or exit CODE saying why not
+  local code=$1 restarts=${SLURM_RESTART_COUNT:-0} max=${LTSCALE_MAX_RESTARTS:-20}
   if [ "$restarts" -ge "$max" ]; then
-    ltscale_die "$LTSCALE_EXIT_STOPPED" "stopped and checkpointed, but this job was already restarted $restarts times (LTSCALE_MAX_RESTARTS=$max): not requeueing again; resubmit to continue from the checkpoint"
+    ltscale_die "$code" "this job was already restarted $restarts times (LTSCALE_MAX_RESTARTS=$max): not requeueing again; resubmit to continue from the checkpoint"
   fi
-  ltscale_log "checkpoint written; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max); it resumes from the checkpoint"
+  ltscale_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max); it resumes from the last checkpoint"
   local out
   if ! out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
-    ltscale_die "$LTSCALE_EXIT_STOPPED" "scontrol requeue $SLURM_JOB_ID failed: $out (was the job submitted with --requeue, and is JobRequeue allowed?); resubmit to continue from the checkpoint"
+    ltscale_die "$code" "scontrol requeue $SLURM_JOB_ID failed: $out (was the job submitted with --requeue, and is JobRequeue allowed?); resubmit to continue from the checkpoint"
   fi
   exit 0  # the job is PENDING again; Slurm ends this incarnation
+}
+
+ltscale_requeue_lost_rank() {  # ltscale_requeue_lost_rank N: after exit 4, requeue once per checkpoint
+  # A rank that died, hung or became unreachable (node trouble, a network blip, a collective
+  # timeout) costs at most the steps since the last checkpoint, so the job requeues. A loss that
+  # comes back before the job got past that checkpoint is not transient (an OOM, a rank that
+  # always hangs): then it fails instead of looping up to LTSCALE_MAX_RESTARTS times.
+  local tag seen=$RUN_DIR/logs/exit-codes/$SLURM_JOB_ID.lost-at
+  tag=$(ltscale_latest_checkpoint "$1")
+  if grep -qxF "$tag" "$seen" 2>/dev/null; then
+    ltscale_die 4 "a rank was lost again before this job got past checkpoint $tag: not requeueing (a loss that recurs is not transient); see the ranks' errors above, fix the cause, then resubmit to resume from $tag"
+  fi
+  echo "$tag" >>"$seen"
+  ltscale_log "a rank was lost (exit 4: a peer died, hung or became unreachable); the run is resumable from checkpoint $tag"
+  ltscale_requeue 4
 }
 
 # ------------------------------------------------------------------------------------- main
@@ -374,7 +457,8 @@ ltscale_stage_main() {  # ltscale_stage_main N [override ...]
     # The ranks stopped on a SIGUSR1: the lead warning via this shell, or one sent straight to
     # the step (--signal=USR1@lead without B:, scancel --signal=USR1).
     ltscale_check_progress "$stage" "$latest_before"
-    ltscale_requeue
+    ltscale_log "checkpoint written"
+    ltscale_requeue "$LTSCALE_EXIT_STOPPED"
   fi
   if [ "${LTSCALE_STOP:-}" = TERM ]; then
     # Slurm sent the TERM because it is ending this incarnation. If it is requeueing the job
@@ -387,21 +471,28 @@ ltscale_stage_main() {  # ltscale_stage_main N [override ...]
     fi
     ltscale_die "$rc" "stopped by SIGTERM (scancel, time limit or node failure): resubmit this stage to resume from the last checkpoint"
   fi
+  [ "$rc" -eq "$LTSCALE_EXIT_LOST_RANK" ] && ltscale_requeue_lost_rank "$stage"
   ltscale_die "$rc" "stage $stage failed (exit code $rc); not requeueing"
 }
 
-# Run as a script: the per-node wrapper inside srun.
+# Run as a script: a stage job's batch shell (exec'd by slurm/stage{1,2,3}.sh) or, inside srun, the
+# per-node wrapper. The checkout is the one this file is in.
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   set -euo pipefail
-  case "${1:-}" in
-    node)
+  LTSCALE_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  case "${1:-} ${2:-}" in
+    "stage "[1-9]*)
       shift
-      LTSCALE_REPO=${LTSCALE_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+      ltscale_stage_main "$@"
+      ;;
+    "node "*)
+      shift
       PY=${PY:-$(ltscale_python)}
       ltscale_node_main "$@"
       ;;
     *)
-      echo "usage: bash slurm/common.sh node -- TRAIN_ARGS... (used by the stage scripts inside srun)" >&2
+      echo "usage: bash slurm/common.sh stage N [key=value ...]   (what slurm/stageN.sh runs under sbatch)" >&2
+      echo "       bash slurm/common.sh node -- TRAIN_ARGS...     (the per-node wrapper inside srun)" >&2
       exit 2
       ;;
   esac

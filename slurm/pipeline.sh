@@ -10,7 +10,7 @@
 #
 # Options before `--` go to every sbatch call (they override the stage scripts' #SBATCH
 # defaults); key=value overrides after `--` go to every stage (after LTSCALE_ARGS).
-# Environment: everything slurm/stage1.sh documents (LTSCALE_RUN_DIR and LTSCALE_CONFIG are
+# Environment: everything slurm/common.sh documents (LTSCALE_RUN_DIR and LTSCALE_CONFIG are
 # required and checked here, before anything is submitted), plus
 #   LTSCALE_STAGES   stages to submit, in order (default "1 2 3"; "2 3" continues a run whose
 #                    stage 1 is done)

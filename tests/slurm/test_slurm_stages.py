@@ -20,6 +20,7 @@ to 48 and 32 steps so a signal reliably lands mid-stage) on 2 simulated nodes x 
 * bad input: no LTSCALE_CONFIG / LTSCALE_RUN_DIR, no ranks per node on a CPU partition, GPUs
   requested from a partition without GPUs, a checkpoint from another node count, a crashing
   trainer -> a clear error and a failed job, never a hang or a requeue loop.
+* a lost rank: one rank SIGKILLed mid-stage (the others exit 4) -> the job requeues and resumes.
 
 The jobs of the first tests overlap (the pipeline runs while the signal tests do) to keep the
 tier within its CI budget.
@@ -153,7 +154,7 @@ def test_real_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm, 
     the signal. Early in the file: its job overlaps the pipeline's."""
     run_dir = work / "time-limit"
     (run_dir / "logs").mkdir(parents=True)
-    hook = Path(__file__).parent / "slow_first_start"
+    hook = Path(__file__).parent / "first_start"
     env = job_env(slurm, run_dir, eval_=False, LTSCALE_TEST_STEP_SLEEP="3", LTSCALE_RESIGNAL_S="2",
                   PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))  # fmt: skip
     args = [a for a in NODES if not a.startswith(("--time", "--signal"))]
@@ -302,6 +303,30 @@ def test_a_crashing_job_fails_without_requeue(slurm, work):
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", info
     text = Path(info["StdOut"]).read_text()
     assert "train.micro_batchsize: unknown key" in text and "not requeueing" in text, text[-4000:]
+
+
+def test_a_lost_rank_requeues_and_resumes(slurm, work):
+    """Rank 1 (node 2) is SIGKILLed in step 5 of the first start, as the OOM killer would: its launcher
+    exits 247, rank 0 loses contact and exits 4, the job requeues itself and resumes from step 4."""
+    run_dir = work / "lost-rank"
+    (run_dir / "logs").mkdir(parents=True)
+    hook = Path(__file__).parent / "first_start"
+    env = job_env(slurm, run_dir, eval_=False, LTSCALE_TEST_FIRST_FAULT="kill:step:5@1",
+                  PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))  # fmt: skip
+    env["LTSCALE_ARGS"] = env["LTSCALE_ARGS"].replace("stages.0.epochs=6", "stages.0.epochs=1")  # 8 steps
+    job = slurm.sbatch(
+        "stage1.sh", env=env, cwd=work, sbatch_args=[*NODES, f"--output={run_dir}/logs/%x-%j.out"]
+    )
+    info = slurm.wait(job, timeout=300)
+    log = (run_dir / "logs" / f"ltscale-stage1-{job}.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-6000:]}"
+    assert (
+        "fault injection: kill at step hit 5 (rank 1)" in log and "lost contact with another rank" in log
+    ), log[-6000:]
+    assert "a rank was lost (exit 4" in log and "resumable from checkpoint step-000004" in log, log[-6000:]
+    assert f"requeueing job {job}" in log and "resuming stage 1 at step 4" in log, log[-6000:]
+    assert (run_dir / "stage1" / "COMPLETE").is_file()
+    assert [s for s, _ in losses(run_dir)] == list(range(1, 9))
 
 
 def test_wrong_node_count_versus_checkpoint_is_a_clear_error(slurm, pipeline, work):
