@@ -21,8 +21,7 @@
 #   LTSCALE_SLURM_ETC      0: do not write /etc/slurm/slurm.conf (then export SLURM_CONF)  (default 1)
 #   LTSCALE_SLURM_KEEP     1: keep the dir (logs) on stop    (default 0)
 #
-# Why it looks like this (verified on Debian 12, Slurm 22.05, no systemd, see
-# ../shared/research/env-slurm-data-model.md §1):
+# Why it looks like this (verified on Debian 12, Slurm 22.05, no systemd):
 # * Several slurmd on one host: Debian builds Slurm with MULTIPLE_SLURMD, so nodes n1..nN share
 #   NodeHostname=localhost/NodeAddr=127.0.0.1 and differ by Port=; each slurmd runs with -N <node>
 #   and gets its own spool dir, pid file and log through %n.
