@@ -340,7 +340,7 @@ ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCAL
   LTSCALE_SRUN_PID=
   local f
   for f in "$LTSCALE_EXIT_DIR"/node*; do
-    [ -f "$f" ] && codes+=("$(cat "$f")")
+    if [ -f "$f" ]; then codes+=("$(cat "$f")"); fi
   done
   LTSCALE_STEP_RC=$(ltscale_step_code "$srun_rc" "${codes[@]+"${codes[@]}"}")
   [ "$LTSCALE_STEP_RC" = "$srun_rc" ] || ltscale_log "srun exited with $srun_rc; the nodes' launchers with ${codes[*]}"
@@ -358,7 +358,7 @@ ltscale_step_code() {  # ltscale_step_code SRUN_RC [NODE_RC ...]: the one code t
       echo "$c"
       return
     fi
-    ((c > max)) && max=$c
+    if ((c > max)); then max=$c; fi
   done
   for want in 4 143; do
     for c in "$@"; do
