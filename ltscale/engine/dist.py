@@ -1,12 +1,12 @@
 """Process-group initialisation and small collectives.
 
-Why this module exists: ltscale is started by four different launchers (``deepspeed``,
-``torchrun``, ``mpirun`` and plain ``python``) and each leaves a different environment behind.
-DeepSpeed's own fallback for a missing environment is MPI discovery, which takes the first
-address of ``hostname -I`` as ``MASTER_ADDR`` (a non-loopback interface on most machines) and,
-once mpi4py is installed, is taken even by a bare ``python script.py``.  We therefore always
-build the ``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT`` environment ourselves and call
-DeepSpeed with ``auto_mpi_discovery=False``.
+Why this module exists: ltscale is started by several launchers (``deepspeed``, ``torchrun``,
+``mpirun``, ``srun`` and plain ``python``) and each leaves a different environment behind
+(``ltscale.launch_env`` reads them all). DeepSpeed's own fallback for a missing environment is MPI
+discovery, which takes the first address of ``hostname -I`` as ``MASTER_ADDR`` (a non-loopback
+interface on most machines) and, once mpi4py is installed, is taken even by a bare ``python
+script.py``.  We therefore always build the ``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT``
+environment ourselves and call DeepSpeed with ``auto_mpi_discovery=False``.
 
 The collectives at the bottom let the trainer reduce metrics and agree on per-step decisions
 (e.g. the number of latent passes, which must be equal on every rank under ZeRO-3) without
