@@ -2,9 +2,9 @@
 
 Why one module: the trainer, the logging set-up, ``ltscale eval`` and the exit messages all need
 "which rank am I, how many are there", and every launcher answers in its own variables. Read in
-several places, the answers drift (one reader missed ``srun``, another took the first rank of an
-``MpiDefault=pmi2`` site for a stale variable). This module is the only reader; it is pure (no
-torch, no side effects), so the Slurm batch shell and unit tests can call it too.
+several places, the answers drift (a reader that knows torchrun but not ``srun``, or one that takes
+the PMI variables an ``MpiDefault=pmi2`` site exports for stale ones). This module is the only
+reader; it is pure (no torch, no side effects), so ``launcher/`` and fast unit tests use it too.
 
 Launchers and what they export (innermost launcher first, which is the order of precedence):
 
