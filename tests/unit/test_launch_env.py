@@ -145,7 +145,7 @@ def test_parse_tasks_per_node() -> None:
 
 
 def test_module_is_torch_free() -> None:
-    """The Slurm batch shell and the launcher import it: it must not pull in torch (seconds)."""
-    code = "import sys, ltscale.launch_env, ltscale.logging_setup; print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"
+    """``python -m launcher`` (run several times per Slurm job start) imports it: no torch (seconds)."""
+    code = "import sys, launcher, ltscale.logging_setup; print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
