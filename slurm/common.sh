@@ -316,10 +316,10 @@ ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCAL
   # then srun kills them (SIGKILL), so a rank hanging in a collective cannot hold the job. Not
   # --kill-on-bad-exit: it would SIGTERM the other nodes at once, and deepspeed's launch.py answers
   # that with exit 1, hiding their ranks' 4 (a lost rank, requeued) behind what looks like a crash.
-  srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
-    --kill-on-bad-exit=0 --wait="$LTSCALE_NODE_GRACE_S" --label "${defaults[@]}" \
-    "${srun_extra[@]+"${srun_extra[@]}"}" \
-    bash "$LTSCALE_REPO/slurm/common.sh" node -- "${TRAIN_ARGS[@]}" &
+  local opts=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1
+    --kill-on-bad-exit=0 --wait="$LTSCALE_NODE_GRACE_S" --label "${defaults[@]}" "${srun_extra[@]+"${srun_extra[@]}"}")
+  ltscale_log "training step: srun ${opts[*]}"
+  srun "${opts[@]}" bash "$LTSCALE_REPO/slurm/common.sh" node -- "${TRAIN_ARGS[@]}" &
   LTSCALE_SRUN_PID=$!
   LTSCALE_SRUN_START=$SECONDS
   LTSCALE_LAST_FORWARD=

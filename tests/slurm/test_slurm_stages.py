@@ -22,6 +22,11 @@ to 48 and 32 steps so a signal reliably lands mid-stage) on 2 simulated nodes x 
   trainer -> a clear error and a failed job, never a hang or a requeue loop.
 * a lost rank: one rank SIGKILLed mid-stage (the others exit 4) -> the job requeues and resumes.
 
+What the local cluster cannot show: core binding and memory limits (task/none, no cgroups, so
+the step's --cpus-per-task and --mem=0 change nothing here; the tests only see that srun gets them)
+and a site's MpiDefault=pmi2 (tests/unit/test_launch_env.py has ranks' environments recorded with
+srun --mpi=pmi2 on this cluster).
+
 The jobs of the first tests overlap (the pipeline runs while the signal tests do) to keep the
 tier within its CI budget.
 """
@@ -247,6 +252,7 @@ def test_pipeline_runs_all_three_stages(slurm, pipeline):
         sdir = run_dir / f"stage{k}"
         assert (sdir / "COMPLETE").is_file() and (sdir / "ckpt" / "final" / "train_state.json").is_file()
         assert f"stage {k} complete" in log.read_text()
+        assert "--mpi=none --mem=0 --cpus-per-task=1" in log.read_text()  # the srun defaults reach srun
         if k > 1:
             assert (sdir / "insertions" / "meta.json").is_file(), "confidence scoring did not run in the job"
     summary = json.loads((run_dir / "stage3" / "eval.json").read_text())
