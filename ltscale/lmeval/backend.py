@@ -31,7 +31,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
+import lm_eval.models  # noqa: F401  (lm-eval fills its registry lazily only while it is empty:
+import torch  # registering ``ltscale`` first would hide ``--model hf`` and the other built-ins)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -46,7 +47,7 @@ from ltscale.lmeval.decode import (
     load,
 )
 
-__all__ = ["MODEL_ARGS", "LTScaleLM", "ModelArgsError"]
+__all__ = ["MODEL_ARGS", "LTScaleLM", "ModelArgsError", "check_model_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +88,23 @@ def _positive_int(key: str, value: Any) -> int:
     return n
 
 
-def _method_options(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in options.items():
-        section, dot, name = key.partition(".")
-        if not (dot and section and name):
+def check_model_args(keys: Any) -> None:
+    """An unknown ``--model_args`` key is a :class:`ModelArgsError` naming it and the valid keys
+    (``ltscale lm-eval`` checks before lm-eval indexes its tasks, the constructor again)."""
+    for key in keys:
+        section, dot, name = str(key).partition(".")
+        if key not in MODEL_ARGS and not (dot and section and name):
             raise ModelArgsError(
                 f"--model_args: unknown key {key!r} (valid: {', '.join(MODEL_ARGS)}; "
                 "method options as SECTION.KEY, e.g. soft_thinking.top_k=5)"
             )
+
+
+def _method_options(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    check_model_args(options)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        section, _, name = key.partition(".")
         out.setdefault(section, {})[name] = value
     return out
 
