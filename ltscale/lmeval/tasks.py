@@ -213,8 +213,9 @@ def write_tasks(
                 raise
             logger.info("lm-eval task %s%s not written: %s", TASK_PREFIX, name, e)
             continue
-        rows = [{"id": r.id, "question": r.question, "answer": r.answer, "difficulty": int(r.difficulty)}
-                for r in records]
+        # The record format (``ltscale eval --data`` reads the file too), without a benchmark's extra
+        # fields: one schema for lm-eval's JSON loader.
+        rows = [{"id": r.id, "question": r.question, "steps": list(r.steps), "answer": r.answer} for r in records]
         data = out_dir / "data" / f"{name}.jsonl"
         _write_if_changed(data, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         for suffix, text in (("", PLAIN_TEXT), ("_chat", CHAT_TEXT)):

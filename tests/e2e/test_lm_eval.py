@@ -190,17 +190,22 @@ def test_bad_model_args_key_is_one_line(setup, capsys) -> None:
 
 
 @pytest.mark.dist
-def test_two_ranks_shard_and_gather_like_one(setup, tmp_path, run_ranks, repo_root) -> None:
-    """Under torchrun each rank decodes lm-eval's shard; rank 0 writes the same results as one process."""
-    outs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
-        args = ["ltscale.lmeval", "--model_args", f"checkpoint={setup['ckpts']['stage3']},batch_size=2",
-                "--tasks", TASK, "--include_path", str(setup["tasks"]), "--gen_kwargs", f"max_gen_toks={MAX_NEW}",
-                "--output_path", str(out), "--log_samples"]  # fmt: skip
-        run_ranks("-m", nproc=nproc, args=args, timeout=300)  # torchrun -m ltscale.lmeval (env: see _env)
-        (samples,) = out.glob(f"*/samples_{TASK}_*.jsonl")
-        (log,) = out.glob("ltscale_latents_*.jsonl")
-        outs[nproc] = (sorted(json.loads(x)["resps"][0][0] for x in samples.read_text().splitlines()),
-                       log.read_text())  # fmt: skip
-    assert outs[1] == outs[2]
+def test_two_ranks_shard_and_gather_like_ltscale_eval(setup, tmp_path, run_ranks) -> None:
+    """Under torchrun each rank decodes lm-eval's shard of the task; rank 0 gathers and writes every
+    answer and latent count, equal to one ``ltscale eval`` process's."""
+    want = {e["id"]: e for e in ltscale_eval(setup, "stage3", tmp_path)}
+    out = tmp_path / "lm"
+    args = ["ltscale.lmeval", "--model_args", f"checkpoint={setup['ckpts']['stage3']},batch_size=3",
+            "--tasks", TASK, "--include_path", str(setup["tasks"]), "--gen_kwargs", f"max_gen_toks={MAX_NEW}",
+            "--output_path", str(out), "--log_samples"]  # fmt: skip
+    proc = run_ranks("-m", nproc=2, args=args, timeout=300)  # torchrun -m ltscale.lmeval; env from _env
+    assert "rank=0/2" in proc.stdout + proc.stderr  # a 2-rank process group, not two single runs
+    (samples,) = out.glob(f"*/samples_{TASK}_*.jsonl")
+    got = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert sorted(s["doc"]["id"] for s in got) == sorted(want)
+    assert all(s["resps"][0][0] == want[s["doc"]["id"]]["generated_text"] for s in got)
+    (log,) = out.glob("ltscale_latents_*.jsonl")
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    ids = {s["doc_id"]: s["doc"]["id"] for s in got}
+    assert sorted(r["doc_id"] for r in rows) == sorted(ids)  # gathered from both ranks, each doc once
+    assert all(r["num_latent"] == want[ids[r["doc_id"]]]["num_latent"] for r in rows)
