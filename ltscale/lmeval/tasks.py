@@ -16,6 +16,8 @@ Tasks (0-shot, greedy):
   the set ``make run`` evaluates after each stage), ``max_gen_toks`` as that config's eval.
 * ``*_chat`` twins (``ltscale_math_chat`` too): the user turn is the question alone, ltscale's
   training format for a tokenizer with a chat template; use them with ``--apply_chat_template``.
+* ``gsm8k_offline``, ``gsm8k_cot_offline``: lm-eval's own ``gsm8k`` (5-shot) and ``gsm8k_cot``
+  (8-shot) unchanged except that they read the data pack's raw GSM8K files (no hub access).
 
 Prompt: ``doc_to_text`` is ltscale's plain prompt ``Question: <q>\\nAnswer:\\n``. Scoring mirrors
 ``ltscale/eval/extraction.py`` by calling it: one filter (``extract``: the official rule, the text
@@ -84,7 +86,7 @@ def numeric(references: Sequence[str], predictions: Sequence[str], **_: Any) -> 
 def data_pack_tasks() -> list[str]:
     """Task and group names that need the data pack (written only when ``$LTSCALE_DATA_DIR`` has it)."""
     names = [f"{TASK_PREFIX}{n}" for n in (*DATA_PACK, "math")]
-    return names + [f"{n}_chat" for n in names]
+    return names + [f"{n}_chat" for n in names] + list(STOCK_GSM8K.values())
 
 
 def default_tasks_dir() -> Path:
@@ -175,6 +177,45 @@ def _group_yaml(group: str, tasks: Sequence[str]) -> str:
     )
 
 
+#: lm-eval's own GSM8K tasks (task file in lm_eval/tasks/gsm8k/) -> the offline copy written here.
+STOCK_GSM8K = {"gsm8k.yaml": "gsm8k_offline", "gsm8k-cot.yaml": "gsm8k_cot_offline"}
+
+
+def _stock_yaml(task: str, stock: Path, raw: Path) -> str:
+    return f"""\
+# Written by ltscale (ltscale/lmeval/tasks.py): lm-eval's own task (prompt, few-shot examples,
+# filters, metric) reading the data pack's raw GSM8K files instead of the hub.
+include: {_q(str(stock))}
+task: {task}
+tag: [ltscale]
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    train: {_q(str(raw / "raw_train.jsonl"))}
+    test: {_q(str(raw / "raw_test.jsonl"))}
+"""
+
+
+def _write_stock_gsm8k(out_dir: Path) -> list[str]:
+    """The offline copies of lm-eval's ``gsm8k`` / ``gsm8k_cot`` (when lm-eval and the raw files are there)."""
+    import importlib.util
+
+    from ltscale.eval.benchmarks import data_dir
+
+    spec = importlib.util.find_spec("lm_eval")
+    raw = data_dir() / "gsm8k"
+    if spec is None or spec.origin is None or not (raw / "raw_test.jsonl").is_file():
+        return []
+    written = []
+    for name, task in STOCK_GSM8K.items():
+        stock = Path(spec.origin).parent / "tasks" / "gsm8k" / name
+        if stock.is_file():
+            _write_if_changed(out_dir / f"{task}.yaml", _stock_yaml(task, stock, raw.resolve()))
+            written.append(task)
+    return written
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     """Unchanged files keep their mtime, so lm-eval's dataset cache stays valid across runs."""
     from ltscale.fsutil import atomic_write_text
@@ -228,6 +269,8 @@ def write_tasks(
             group = f"{TASK_PREFIX}math{suffix}"
             _write_if_changed(out_dir / f"{group}.yaml", _group_yaml(group, members))
             written.append(group)
+    if names is None:
+        written += _write_stock_gsm8k(out_dir)
     return written
 
 

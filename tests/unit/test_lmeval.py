@@ -355,3 +355,23 @@ def test_entry_point_without_lm_eval_is_one_line(monkeypatch, capsys) -> None:
     assert main(["--tasks", "ltscale_tiny"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ltscale lm-eval: error: lm-evaluation-harness is not installed") and "\n" not in err
+
+
+def test_offline_copies_of_lm_evals_gsm8k_tasks(data_dir, tmp_path, monkeypatch) -> None:
+    """``gsm8k_offline`` is lm-eval's ``gsm8k`` (5-shot "Question: ...\\nAnswer: ... #### N") reading
+    the data pack's raw GSM8K files; ``gsm8k_cot_offline`` likewise for ``gsm8k_cot``."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    monkeypatch.setenv("LTSCALE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    names = write_tasks(tmp_path / "t")
+    assert names[-2:] == ["gsm8k_offline", "gsm8k_cot_offline"]
+    tasks = get_task_dict(["gsm8k_offline", "gsm8k_cot_offline"], TaskManager(include_path=str(tmp_path / "t"), include_defaults=False))
+    plain, cot = tasks["gsm8k_offline"], tasks["gsm8k_cot_offline"]
+    assert plain.config.num_fewshot == 5 and cot.config.num_fewshot == 8
+    assert [f["name"] for f in plain.config.filter_list] == ["strict-match", "flexible-extract"]
+    plain.build_all_requests(limit=1, rank=0, world_size=1)
+    context = plain.instances[0].args[0]
+    assert context.count("Question: ") == 6 and context.count("#### ") == 5 and context.endswith("\nAnswer:")
+    assert context.rsplit("Question: ", 1)[1].startswith("Janet’s ducks lay 16 eggs")  # the test split's first
