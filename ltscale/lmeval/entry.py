@@ -44,26 +44,28 @@ def _latent_log_path(output_path: str) -> Path:
 
 
 def _prepare(args) -> str | None:
-    """Point lm-eval's parsed ``run`` arguments at ltscale's tasks and defaults; an error message or None."""
+    """Point lm-eval's parsed arguments at ltscale's tasks (``run``, ``ls``, ``validate``) and, for
+    ``run``, at ltscale's model defaults; an error message or None."""
     from ltscale.lmeval.backend import check_model_args
     from ltscale.lmeval.decode import DEFAULT_BATCH_SIZE
     from ltscale.lmeval.tasks import data_pack_tasks, default_tasks_dir, write_tasks
 
-    if args.model is None and args.config is None:
+    run = args.command == "run"
+    if run and args.model is None and args.config is None:
         args.model = "ltscale"
-    model_args = args.model_args if isinstance(args.model_args, dict) else {}
-    if args.model == "ltscale":  # before lm-eval spends seconds indexing its thousands of tasks
+    model_args = (args.model_args if isinstance(args.model_args, dict) else {}) if run else {}
+    if run and args.model == "ltscale":  # before lm-eval spends seconds indexing its thousands of tasks
         check_model_args(model_args)
     tasks_dir = default_tasks_dir()
     written = write_tasks(tasks_dir)
-    missing = [t for t in (args.tasks or []) if t in data_pack_tasks() and t not in written]
+    missing = [t for t in (getattr(args, "tasks", None) or []) if t in data_pack_tasks() and t not in written]
     if missing:
         from ltscale.eval.benchmarks import data_dir
 
         return (f"task {missing[0]} needs the data pack, which is not under LTSCALE_DATA_DIR={data_dir()} "
                 "(the directory holding gsm8k/, svamp/, asdiv/)")
     args.include_path = [str(tasks_dir)] + ([args.include_path] if args.include_path else [])
-    if args.model == "ltscale":
+    if run and args.model == "ltscale":
         if not hasattr(args, "batch_size") and "batch_size" not in model_args:
             args.batch_size = str(DEFAULT_BATCH_SIZE)
         if args.output_path and "latent_log" not in model_args:
@@ -92,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         sys.argv = saved
     try:
-        if getattr(args, "command", None) == "run":
+        if getattr(args, "command", None) in ("run", "ls", "validate"):
             problem = _prepare(args)
             if problem:
                 return _error(problem)
