@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltscale", description="LT-Tuning latent-reasoning toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{eval,analyze,report,generate,export,compare,env,data,lm-eval}"
+        dest="command",
+        required=True,
+        metavar="{eval,analyze,report,generate,export,compare,env,data,lm-eval}",
     )
 
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
@@ -226,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_check)
 
     # lm-eval's own flags pass through unparsed: main() hands everything after `lm-eval` to it.
-    p = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the ltscale model and tasks")
+    p = sub.add_parser(
+        "lm-eval", add_help=False, help="lm-evaluation-harness with the ltscale model and tasks"
+    )
     p.set_defaults(func=cmd_lm_eval)
     return parser
 
@@ -237,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["lm-eval"]:
-            args = argparse.Namespace(command="lm-eval", func=cmd_lm_eval, lm_eval_args=argv[1:], verbose=False)
+            args = argparse.Namespace(
+                command="lm-eval", func=cmd_lm_eval, lm_eval_args=argv[1:], verbose=False
+            )
         else:
             args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed usage; keep main() returning an int

@@ -81,7 +81,11 @@ def _positive_int(key: str, value: Any) -> int:
     except ValueError:
         raise ModelArgsError(
             f"--model_args {key}={value!r}: expected a positive integer"
-            + (" (ltscale decodes with continuous batching: give the rows in flight, e.g. 16)" if key == "batch_size" else "")
+            + (
+                " (ltscale decodes with continuous batching: give the rows in flight, e.g. 16)"
+                if key == "batch_size"
+                else ""
+            )
         ) from None
     if n < 1:
         raise ModelArgsError(f"--model_args {key}={value!r}: must be >= 1")
@@ -159,7 +163,9 @@ class LTScaleLM(TemplateLM):
             raise ModelArgsError(f"--model_args mode={mode!r}: expected one of {', '.join(_MODES)}")
         if dtype is not None and str(dtype) not in _DTYPES:
             raise ModelArgsError(f"--model_args dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
-        self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
+        self.batch_size = (
+            DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
+        )
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.latent_log = Path(latent_log) if latent_log else None
         self._rank, self._world_size, local_rank = 0, 1, 0
@@ -247,7 +253,9 @@ class LTScaleLM(TemplateLM):
             add_bos = False
         return ([bos] if add_bos else []) + list(self.tokenizer.encode(string, add_special_tokens=False))
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """Render ``chat_history`` with the checkpoint's chat template, remembering the chat so that
         :meth:`generate_until` encodes it as ltscale encodes a chat prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
@@ -293,8 +301,13 @@ class LTScaleLM(TemplateLM):
         show = not disable_tqdm and self._rank == 0
         with tqdm(total=len(requests), desc="ltscale generate_until", disable=not show) as bar:
             for max_gen, idx in groups.items():
-                gens = generate(self._loaded, [prompts[i] for i in idx], max_new_tokens=max_gen,
-                                slots=self.batch_size, on_finish=bar.update)
+                gens = generate(
+                    self._loaded,
+                    [prompts[i] for i in idx],
+                    max_new_tokens=max_gen,
+                    slots=self.batch_size,
+                    on_finish=bar.update,
+                )
                 for i, gen in zip(idx, gens, strict=True):
                     until = settings[i][0]
                     texts[i] = cut_at_stops(gen.text, [*until, eos_text] if eos_text not in until else until)
@@ -324,7 +337,9 @@ class LTScaleLM(TemplateLM):
             if seen[key] < repeats:
                 self.samples.append({**rec, "repeat": seen[key]})
             seen[key] += 1
-        self.samples.sort(key=lambda r: (str(r["task"]), r["doc_id"] if r["doc_id"] is not None else -1, r["repeat"]))
+        self.samples.sort(
+            key=lambda r: (str(r["task"]), r["doc_id"] if r["doc_id"] is not None else -1, r["repeat"])
+        )
         by_task: dict[str, list[dict[str, Any]]] = {}
         for rec in self.samples:
             by_task.setdefault(str(rec["task"]), []).append(rec)
@@ -338,7 +353,9 @@ class LTScaleLM(TemplateLM):
         if self.latent_log is not None:
             from ltscale.fsutil import atomic_write_text
 
-            atomic_write_text(self.latent_log, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.samples))
+            atomic_write_text(
+                self.latent_log, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.samples)
+            )
 
     # ------------------------------------------------------------------ scoring (explicit mode)
 
@@ -355,7 +372,9 @@ class LTScaleLM(TemplateLM):
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         show = not disable_tqdm and self._rank == 0
-        for start in tqdm(range(0, len(order), self.batch_size), desc="ltscale loglikelihood", disable=not show):
+        for start in tqdm(
+            range(0, len(order), self.batch_size), desc="ltscale loglikelihood", disable=not show
+        ):
             batch = order[start : start + self.batch_size]
             width = max(len(rows[i][0]) for i in batch)
             ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
@@ -367,7 +386,10 @@ class LTScaleLM(TemplateLM):
                 inp, cont = rows[i]
                 target = torch.tensor(cont, dtype=torch.long)
                 lp = logp[r, len(inp) - len(cont) : len(inp)]
-                score = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(dim=-1) == target).all()))
+                score = (
+                    float(lp.gather(1, target[:, None]).sum()),
+                    bool((lp.argmax(dim=-1) == target).all()),
+                )
                 out[i] = score
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], score)

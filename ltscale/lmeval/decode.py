@@ -115,7 +115,9 @@ def load(
     )
 
 
-def prompt_suffix(prompt_fn: Callable[[Any, str], list[int]] | None, tokenizer: Any, method: str) -> list[int]:
+def prompt_suffix(
+    prompt_fn: Callable[[Any, str], list[int]] | None, tokenizer: Any, method: str
+) -> list[int]:
     """The ids a method appends to ltscale's prompt (``[]`` for the default prompt).
 
     lm-eval hands the backend a rendered context, not a question, so a method's prompt builder
@@ -131,12 +133,16 @@ def prompt_suffix(prompt_fn: Callable[[Any, str], list[int]] | None, tokenizer: 
     for probe in ("What is 1 + 2?", "Tom has 3 apples and buys 4 more. How many apples does he have?"):
         base, full = list(prompt_ids(tokenizer, probe)), list(prompt_fn(tokenizer, probe))
         if full[: len(base)] != base:
-            raise ValueError(f"method {method}: its prompt does not start with ltscale's prompt; "
-                             "the lm-eval backend cannot place an lm-eval context in it")
+            raise ValueError(
+                f"method {method}: its prompt does not start with ltscale's prompt; "
+                "the lm-eval backend cannot place an lm-eval context in it"
+            )
         found.append(full[len(base) :])
     if found[0] != found[1]:
-        raise ValueError(f"method {method}: the ids it appends to a prompt depend on the question; "
-                         "the lm-eval backend cannot place an lm-eval context in it")
+        raise ValueError(
+            f"method {method}: the ids it appends to a prompt depend on the question; "
+            "the lm-eval backend cannot place an lm-eval context in it"
+        )
     return found[0]
 
 
@@ -189,7 +195,12 @@ def greedy_settings(gen_kwargs: dict[str, Any], *, default_max: int, where: str)
     if not all(isinstance(s, str) for s in until):
         raise ValueError(f"{where}: until must be strings, got {until!r}")
     max_gen = default_max
-    for key in ("max_completion_tokens", "max_tokens", "max_new_tokens", "max_gen_toks"):  # lowest priority first
+    for key in (
+        "max_completion_tokens",
+        "max_tokens",
+        "max_new_tokens",
+        "max_gen_toks",
+    ):  # lowest priority first
         value = kwargs.pop(key, None)
         if value is not None:
             max_gen = int(value)
@@ -236,8 +247,9 @@ def generate(
     rows: dict[int, tuple[list[int], int]] = {}
     model.eval()
     if getattr(model, "supports_continuous_batching", False):
-        out = model.generate_many([list(prompts[j]) for j in order], max_new_tokens, slots=slots,
-                                  on_finish=on_finish, **kw)
+        out = model.generate_many(
+            [list(prompts[j]) for j in order], max_new_tokens, slots=slots, on_finish=on_finish, **kw
+        )
         for b, j in enumerate(order):
             rows[j] = (out.sequences[b, : int(out.lengths[b])].tolist(), int(out.num_latent[b]))
     else:
@@ -263,5 +275,7 @@ def generate(
         ended = bool(ids) and eos is not None and ids[-1] == eos
         text = decode_generated(tok, ids[:-1] if ended else ids, thinking_id)
         truncated = not ended and len(ids) >= max_new_tokens
-        results.append(Generation(text=text, num_latent=num_latent, num_generated=len(ids), truncated=truncated))
+        results.append(
+            Generation(text=text, num_latent=num_latent, num_generated=len(ids), truncated=truncated)
+        )
     return results

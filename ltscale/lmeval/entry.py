@@ -62,8 +62,10 @@ def _prepare(args) -> str | None:
     if missing:
         from ltscale.eval.benchmarks import data_dir
 
-        return (f"task {missing[0]} needs the data pack, which is not under LTSCALE_DATA_DIR={data_dir()} "
-                "(the directory holding gsm8k/, svamp/, asdiv/)")
+        return (
+            f"task {missing[0]} needs the data pack, which is not under LTSCALE_DATA_DIR={data_dir()} "
+            "(the directory holding gsm8k/, svamp/, asdiv/)"
+        )
     args.include_path = [str(tasks_dir)] + ([args.include_path] if args.include_path else [])
     if run and args.model == "ltscale":
         if not hasattr(args, "batch_size") and "batch_size" not in model_args:
@@ -81,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lm_eval._cli.harness import HarnessCLI
         from lm_eval.utils import setup_logging
     except ImportError as e:
-        return _error(f"lm-evaluation-harness is not installed ({e}): pip install -e '.[eval]' (make install does)")
+        return _error(
+            f"lm-evaluation-harness is not installed ({e}): pip install -e '.[eval]' (make install does)"
+        )
     from ltscale.lmeval.backend import ModelArgsError  # registers --model ltscale
 
     setup_logging()

@@ -117,7 +117,9 @@ def _sources() -> dict[str, tuple[Callable[[], list[Any]], int]]:
         # The held-out split does not depend on n_train (ltscale.data.synthetic.synthetic_splits);
         # one training problem instead of 16,000 saves seconds on every run.
         s = dataclasses.replace(tiny.data.synthetic, n_train=1)
-        return load_split_records(dataclasses.replace(tiny, data=dataclasses.replace(tiny.data, synthetic=s)), "eval")
+        return load_split_records(
+            dataclasses.replace(tiny, data=dataclasses.replace(tiny.data, synthetic=s)), "eval"
+        )
 
     out["tiny"] = (tiny_records, tiny.eval.max_new_tokens)
     return out
@@ -256,7 +258,9 @@ def write_tasks(
             continue
         # The record format (``ltscale eval --data`` reads the file too), without a benchmark's extra
         # fields: one schema for lm-eval's JSON loader.
-        rows = [{"id": r.id, "question": r.question, "steps": list(r.steps), "answer": r.answer} for r in records]
+        rows = [
+            {"id": r.id, "question": r.question, "steps": list(r.steps), "answer": r.answer} for r in records
+        ]
         data = out_dir / "data" / f"{name}.jsonl"
         _write_if_changed(data, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         for suffix, text in (("", PLAIN_TEXT), ("_chat", CHAT_TEXT)):
@@ -278,8 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ltscale.lmeval.tasks [DIR]``: write the task files (for plain ``lm_eval --include_path DIR``)."""
     p = argparse.ArgumentParser(prog="python -m ltscale.lmeval.tasks", description=main.__doc__)
     p.add_argument("out_dir", nargs="?", default=None, help=f"default: {default_tasks_dir()}")
-    p.add_argument("--data", action="append", default=[], metavar="NAME=FILE",
-                   help="also a task ltscale_NAME for this record file (repeatable)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="also a task ltscale_NAME for this record file (repeatable)",
+    )
     args = p.parse_args(argv)
     files = dict(item.split("=", 1) for item in args.data if "=" in item)
     if len(files) != len(args.data):

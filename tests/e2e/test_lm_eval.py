@@ -70,8 +70,13 @@ def setup(tmp_path_factory):
 
     def save(name: str, **meta) -> Path:
         out = root / name / "hf"
-        save_latent_model(out, config=lm.base.config, latent_state=lm.state_dict(), tokenizer=data.tokenizer,
-                          latent_config={**lm.latent_config(), **meta})
+        save_latent_model(
+            out,
+            config=lm.base.config,
+            latent_state=lm.state_dict(),
+            tokenizer=data.tokenizer,
+            latent_config={**lm.latent_config(), **meta},
+        )
         return out
 
     ckpts = {"stage1": save("stage1")}
@@ -117,8 +122,16 @@ def simple_evaluate(setup, model) -> dict:
 
     tm = TaskManager(include_path=str(setup["tasks"]), include_defaults=False)
     kw = {"model_args": model[1]} if isinstance(model, tuple) else {}
-    res = run(model=model[0] if isinstance(model, tuple) else model, tasks=[TASK], task_manager=tm,
-              log_samples=True, gen_kwargs={"max_gen_toks": MAX_NEW}, batch_size=3, device="cpu", **kw)
+    res = run(
+        model=model[0] if isinstance(model, tuple) else model,
+        tasks=[TASK],
+        task_manager=tm,
+        log_samples=True,
+        gen_kwargs={"max_gen_toks": MAX_NEW},
+        batch_size=3,
+        device="cpu",
+        **kw,
+    )
     return res
 
 
@@ -154,7 +167,8 @@ def test_stage1_export_hf_ltscale_and_ltscale_eval_agree(setup, tmp_path, capsys
     assert hf["results"][TASK]["official,extract"] == pytest.approx(acc)
     (log,) = out.glob("ltscale_latents_*.jsonl")
     rows = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [r["num_generated"] for r in rows] == [e["num_generated"] for e in want]  # doc order = record order
+    # doc order = record order
+    assert [r["num_generated"] for r in rows] == [e["num_generated"] for e in want]
 
 
 @pytest.mark.parametrize("name", ["stage3", "coconut"])
@@ -182,10 +196,18 @@ def test_bad_model_args_key_is_one_line(setup, capsys) -> None:
     """(d) before lm-eval indexes its tasks, naming the key and the valid ones; exit code 2."""
     from ltscale.cli import main
 
-    argv = ["lm-eval", "--model_args", f"checkpoint={setup['ckpts']['stage1']},max_new_tokens=8", "--tasks", TASK]
+    argv = [
+        "lm-eval",
+        "--model_args",
+        f"checkpoint={setup['ckpts']['stage1']},max_new_tokens=8",
+        "--tasks",
+        TASK,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ltscale lm-eval: error: --model_args: unknown key 'max_new_tokens'")
+    assert len(err) == 1 and err[0].startswith(
+        "ltscale lm-eval: error: --model_args: unknown key 'max_new_tokens'"
+    )
     assert "valid: checkpoint, method" in err[0]
 
 

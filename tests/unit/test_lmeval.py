@@ -61,8 +61,13 @@ def checkpoint(tmp_path_factory) -> Path:
     data = prepare_data(cfg, root, is_main=True, barrier=lambda: None)
     lm = build_latent_model(cfg, data)
     hf = root / "stage1" / "hf"
-    save_latent_model(hf, config=lm.base.config, latent_state=lm.state_dict(), tokenizer=data.tokenizer,
-                      latent_config=lm.latent_config())
+    save_latent_model(
+        hf,
+        config=lm.base.config,
+        latent_state=lm.state_dict(),
+        tokenizer=data.tokenizer,
+        latent_config=lm.latent_config(),
+    )
     return hf
 
 
@@ -95,7 +100,10 @@ def test_cut_at_stops_equals_lm_eval_hf_backend(lm_eval_utils, text, stops) -> N
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet="ab\n#<>", max_size=24), stops=st.lists(st.text(alphabet="ab\n#<>", max_size=3), max_size=4))
+@given(
+    text=st.text(alphabet="ab\n#<>", max_size=24),
+    stops=st.lists(st.text(alphabet="ab\n#<>", max_size=3), max_size=4),
+)
 def test_cut_at_stops_equals_lm_eval_on_random_strings(text, stops) -> None:
     require_lm_eval()
     from lm_eval.models.utils import postprocess_generated_text
@@ -109,7 +117,9 @@ def test_cut_at_stops_equals_lm_eval_on_random_strings(text, stops) -> None:
 def test_greedy_settings_accepts_lm_evals_spellings() -> None:
     assert greedy_settings({"until": "Q:", "do_sample": False, "temperature": 0.0}, default_max=256, where="t") == (
         ["Q:"], 256)  # fmt: skip
-    assert greedy_settings({"max_new_tokens": 9, "max_gen_toks": 5, "top_p": 0.9}, default_max=1, where="t") == ([], 5)
+    assert greedy_settings(
+        {"max_new_tokens": 9, "max_gen_toks": 5, "top_p": 0.9}, default_max=1, where="t"
+    ) == ([], 5)
     assert greedy_settings({"max_tokens": 7, "until": None}, default_max=1, where="t") == ([], 7)
 
 
@@ -131,7 +141,9 @@ def test_greedy_settings_rejects_what_it_cannot_do(kwargs, match) -> None:
 # ------------------------------------------------------------------------------ prompt encoding
 
 
-@pytest.mark.parametrize("question", ["Tom has 3 apples. How many?", "What is <thinking> 2 + 2?", "  spaced \n q "])
+@pytest.mark.parametrize(
+    "question", ["Tom has 3 apples. How many?", "What is <thinking> 2 + 2?", "  spaced \n q "]
+)
 def test_ltscale_prompt_is_encoded_by_the_formatting_module(tokenizer, question) -> None:
     assert context_ids(tokenizer, plain_prompt_text(question)) == prompt_ids(
         tokenizer, question, use_chat_template=False
@@ -202,7 +214,10 @@ def test_task_scoring_matches_ltscale_eval(tmp_path, monkeypatch) -> None:
         json.dumps({"id": f"r{i}", "question": f"q {i}?", "steps": ["s"], "answer": gold}) + "\n"
         for i, (_, gold) in enumerate(RESPONSES)
     ))  # fmt: skip
-    assert write_tasks(tmp_path / "tasks", [], files={"unit": str(data)}) == ["ltscale_unit", "ltscale_unit_chat"]
+    assert write_tasks(tmp_path / "tasks", [], files={"unit": str(data)}) == [
+        "ltscale_unit",
+        "ltscale_unit_chat",
+    ]
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     task = get_task_dict(["ltscale_unit"], tm)["ltscale_unit"]
     task.build_all_requests(limit=None, rank=0, world_size=1)
@@ -216,7 +231,10 @@ def test_task_scoring_matches_ltscale_eval(tmp_path, monkeypatch) -> None:
         got = task.process_results(docs[inst.doc_id], [inst.filtered_resps["extract"]])
         pred = extract_answer(text)
         assert inst.filtered_resps["extract"] == pred
-        assert got == {"official": float(official_correct(pred, gold)), "numeric": float(numeric_correct(pred, gold))}
+        assert got == {
+            "official": float(official_correct(pred, gold)),
+            "numeric": float(numeric_correct(pred, gold)),
+        }
 
 
 def test_plain_template_renders_ltscales_prompt() -> None:
@@ -237,7 +255,9 @@ def test_data_pack_tasks_hold_ltscale_eval_records(data_dir, tmp_path, monkeypat
     for name in ("gsm8k", "svamp", "asdiv"):
         rows = [json.loads(x) for x in (tmp_path / "data" / f"{name}.jsonl").read_text().splitlines()]
         records = load_benchmark(name)
-        assert [(r["id"], r["question"], r["answer"]) for r in rows] == [(r.id, r.question, r.answer) for r in records]
+        assert [(r["id"], r["question"], r["answer"]) for r in rows] == [
+            (r.id, r.question, r.answer) for r in records
+        ]
     group = (tmp_path / "ltscale_math.yaml").read_text()
     assert "weight_by_size: false" in group and "task: [ltscale_gsm8k, ltscale_svamp, ltscale_asdiv]" in group
 
@@ -249,8 +269,11 @@ def test_missing_data_pack_skips_its_tasks_but_writes_tiny(tmp_path, monkeypatch
     monkeypatch.setenv("LTSCALE_DATA_DIR", str(tmp_path / "nowhere"))
     assert write_tasks(tmp_path / "t") == ["ltscale_tiny", "ltscale_tiny_chat"]
     rows = (tmp_path / "t" / "data" / "tiny.jsonl").read_text().splitlines()
-    assert [json.loads(x)["id"] for x in rows] == [r.id for r in load_split_records(load_config(None), "eval")]
-    assert "max_gen_toks: 96" in (tmp_path / "t" / "ltscale_tiny.yaml").read_text()  # configs/tiny.yaml's eval
+    assert [json.loads(x)["id"] for x in rows] == [
+        r.id for r in load_split_records(load_config(None), "eval")
+    ]
+    # max_gen_toks: configs/tiny.yaml's eval.max_new_tokens
+    assert "max_gen_toks: 96" in (tmp_path / "t" / "ltscale_tiny.yaml").read_text()
     from ltscale.data.records import DataError
 
     with pytest.raises(DataError, match="missing.jsonl: no such file"):  # a file the user named: raised
@@ -260,7 +283,9 @@ def test_missing_data_pack_skips_its_tasks_but_writes_tiny(tmp_path, monkeypatch
 def test_makefile_installs_the_eval_extra(repo_root) -> None:
     import tomllib
 
-    extra = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["eval"]
+    extra = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "eval"
+    ]
     m = re.search(r"^EVAL_EXTRA\s*:?=\s*(.+)$", (repo_root / "Makefile").read_text(), re.M)
     assert m and m.group(1).split() == extra
     assert "$(EVAL_EXTRA)" in (repo_root / "Makefile").read_text().split("$(STAMP): |", 1)[1]
@@ -273,7 +298,9 @@ def _backend(checkpoint, **kw):
     require_lm_eval()
     from ltscale.lmeval.backend import LTScaleLM
 
-    return LTScaleLM.create_from_arg_obj({"checkpoint": str(checkpoint), **kw}, {"batch_size": 1, "device": "cuda:0"})
+    return LTScaleLM.create_from_arg_obj(
+        {"checkpoint": str(checkpoint), **kw}, {"batch_size": 1, "device": "cuda:0"}
+    )
 
 
 def test_bad_model_args_name_the_key_and_the_valid_ones(checkpoint) -> None:
@@ -282,7 +309,9 @@ def test_bad_model_args_name_the_key_and_the_valid_ones(checkpoint) -> None:
 
     with pytest.raises(ModelArgsError) as e:  # one line: `ltscale lm-eval` prints it as is
         _backend(checkpoint, temprature=0.5)
-    assert "unknown key 'temprature'" in str(e.value) and "checkpoint, method, without_thinking" in str(e.value)
+    assert "unknown key 'temprature'" in str(e.value) and "checkpoint, method, without_thinking" in str(
+        e.value
+    )
     assert "\n" not in str(e.value)
     for kw, match in [
         ({"batch_size": "auto"}, "batch_size='auto': expected a positive integer"),
@@ -325,7 +354,9 @@ def test_generate_until_cuts_logs_and_keeps_padded_copies_once(checkpoint, token
     stop = full[0].text[2:4] if len(full[0].text) > 4 else "\x00"
     reqs[0].args = (reqs[0].args[0], {**kwargs, "until": [stop]})
     out = lm.generate_until(reqs)
-    assert out[0] == full[0].text.split(stop)[0] and out[1:3] == [g.text for g in full[1:]] and out[3] == out[2]
+    assert (
+        out[0] == full[0].text.split(stop)[0] and out[1:3] == [g.text for g in full[1:]] and out[3] == out[2]
+    )
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert [(r["task"], r["doc_id"], r["repeat"]) for r in rows] == [("t", 0, 0), ("t", 1, 0), ("t", 2, 0)]
     assert [r["num_generated"] for r in rows] == [g.num_generated for g in full]
@@ -345,7 +376,9 @@ def test_loglikelihood_is_explicit_mode_scoring_equal_to_lm_evals_hf_model(check
     for (g, gg), (w, wg) in zip(got, want, strict=True):
         assert g == pytest.approx(w, rel=1e-5, abs=1e-4) and gg == wg
     rolling = [_Req(("The final answer is:\n### 18 " * 3,))]
-    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(hf.loglikelihood_rolling(rolling)[0], rel=1e-5)
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
+        hf.loglikelihood_rolling(rolling)[0], rel=1e-5
+    )
 
 
 def test_entry_point_without_lm_eval_is_one_line(monkeypatch, capsys) -> None:
@@ -354,7 +387,9 @@ def test_entry_point_without_lm_eval_is_one_line(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval._cli.harness", None)  # import fails as if not installed
     assert main(["--tasks", "ltscale_tiny"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ltscale lm-eval: error: lm-evaluation-harness is not installed") and "\n" not in err
+    assert (
+        err.startswith("ltscale lm-eval: error: lm-evaluation-harness is not installed") and "\n" not in err
+    )
 
 
 def test_offline_copies_of_lm_evals_gsm8k_tasks(data_dir, tmp_path, monkeypatch) -> None:
@@ -367,11 +402,15 @@ def test_offline_copies_of_lm_evals_gsm8k_tasks(data_dir, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     names = write_tasks(tmp_path / "t")
     assert names[-2:] == ["gsm8k_offline", "gsm8k_cot_offline"]
-    tasks = get_task_dict(["gsm8k_offline", "gsm8k_cot_offline"], TaskManager(include_path=str(tmp_path / "t"), include_defaults=False))
+    tasks = get_task_dict(
+        ["gsm8k_offline", "gsm8k_cot_offline"],
+        TaskManager(include_path=str(tmp_path / "t"), include_defaults=False),
+    )
     plain, cot = tasks["gsm8k_offline"], tasks["gsm8k_cot_offline"]
     assert plain.config.num_fewshot == 5 and cot.config.num_fewshot == 8
     assert [f["name"] for f in plain.config.filter_list] == ["strict-match", "flexible-extract"]
     plain.build_all_requests(limit=1, rank=0, world_size=1)
     context = plain.instances[0].args[0]
     assert context.count("Question: ") == 6 and context.count("#### ") == 5 and context.endswith("\nAnswer:")
-    assert context.rsplit("Question: ", 1)[1].startswith("Janet’s ducks lay 16 eggs")  # the test split's first
+    first_test_question = "Janet’s ducks lay 16 eggs"
+    assert context.rsplit("Question: ", 1)[1].startswith(first_test_question)
