@@ -149,11 +149,16 @@ class LTScaleLM(TemplateLM):
         latent_log: str | None = None,
         pretrained: str | None = None,
         max_batch_size: Any = None,
-        trust_remote_code: Any = False,
+        trust_remote_code: Any = False,  # lm-eval sends it for task datasets too; not needed here
         **options: Any,
     ) -> None:
         super().__init__()
         method_options = _method_options(options)
+        if max_batch_size is not None:
+            raise ModelArgsError(
+                "--max_batch_size only bounds --batch_size auto, which ltscale does not take: "
+                "give batch_size=N (rows in flight)"
+            )
         if pretrained and checkpoint and str(pretrained) != str(checkpoint):
             raise ModelArgsError("--model_args: checkpoint and pretrained (its alias) name different paths")
         checkpoint = checkpoint or pretrained  # `pretrained` also names lm-eval's output folder after it
@@ -263,8 +268,10 @@ class LTScaleLM(TemplateLM):
                 f"--apply_chat_template: the tokenizer of {self._loaded.path} has no chat template "
                 "(its prompts are ltscale's plain format: drop the flag)"
             )
+        from ltscale.data.formatting import CHAT_TEMPLATE_KWARGS
+
         text = self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt, **CHAT_TEMPLATE_KWARGS
         )
         if add_generation_prompt:
             self._chats[text] = [dict(m) for m in chat_history]

@@ -318,6 +318,7 @@ def test_bad_model_args_name_the_key_and_the_valid_ones(checkpoint) -> None:
         ({"mode": "latent"}, "mode='latent'"),
         ({"without_thinking": "maybe"}, "without_thinking='maybe'"),
         ({"method": "nope"}, "method: 'nope' is not one of"),
+        ({"max_batch_size": 64}, "--max_batch_size only bounds --batch_size auto"),
     ]:
         with pytest.raises(ModelArgsError, match=re.escape(match)):
             _backend(checkpoint, **kw)
@@ -414,3 +415,36 @@ def test_offline_copies_of_lm_evals_gsm8k_tasks(data_dir, tmp_path, monkeypatch)
     assert context.count("Question: ") == 6 and context.count("#### ") == 5 and context.endswith("\nAnswer:")
     first_test_question = "Janet’s ducks lay 16 eggs"
     assert context.rsplit("Question: ", 1)[1].startswith(first_test_question)
+
+
+def test_apply_chat_template_requests_decode_from_ltscales_chat_prompt(tmp_path, caplog) -> None:
+    """``--apply_chat_template`` on a Qwen2.5-format tokenizer (offline stand-in): the backend renders
+    the chat, recognises the rendered context and decodes from ltscale's chat prompt ids; a plain
+    request on the same checkpoint is decoded as given, with a warning."""
+    from ltscale.data import load_tokenizer
+    from ltscale.data.tokenizer import add_thinking_token
+    from ltscale.lmeval.decode import generate
+    from ltscale.model import LatentLM
+    from ltscale.model.io import save_latent_model
+    from tests.fixtures.chat_tokenizers import build
+    from tests.helpers import make_tiny_llama
+
+    tok = load_tokenizer(str(build("qwen2.5-instruct", tmp_path / "tok")))
+    think = add_thinking_token(tok)
+    lm = LatentLM(make_tiny_llama(len(tok), dtype=torch.float32), think, mode="cot")
+    hf = tmp_path / "hf"
+    save_latent_model(hf, config=lm.base.config, latent_state=lm.state_dict(), tokenizer=tok,
+                      latent_config=lm.latent_config())  # fmt: skip
+    backend = _backend(hf, batch_size=2)
+    questions = ["Tom has 3 apples. How many?", "Ann has 5 pens and loses 2. How many?"]
+    contexts = [backend.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    assert all(c.startswith("<|im_start|>system") and c.endswith("<|im_start|>assistant\n") for c in contexts)
+    kwargs = {"until": [], "max_gen_toks": 4}
+    out = backend.generate_until([_Req((c, kwargs), doc_id=i) for i, c in enumerate(contexts)])
+    prompts = [prompt_ids(backend.tokenizer, q, use_chat_template=True) for q in questions]
+    want = generate(backend._loaded, prompts, max_new_tokens=4, slots=2)
+    assert out == [cut_at_stops(g.text, ["<|im_end|>"]) for g in want]
+    assert [backend._prompt(c) for c in contexts] == prompts
+    with caplog.at_level("WARNING"):
+        backend.generate_until([_Req((plain_prompt_text(questions[0]), kwargs))])
+    assert "pass --apply_chat_template" in caplog.text
