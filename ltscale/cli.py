@@ -1,4 +1,5 @@
-"""The ``ltscale`` console script: ``eval``, ``generate``, ``export``, ``env``, ``data synth``, ``data check``.
+"""The ``ltscale`` console script: ``eval``, ``generate``, ``export``, ``env``, ``data synth``, ``data check``,
+``lm-eval``.
 
 Exit codes: 0 success; 1 ``data check`` found invalid records (a validation result, like a
 linter); 2 user error (missing checkpoint or data file, bad arguments, unreadable data) — reported
@@ -51,6 +52,7 @@ cmd_data_synth = _lazy("ltscale.data.commands", "cmd_data_synth")
 cmd_data_check = _lazy("ltscale.data.commands", "cmd_data_check")
 cmd_export = _lazy("ltscale.engine.commands", "cmd_export")
 cmd_env = _lazy("ltscale.engine.commands", "cmd_env")
+cmd_lm_eval = _lazy("ltscale.lmeval.entry", "cmd_lm_eval")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -107,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltscale", description="LT-Tuning latent-reasoning toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{eval,analyze,report,generate,export,compare,env,data}"
+        dest="command",
+        required=True,
+        metavar="{eval,analyze,report,generate,export,compare,env,data,lm-eval}",
     )
 
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
@@ -222,14 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.add_argument("--split", default=None)
     q.set_defaults(func=cmd_data_check)
+
+    # lm-eval's own flags pass through unparsed: main() hands everything after `lm-eval` to it.
+    p = sub.add_parser(
+        "lm-eval", add_help=False, help="lm-evaluation-harness with the ltscale model and tasks"
+    )
+    p.set_defaults(func=cmd_lm_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ltscale`` console script; returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        if argv[:1] == ["lm-eval"]:
+            args = argparse.Namespace(
+                command="lm-eval", func=cmd_lm_eval, lm_eval_args=argv[1:], verbose=False
+            )
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed usage; keep main() returning an int
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     from ltscale.logging_setup import setup_logging

@@ -1,0 +1,281 @@
+"""How the lm-eval backend reaches an ltscale checkpoint: load it, encode a context, decode, cut.
+
+Free of ``lm_eval`` imports, so these rules are testable without the ``[eval]`` extra and the
+backend (``ltscale.lmeval.backend``) stays a thin adapter to lm-eval's request objects.
+
+Decisions (and why):
+
+* **One load path, one decode path.** :func:`load` and :func:`generate` are the only places that
+  know how ltscale loads a checkpoint and decodes with its method (``ltscale.model.io`` +
+  ``ltscale.methods.inference_for``, exactly what ``ltscale eval`` runs). Prompts are fed in
+  ``ltscale eval``'s order (longest first, stable) with ``batch_size`` rows in flight, so a
+  checkpoint decodes bit for bit as ``ltscale eval`` decodes it: continuous batching for a model
+  that supports it (``LatentLM``), fixed left-padded batches for the methods that wrap ``generate``
+  (Coconut, Soft-Thinking, SoftCoT).
+* **Greedy only.** Latent steps are a deterministic function of the hidden state, and ltscale's
+  decoders (and the paper's protocol) are greedy; a request with ``do_sample=True`` or a positive
+  temperature is rejected naming its task, rather than silently decoded greedily.
+* **Stop strings.** A row decodes until EOS or ``max_gen_toks``; its text (latent steps rendered
+  as ``<thinking>``, the final EOS dropped, as ``ltscale eval`` writes ``generated_text``) is then
+  cut with lm-eval's own rule (:func:`cut_at_stops`). The decode loop has no per-row stop-string
+  hook, so a stop string ends the text, not the decode: free for ltscale-trained checkpoints (they
+  end with EOS), up to ``max_gen_toks`` per problem for a checkpoint that runs on.
+* **Encoding.** An lm-eval context is encoded as ltscale encodes a prompt (:func:`context_ids`):
+  ltscale's own prompt for a question goes through ``ltscale.data.formatting.prompt_ids``; any
+  other text gets the same treatment (bos when the tokenizer has one, text without added special
+  tokens). A method that appends ids to every prompt (Coconut's ``<bot>``, SoftCoT's thought
+  slots) gets them appended here too (:func:`prompt_suffix`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "Generation",
+    "Loaded",
+    "cut_at_stops",
+    "context_ids",
+    "generate",
+    "greedy_settings",
+    "load",
+    "prompt_suffix",
+]
+
+#: Rows in flight when neither ``--batch_size`` nor ``batch_size=`` says otherwise (= ``ltscale eval``).
+DEFAULT_BATCH_SIZE = 16
+
+# ltscale's plain prompt (ltscale.data.formatting.plain_prompt_text) with the question captured.
+_PLAIN_PROMPT = re.compile(r"Question: (?P<q>.*)\nAnswer:\n", re.DOTALL)
+
+
+@dataclass
+class Loaded:
+    """A checkpoint ready to decode: the model its method decodes with, and how prompts end."""
+
+    model: Any  # LatentLM, or a method's wrapper around it (CoconutInference, ...)
+    lm: Any  # the checkpoint's LatentLM (explicit-mode scoring uses its base model)
+    tokenizer: Any
+    path: Path
+    method: str
+    without_thinking: bool
+    suffix: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """One decoded row, as ``ltscale eval`` reports it."""
+
+    text: str  # latent steps as <thinking>, final EOS dropped, not yet cut at stop strings
+    num_latent: int
+    num_generated: int  # every generated position, latent steps and the EOS included
+    truncated: bool  # hit max_new_tokens without EOS
+
+
+def load(
+    checkpoint: str | Path,
+    *,
+    method: str | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    mode: str | None = None,
+    device: str = "cpu",
+    dtype: Any = None,
+    without_thinking: bool = False,
+) -> Loaded:
+    """Load ``checkpoint`` (HF dir, stage dir or run dir) with its own method unless ``method``.
+
+    Raises ``FileNotFoundError`` for a missing checkpoint and ``ValueError`` for a bad method
+    or option, both with messages naming what was wrong.
+    """
+    from ltscale.cli_common import resolve_checkpoint
+    from ltscale.config import ConfigError
+    from ltscale.methods import inference_for, read_meta
+    from ltscale.model.io import load_latent_model
+
+    path = resolve_checkpoint(checkpoint)
+    lm, tokenizer = load_latent_model(path, mode=mode, device=device, dtype=dtype)
+    try:
+        how = inference_for(lm, tokenizer, path, method=method, options=options)
+    except (ConfigError, TypeError) as e:
+        raise ValueError(f"method={method}: {e}") from None
+    name = method or read_meta(path).get("method") or "lt_tuning"
+    return Loaded(
+        model=how.model,
+        lm=lm,
+        tokenizer=tokenizer,
+        path=path,
+        method=name,
+        without_thinking=without_thinking or how.without_thinking,
+        suffix=prompt_suffix(how.prompt_fn, tokenizer, name),
+    )
+
+
+def prompt_suffix(
+    prompt_fn: Callable[[Any, str], list[int]] | None, tokenizer: Any, method: str
+) -> list[int]:
+    """The ids a method appends to ltscale's prompt (``[]`` for the default prompt).
+
+    lm-eval hands the backend a rendered context, not a question, so a method's prompt builder
+    cannot be called on it; every method's builder is ltscale's prompt followed by fixed ids
+    (Coconut's ``<bot>``, SoftCoT's thought slots), found here by comparing the two on probe
+    questions. A builder of another shape is refused rather than guessed at.
+    """
+    if prompt_fn is None:
+        return []
+    from ltscale.data.formatting import prompt_ids
+
+    found = []
+    for probe in ("What is 1 + 2?", "Tom has 3 apples and buys 4 more. How many apples does he have?"):
+        base, full = list(prompt_ids(tokenizer, probe)), list(prompt_fn(tokenizer, probe))
+        if full[: len(base)] != base:
+            raise ValueError(
+                f"method {method}: its prompt does not start with ltscale's prompt; "
+                "the lm-eval backend cannot place an lm-eval context in it"
+            )
+        found.append(full[len(base) :])
+    if found[0] != found[1]:
+        raise ValueError(
+            f"method {method}: the ids it appends to a prompt depend on the question; "
+            "the lm-eval backend cannot place an lm-eval context in it"
+        )
+    return found[0]
+
+
+def context_ids(tokenizer: Any, context: str, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
+    """Token ids of an lm-eval context, encoded as ltscale encodes a prompt (no method suffix).
+
+    ``messages``: the chat the context was rendered from by the backend's ``apply_chat_template``
+    (``--apply_chat_template``). A single user turn is ltscale's chat prompt for that text;
+    other chats (a system turn, few-shot turns) are the rendered text, whose template spells its
+    own special tokens. Without a chat, ltscale's plain prompt of a question is encoded by the
+    formatting module; any other text gets bos (when the tokenizer has one) + the text.
+    """
+    from ltscale.data.formatting import prompt_ids
+
+    if messages is not None:
+        if len(messages) == 1 and messages[0].get("role") == "user":
+            return list(prompt_ids(tokenizer, messages[0]["content"], use_chat_template=True))
+        return list(tokenizer.encode(context, add_special_tokens=False))
+    m = _PLAIN_PROMPT.fullmatch(context)
+    if m is not None:
+        return list(prompt_ids(tokenizer, m.group("q"), use_chat_template=False))
+    bos = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+    return bos + list(tokenizer.encode(context, add_special_tokens=False))
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """``text`` cut at its stop strings exactly as lm-eval's HF backend cuts a generation.
+
+    lm-eval (``postprocess_generated_text``) splits on each stop string in turn and keeps what
+    precedes the first occurrence, skipping empty strings; with overlapping stop strings the order
+    matters, and this keeps that order. ``tests/unit/test_lmeval.py`` checks it against lm-eval's
+    function.
+    """
+    for stop in stops:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def greedy_settings(gen_kwargs: dict[str, Any], *, default_max: int, where: str) -> tuple[list[str], int]:
+    """``(until, max_gen_toks)`` of a request's generation kwargs; anything but greedy is an error.
+
+    Accepts lm-eval's spellings (``max_gen_toks`` and its aliases ``max_new_tokens``/``max_tokens``/
+    ``max_completion_tokens``, ``until`` as a string or list); ``top_p``/``top_k`` only matter when
+    sampling and are ignored. ``where`` names the task in the error.
+    """
+    kwargs = dict(gen_kwargs)
+    until = kwargs.pop("until", None)
+    until = [] if until is None else [until] if isinstance(until, str) else list(until)
+    if not all(isinstance(s, str) for s in until):
+        raise ValueError(f"{where}: until must be strings, got {until!r}")
+    max_gen = default_max
+    for key in (
+        "max_completion_tokens",
+        "max_tokens",
+        "max_new_tokens",
+        "max_gen_toks",
+    ):  # lowest priority first
+        value = kwargs.pop(key, None)
+        if value is not None:
+            max_gen = int(value)
+    if max_gen < 1:
+        raise ValueError(f"{where}: max_gen_toks must be >= 1, got {max_gen}")
+    temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+    do_sample = kwargs.pop("do_sample", None)
+    if do_sample or (do_sample is None and temperature > 0):
+        raise ValueError(
+            f"{where}: sampling (do_sample={do_sample}, temperature={temperature}) is not supported: ltscale "
+            "decodes greedily (latent steps are deterministic); use --gen_kwargs do_sample=False,temperature=0"
+        )
+    for key in ("top_p", "top_k"):
+        kwargs.pop(key, None)
+    if kwargs:
+        raise ValueError(
+            f"{where}: unsupported generation kwargs {sorted(kwargs)} (supported: until, max_gen_toks, "
+            "do_sample=False, temperature=0; top_p/top_k are ignored when not sampling)"
+        )
+    return until, max_gen
+
+
+def generate(
+    loaded: Loaded,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    slots: int,
+    on_finish: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Decode ``prompts`` (ids, suffix included) with ``slots`` rows in flight; results in input order."""
+    import torch
+
+    from ltscale.eval.evaluate import decode_generated
+
+    tok, model = loaded.tokenizer, loaded.model
+    if not prompts:
+        return []
+    order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))  # ltscale eval's order
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    pad = 0 if pad is None else int(pad)
+    kw = {"eos_token_id": eos, "pad_token_id": pad, "without_thinking": loaded.without_thinking}
+    rows: dict[int, tuple[list[int], int]] = {}
+    model.eval()
+    if getattr(model, "supports_continuous_batching", False):
+        out = model.generate_many(
+            [list(prompts[j]) for j in order], max_new_tokens, slots=slots, on_finish=on_finish, **kw
+        )
+        for b, j in enumerate(order):
+            rows[j] = (out.sequences[b, : int(out.lengths[b])].tolist(), int(out.num_latent[b]))
+    else:
+        device = next(loaded.lm.parameters()).device
+        for start in range(0, len(order), slots):
+            batch = order[start : start + slots]
+            width = max(len(prompts[j]) for j in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, j in enumerate(batch):
+                ids[r, width - len(prompts[j]) :] = torch.tensor(list(prompts[j]), dtype=torch.long)
+                mask[r, width - len(prompts[j]) :] = 1
+            with torch.no_grad():
+                out = model.generate(ids.to(device), mask.to(device), max_new_tokens, **kw)
+            for r, j in enumerate(batch):
+                rows[j] = (out.sequences[r, : int(out.lengths[r])].tolist(), int(out.num_latent[r]))
+            if on_finish is not None:
+                on_finish(len(batch))
+    thinking_id = getattr(model, "thinking_token_id", None)
+    results = []
+    for j in range(len(prompts)):
+        ids, num_latent = rows[j]
+        ended = bool(ids) and eos is not None and ids[-1] == eos
+        text = decode_generated(tok, ids[:-1] if ended else ids, thinking_id)
+        truncated = not ended and len(ids) >= max_new_tokens
+        results.append(
+            Generation(text=text, num_latent=num_latent, num_generated=len(ids), truncated=truncated)
+        )
+    return results
