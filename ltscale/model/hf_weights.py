@@ -36,7 +36,9 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> int:
     """Write ``tensors`` in the safetensors format, one tensor at a time; returns the data bytes.
 
     Layout (the format's specification): an 8-byte little-endian header length, a JSON header
@@ -49,7 +51,11 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         if t.dtype not in _ST_DTYPES:
             raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     if metadata:
         header["__metadata__"] = metadata
@@ -68,7 +74,9 @@ def _model_class(config) -> type:
     try:
         return AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
-        raise ValueError(f"{type(config).__name__}: no causal-LM class is registered for this config") from None
+        raise ValueError(
+            f"{type(config).__name__}: no causal-LM class is registered for this config"
+        ) from None
 
 
 def expected_weights(config) -> tuple[dict[str, torch.Size], dict[str, str]]:
@@ -93,7 +101,11 @@ def expected_weights(config) -> tuple[dict[str, torch.Size], dict[str, str]]:
 
 
 def write_hf_weights(
-    out_dir: str | Path, config, state: dict[str, torch.Tensor], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    out_dir: str | Path,
+    config,
+    state: dict[str, torch.Tensor],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[Path]:
     """Write ``state`` (the base model's state dict, HF names) plus configs into ``out_dir``.
 
