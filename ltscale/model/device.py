@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 import torch
 
+from ltscale.precision import precision_names
+
 __all__ = [
     "DTYPES",
-    "ENGINE_PRECISIONS",
     "auto_is_bf16",
     "model_device",
     "resolve_precision",
@@ -29,10 +30,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: ``model.dtype`` names (``auto`` aside).
+#: ``model.dtype`` names (``auto`` aside) -> torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-#: ``engine.precision`` names (``auto`` aside): what DeepSpeed can train in.
-ENGINE_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------------------- device
@@ -103,27 +102,11 @@ def auto_is_bf16() -> bool:
 def resolve_precision(model_dtype: str = "auto", engine_precision: str = "auto") -> tuple[torch.dtype, str]:
     """``(dtype the model is built, trained, exported and evaluated in, DeepSpeed precision)``.
 
-    The rule: ``model.dtype`` and ``engine.precision`` name the same precision; whichever is
-    ``auto`` follows the other; both ``auto`` means bf16 on CUDA with bf16 support, else fp32.
-    An fp64 model trains with ``engine.precision: fp32`` (no mixed precision; tests and parity
-    runs). Any other pair is a contradiction: DeepSpeed would cast the weights to its precision
-    anyway (a bf16 engine trains a bf16 module), so building in another dtype only wastes memory
-    or silently changes what is trained.
+    The rule is :func:`ltscale.precision.precision_names` (``model.dtype`` and ``engine.precision``
+    name one precision; a contradiction is a ``ValueError`` naming both keys); both ``auto`` means
+    :func:`auto_is_bf16`.
     """
-    if model_dtype != "auto" and model_dtype not in DTYPES:
-        raise ValueError(f"model.dtype: {model_dtype!r} not in auto|{'|'.join(DTYPES)}")
-    if engine_precision != "auto" and engine_precision not in ENGINE_PRECISIONS:
-        raise ValueError(f"engine.precision: {engine_precision!r} not in auto|{'|'.join(ENGINE_PRECISIONS)}")
-    if model_dtype == "auto" and engine_precision == "auto":
-        name = "bf16" if auto_is_bf16() else "fp32"
-        return DTYPES[name], name
-    if model_dtype == "auto":
-        return DTYPES[engine_precision], engine_precision
-    engine = "fp32" if model_dtype == "fp64" else model_dtype
-    if engine_precision not in ("auto", engine):
-        raise ValueError(
-            f"model.dtype={model_dtype} contradicts engine.precision={engine_precision}: DeepSpeed trains "
-            f"the module in {engine_precision}, so the weights would not be what model.dtype says; set one "
-            f"of them to auto or make them equal"
-        )
-    return DTYPES[model_dtype], engine
+    name, engine = precision_names(
+        model_dtype, engine_precision, lambda: "bf16" if auto_is_bf16() else "fp32"
+    )
+    return DTYPES[name], engine
