@@ -22,6 +22,8 @@ from ltscale.data import Encoded, Record, encode_records, load_records
 from ltscale.data.formatting import assistant_text
 from ltscale.data.synthetic import synthetic_splits
 from ltscale.data.tokenizer import add_thinking_token, load_tokenizer, train_sentencepiece
+from ltscale.engine.engine import ModelConstruction, count_parameters
+from ltscale.engine.io_wait import io_timeout_for
 from ltscale.methods import get_method
 from ltscale.model import LatentLM
 from ltscale.model.builder import build_base_model, embedding_parameters, fit_vocab, init_thinking_embedding
@@ -100,14 +102,24 @@ def training_precision(cfg: RunConfig) -> tuple[torch.dtype, str]:
         raise ConfigError(str(e)) from None
 
 
-def build_latent_model(cfg: RunConfig, data: RunData, construction=None) -> LatentLM:
+def io_timeout(cfg: RunConfig, lm: torch.nn.Module, world_size: int) -> float:
+    """``engine.io_timeout_s``, or when null the bound sized to this model (engine/io_wait.py)."""
+    if cfg.engine.io_timeout_s is not None:
+        return cfg.engine.io_timeout_s
+    return io_timeout_for(count_parameters(lm), world_size, export_bytes_per_param=training_precision(cfg)[0].itemsize,
+                          floor_s=cfg.engine.collective_timeout_s)
+
+
+def build_latent_model(cfg: RunConfig, data: RunData, ds_config: dict | None = None) -> LatentLM:
     """The same initial weights on every rank (seeded), ``<thinking>`` rows initialised per spec.
 
-    Built in the training precision (:func:`training_precision`). ``construction`` is the engine's
-    ``ModelConstruction`` (partitioned construction under ZeRO-3); None builds the whole model here.
+    Built in the training precision (:func:`training_precision`). With the run's rendered DeepSpeed
+    config, built for that engine: under ZeRO-3 partitioned as it is created, so no rank holds the
+    whole model (``ltscale.engine.engine.ModelConstruction``); without it, whole in this process.
     """
     m = cfg.model
     dtype, _ = training_precision(cfg)
+    construction = ModelConstruction(ds_config) if ds_config is not None else None
     building = construction.building() if construction is not None else contextlib.nullcontext()
     with building:
         base = build_base_model(name_or_path=m.name_or_path, init=m.init, vocab_size=len(data.tokenizer),

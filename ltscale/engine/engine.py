@@ -29,6 +29,7 @@ __all__ = [
     "ModelConstruction",
     "adamw_param_groups",
     "build_engine",
+    "count_parameters",
     "gather_state_dict",
     "full_grad",
     "grad_norm",
@@ -200,6 +201,18 @@ def build_engine(
         type(engine.optimizer).__name__,
     )
     return engine
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model``, each counted once, at their full size also when ZeRO-3 has
+    partitioned them (``ds_numel``)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += int(getattr(p, "ds_numel", p.numel()))
+    return total
 
 
 def is_zero3(engine: Any) -> bool:
