@@ -133,7 +133,10 @@ def main() -> None:
     p.add_argument("--workdir", required=True)
     args = p.parse_args()
     dist.init_distributed()
-    result = {"fp32": run("fp32", Path(args.workdir), Record()), "bf16": run("bf16", Path(args.workdir), None)}
+    result = {
+        "fp32": run("fp32", Path(args.workdir), Record()),
+        "bf16": run("bf16", Path(args.workdir), None),
+    }
     Path(args.out).write_text(json.dumps(result))
     dist.shutdown_distributed()
 

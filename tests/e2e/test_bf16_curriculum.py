@@ -39,8 +39,12 @@ def result(tmp_path_factory, repo_root, run_ranks):
 def test_training_and_scoring_batches_reach_the_engine_device(result):
     r = result["fp32"]
     assert r["devices"] == [r["engine_device"]], "to_device was called with another device than the engine's"
-    assert len(r["engine"]) >= 3 * 12 and all(r["engine"]), "the engine got tensors that to_device did not move"
-    assert r["score"] and all(r["score"]), "the confidence-scoring forward got tensors that to_device did not move"
+    assert len(r["engine"]) >= 3 * 12 and all(r["engine"]), (
+        "the engine got tensors that to_device did not move"
+    )
+    assert r["score"] and all(r["score"]), (
+        "the confidence-scoring forward got tensors that to_device did not move"
+    )
 
 
 def test_bf16_curriculum_exports_and_evaluates_in_bf16_within_tolerance_of_fp32(result):

@@ -107,7 +107,9 @@ def test_auto_is_bf16_on_a_cuda_device_with_bf16(monkeypatch):
 
 @pytest.mark.parametrize(("model_dtype", "precision"), [("fp32", "bf16"), ("bf16", "fp32"), ("fp64", "bf16")])
 def test_a_contradiction_is_a_config_error_naming_both_keys(model_dtype, precision):
-    with pytest.raises(ValueError, match=f"model.dtype={model_dtype} contradicts engine.precision={precision}"):
+    with pytest.raises(
+        ValueError, match=f"model.dtype={model_dtype} contradicts engine.precision={precision}"
+    ):
         precision_names(model_dtype, precision)
     with pytest.raises(ConfigError, match="contradicts engine.precision"):
         load_config(None, [f"model.dtype={model_dtype}", f"engine.precision={precision}"])

@@ -49,7 +49,9 @@ def test_transformers_reloads_the_export_in_its_dtype(tmp_path, dtype, tie):
     assert all(torch.equal(back.state_dict()[k], v) for k, v in state.items())
     model.save_pretrained(tmp_path / "ref")  # what transformers itself writes, loaded the same way
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "ref").eval()
-    assert json.loads((tmp_path / "config.json").read_text()) == json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(
+        (tmp_path / "ref" / "config.json").read_text()
+    )
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids).logits, ref(input_ids=ids).logits)
@@ -91,7 +93,9 @@ def test_the_export_builds_no_model_to_hold_the_weights(tmp_path):
     into: here no CPU storage of even half the embedding's size is allocated while writing."""
     from ltscale.data.tokenizer import load_tokenizer, train_sentencepiece
 
-    train_sentencepiece([f"question {i} has {i + 2} apples" for i in range(200)], tmp_path / "tok", vocab_size=80)
+    train_sentencepiece(
+        [f"question {i} has {i + 2} apples" for i in range(200)], tmp_path / "tok", vocab_size=80
+    )
     tok = load_tokenizer(str(tmp_path / "tok"))
     model = make_tiny_llama(vocab_size=len(tok), hidden=64, dtype=torch.bfloat16)
     state = {f"base.{k}": v for k, v in model.state_dict().items()}
@@ -101,4 +105,7 @@ def test_the_export_builds_no_model_to_hold_the_weights(tmp_path):
         save_latent_model(tmp_path / "hf", config=model.config, latent_state=state, tokenizer=tok,
                           latent_config={"mode": "cot"})  # fmt: skip
     assert recorder.ops == [], f"allocations while exporting: {recorder.ops}"
-    assert load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert (
+        load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"].dtype
+        == torch.bfloat16
+    )
