@@ -77,6 +77,8 @@ def wait_for_io(what: str, timeout_s: float | None = None, *, slow_rank: str = "
         return
     timeout_s = float(timeout_s or DEFAULT_IO_TIMEOUT_S)
     rank = tdist.get_rank()
+    if rank == 0 and slow_rank == "rank 0":
+        slow_rank = "the other ranks"
     t0 = time.monotonic()
     try:
         tdist.barrier(group=_group(timeout_s))
