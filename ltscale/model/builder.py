@@ -15,6 +15,7 @@ from ltscale.model.families import check_config
 
 log = logging.getLogger(__name__)
 
+
 def resolve_dtype(name: str, engine_precision: str = "auto") -> torch.dtype:
     """The dtype ``model.dtype`` builds, trains, exports and evaluates in, given ``engine.precision``
     (one rule: :func:`ltscale.model.device.resolve_precision`)."""
