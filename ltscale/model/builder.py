@@ -10,16 +10,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from ltscale.model.device import resolve_precision
 from ltscale.model.families import check_config
 
 log = logging.getLogger(__name__)
-
-
-def resolve_dtype(name: str, engine_precision: str = "auto") -> torch.dtype:
-    """The dtype ``model.dtype`` builds, trains, exports and evaluates in, given ``engine.precision``
-    (one rule: :func:`ltscale.model.device.resolve_precision`)."""
-    return resolve_precision(name, engine_precision)[0]
 
 
 #: ``model.name_or_path: pypi:<distribution>[/<file.gguf>]`` names a GGUF file shipped inside an
