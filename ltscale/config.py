@@ -155,6 +155,10 @@ class EngineConfig:
     packed_passes: str = "auto"
     # A collective waiting longer than this (a dead or hung rank) fails instead of hanging.
     collective_timeout_s: float = 600.0
+    # Waits for file-system work (rank 0's export and analyses, checkpoint writes, hashes and
+    # rotation) run outside the collectives above with this bound; null: sized to the model
+    # (ltscale/engine/io_wait.py, docs/GPU.md).
+    io_timeout_s: float | None = None
 
 
 @dataclass
@@ -447,6 +451,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.max_skipped_steps: must be >= 0")
     if cfg.engine.collective_timeout_s <= 0:
         raise ConfigError("engine.collective_timeout_s: must be > 0")
+    if cfg.engine.io_timeout_s is not None and cfg.engine.io_timeout_s <= 0:
+        raise ConfigError("engine.io_timeout_s: must be > 0 (or null: sized to the model)")
+    _check_precision(cfg)
     if cfg.model.name_or_path is None and not cfg.model.init:
         raise ConfigError("model.init: a model built from scratch (no model.name_or_path) needs init kwargs")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
@@ -455,6 +462,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.hidden_layer: only -1 (the last layer's post-norm output, spec §10.7) is supported")
     if cfg.model.adapter and cfg.model.adapter_hidden < 1:
         raise ConfigError("model.adapter_hidden: must be >= 1")
+
+
+def _check_precision(cfg: RunConfig) -> None:
+    """``model.dtype`` and ``engine.precision`` must name one precision (the rule and its reasons:
+    ``ltscale.precision.precision_names``); checked here, before a job is queued."""
+    from ltscale.precision import precision_names  # noqa: PLC0415 - next to its only caller
+
+    try:
+        precision_names(cfg.model.dtype, cfg.engine.precision)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # (dotted key, lowest allowed, allow equal): numeric keys with a simple bound; None values skip.

@@ -9,7 +9,9 @@ environment variable unset (every real run) that is one dictionary lookup and no
 
 * ``action``: ``kill`` (SIGKILL this process: a node loss / OOM kill, no cleanup), ``exit``
   (``os._exit(17)``: a rank that crashes without raising), ``hang`` (sleep forever: a stuck rank),
-  ``nan`` / ``inf`` (``check`` returns the value and the caller poisons its loss or gradient);
+  ``slow<seconds>`` (sleep that long, then go on: a slow file system under an export or a
+  checkpoint, e.g. ``slow20``), ``nan`` / ``inf`` (``check`` returns the value and the caller
+  poisons its loss or gradient);
 * ``point``: a name passed to :func:`check`, optionally qualified by stage (``step.s2`` fires only
   in stage 2; ``step`` in any stage);
 * ``hits``: the n-th time this process reaches the point (``3``), or a range (``3-5``, ``3-``);
@@ -19,7 +21,8 @@ Example: ``LTSCALE_FAULT=kill:ckpt_before_commit:2,nan:loss.s1:3@1``.
 
 Points (grep ``faults.check``): ``step`` (after backward, before the optimizer step), ``loss``
 and ``grad`` (poisoned loss / gradient), ``score`` (each confidence-scoring batch),
-``stage_end`` (after a stage's final checkpoint, before its export), ``ckpt_written`` (all
+``stage_end`` (after a stage's final checkpoint, before its export), ``export`` (rank 0, before
+it writes a stage's export), ``analysis`` (rank 0, before a stage's analyses), ``ckpt_written`` (all
 shard files written, no manifest yet), ``ckpt_before_commit`` (manifest written, before the
 rename), ``ckpt_before_latest`` (renamed, ``latest`` not yet updated).
 """
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 ENV = "LTSCALE_FAULT"
-ACTIONS = ("kill", "exit", "hang", "nan", "inf")
+ACTIONS = ("kill", "exit", "hang", "nan", "inf", "slow<seconds>")
 EXIT_CODE = 17
 
 __all__ = ["ENV", "FaultSpec", "check", "parse", "poison_loss", "reset"]
@@ -67,7 +70,7 @@ def parse(text: str) -> list[FaultSpec]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         body, _, rank = item.partition("@")
         parts = body.split(":")
-        if len(parts) != 3 or parts[0] not in ACTIONS or not parts[1]:
+        if len(parts) != 3 or not _known_action(parts[0]) or not parts[1]:
             raise ValueError(
                 f"{ENV}: bad entry {item!r}; expected action:point:hits[@rank], action in {ACTIONS}"
             )
@@ -83,6 +86,15 @@ def parse(text: str) -> list[FaultSpec]:
             raise ValueError(f"{ENV}: hits in {item!r} must be >= 1 (n, n-m or n-)")
         specs.append(FaultSpec(action, point, first, last, rank_n))
     return specs
+
+
+def _known_action(action: str) -> bool:
+    if action.startswith("slow"):
+        try:
+            return float(action[len("slow") :]) >= 0
+        except ValueError:
+            return False
+    return action in ACTIONS
 
 
 class _State:
@@ -104,7 +116,7 @@ def reset() -> None:
 
 
 def check(point: str, *, stage: int | None = None) -> float | None:
-    """Count a hit of ``point``; perform a matching kill/exit fault, or return NaN/inf for a
+    """Count a hit of ``point``; perform a matching kill/exit/hang/slow fault, or return NaN/inf for a
     matching ``nan``/``inf`` fault (the caller poisons its value). None when nothing fires."""
     text = os.environ.get(ENV)
     if not text:
@@ -129,6 +141,9 @@ def check(point: str, *, stage: int | None = None) -> float | None:
             if spec.action == "hang":
                 while True:
                     time.sleep(3600)
+            if spec.action.startswith("slow"):
+                time.sleep(float(spec.action[len("slow") :]))
+                continue
             log.warning(msg)
             fired = math.nan if spec.action == "nan" else math.inf
     return fired

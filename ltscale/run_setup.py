@@ -6,6 +6,7 @@ ranks except through the callables it is handed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -16,14 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ltscale.config import RunConfig
+from ltscale.config import ConfigError, RunConfig
 from ltscale.data import Encoded, Record, encode_records, load_records
 from ltscale.data.formatting import assistant_text
 from ltscale.data.synthetic import synthetic_splits
 from ltscale.data.tokenizer import add_thinking_token, load_tokenizer, train_sentencepiece
+from ltscale.engine.engine import ModelConstruction, count_parameters
+from ltscale.engine.io_wait import io_timeout_for
 from ltscale.methods import get_method
 from ltscale.model import LatentLM
-from ltscale.model.builder import build_base_model, init_thinking_embedding
+from ltscale.model.builder import build_base_model, embedding_parameters, fit_vocab, init_thinking_embedding
+from ltscale.model.device import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +93,51 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, is_main: bool, barrier: Calla
                    train_records=train_records, special_ids=special_ids)
 
 
-def build_latent_model(cfg: RunConfig, data: RunData) -> LatentLM:
-    """The same initial weights on every rank (seeded), ``<thinking>`` rows initialised per spec."""
+def training_precision(cfg: RunConfig) -> tuple[torch.dtype, str]:
+    """``(model dtype, DeepSpeed precision)`` of a run: one rule for ``model.dtype`` and
+    ``engine.precision`` (``ltscale.model.device.resolve_precision``); a contradiction is a ConfigError."""
+    try:
+        return resolve_precision(cfg.model.dtype, cfg.engine.precision)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def io_timeout(cfg: RunConfig, lm: torch.nn.Module, world_size: int) -> float:
+    """``engine.io_timeout_s``, or when null the bound sized to this model (engine/io_wait.py)."""
+    if cfg.engine.io_timeout_s is not None:
+        return cfg.engine.io_timeout_s
+    return io_timeout_for(count_parameters(lm), world_size, export_bytes_per_param=training_precision(cfg)[0].itemsize,
+                          floor_s=cfg.engine.collective_timeout_s)
+
+
+def build_latent_model(cfg: RunConfig, data: RunData, ds_config: dict | None = None) -> LatentLM:
+    """The same initial weights on every rank (seeded), ``<thinking>`` rows initialised per spec.
+
+    Built in the training precision (:func:`training_precision`). With the run's rendered DeepSpeed
+    config, built for that engine: under ZeRO-3 partitioned as it is created, so no rank holds the
+    whole model (``ltscale.engine.engine.ModelConstruction``); without it, whole in this process.
+    """
     m = cfg.model
-    base = build_base_model(name_or_path=m.name_or_path, init=m.init, vocab_size=len(data.tokenizer),
-                            dtype=torch.float32, attn_implementation=m.attn_implementation,
-                            gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code, seed=cfg.train.seed)
-    init_thinking_embedding(base, data.tokenizer, data.thinking_id, m.thinking_init_token)
+    dtype, _ = training_precision(cfg)
+    construction = ModelConstruction(ds_config) if ds_config is not None else None
+    building = construction.building() if construction is not None else contextlib.nullcontext()
+    with building:
+        base = build_base_model(name_or_path=m.name_or_path, init=m.init, vocab_size=len(data.tokenizer),
+                                dtype=dtype, attn_implementation=m.attn_implementation,
+                                gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code, seed=cfg.train.seed)
+        fit_vocab(base, data.tokenizer)
     method = get_method(cfg.method)
-    method.init_model(base, data.tokenizer, cfg, data.special_ids)
+    params = embedding_parameters(base)
+    with construction.gathered(params) if construction is not None else contextlib.nullcontext():
+        init_thinking_embedding(base, data.tokenizer, data.thinking_id, m.thinking_init_token)
+        method.init_model(base, data.tokenizer, cfg, data.special_ids)
     first = cfg.stages[0]
     lm = LatentLM(base, data.thinking_id, mode=first.mode, alpha=first.alpha, temperature=first.temperature,
                   top_p=first.top_p, adapter=m.adapter, adapter_hidden=m.adapter_hidden,
                   gradient_checkpointing=m.gradient_checkpointing, fusion_impl=FUSED_TO_IMPL[cfg.engine.fused],
                   packed_passes=cfg.engine.packed_passes)
+    if lm.adapter is not None:
+        lm.adapter.to(dtype)
     return method.wrap_model(lm, cfg, data)
 
 

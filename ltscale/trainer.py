@@ -27,16 +27,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from ltscale import faults
+from ltscale import faults, run_setup
 from ltscale.config import RunConfig, diff_configs, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
 from ltscale.engine import comm_stats, dist
 from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config
 from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm, step_unless_nonfinite
+from ltscale.engine.io_wait import wait_for_io
 from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
 from ltscale.methods import StageContext, get_method, inference_for
 from ltscale.methods.lt_tuning import score_and_select
+from ltscale.model.device import to_device
 from ltscale.model.io import load_latent_model, save_latent_model
 from ltscale.monitor import Monitor
 from ltscale.run_setup import RunData, Sampler, Schedule, build_latent_model, prepare_data, stage_steps
@@ -129,11 +131,13 @@ class Trainer:
         dist.barrier()
         self.method = get_method(cfg.method)
         self.data: RunData = prepare_data(cfg, self.run_dir, is_main=self.info.is_main, barrier=dist.barrier)
-        self.lm = build_latent_model(cfg, self.data)
         t = cfg.train
+        self.dtype, precision = run_setup.training_precision(cfg)  # one rule: model.dtype, engine.precision
         self.ds_config = render_ds_config(resolve_template(cfg.engine.ds_config), micro_batch=t.micro_batch_size,
                                           grad_accum=t.grad_accum, world_size=self.info.world_size,
-                                          grad_clip=cfg.optim.max_grad_norm, precision=cfg.engine.precision)
+                                          grad_clip=cfg.optim.max_grad_norm, precision=precision)
+        self.lm = build_latent_model(cfg, self.data, self.ds_config)  # ZeRO-3: partitioned as it is built
+        self.io_timeout_s = run_setup.io_timeout(cfg, self.lm, self.info.world_size)
         if t.global_batch_size is not None and t.global_batch_size != self.ds_config["train_batch_size"]:
             raise ValueError(f"train.global_batch_size: {t.global_batch_size} != micro_batch_size x grad_accum x "
                              f"world_size = {self.ds_config['train_batch_size']}")
@@ -174,9 +178,9 @@ class Trainer:
     def _restore(self, k: int) -> int:
         """Load where stage ``k`` starts: its own mid-stage checkpoint, or stage k-1's final one."""
         own = stage_dir(self.run_dir, k) / "ckpt"
-        resume = self.cfg.resume
+        resume, resume_fallback = self.cfg.resume, self.cfg.resume_fallback
         if resume != "never" and ckpt.latest_tag(own) is not None:
-            state = ckpt.load_checkpoint(self.engine, own, fallback=self.cfg.resume_fallback)
+            state = ckpt.load_checkpoint(self.engine, own, fallback=resume_fallback, io_timeout_s=self.io_timeout_s)
             log.info("resuming stage %d at step %d from %s", k, state["step_in_stage"], own)
             self.skipped = int(state.get("skipped_steps", 0))
             return int(state["step_in_stage"])
@@ -187,7 +191,7 @@ class Trainer:
             if FINAL not in ckpt.list_checkpoints(prev):
                 raise StageOrderError(f"stage {k} starts from {prev / FINAL}, which does not exist")
             keep_optimizer = self.cfg.optim.stage_strategy == "continue"
-            ckpt.load_checkpoint(self.engine, prev, FINAL, load_optimizer=keep_optimizer)
+            ckpt.load_checkpoint(self.engine, prev, FINAL, load_optimizer=keep_optimizer, io_timeout_s=self.io_timeout_s)
             if not keep_optimizer:
                 self._set_schedule_step(self.schedule.start[k - 1])
         return 0
@@ -233,7 +237,8 @@ class Trainer:
                 raise Preempted(k, step, stage_dir(self.run_dir, k) / "ckpt" / tag)
             ok, before = True, (window["loss"], window["n"])  # ok: every loss of this step finite on this rank
             for a in range(cfg.train.grad_accum):
-                batch = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
+                host = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
+                batch = to_device(host, self.engine.device)  # DeepSpeed does not move inputs
                 out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                                   min_passes=passes, return_logits=False)
                 loss = faults.poison_loss(out.loss, stage=k)
@@ -247,9 +252,9 @@ class Trainer:
                     ok = False
                 window["loss"] += float(loss.detach())
                 window["n"] += 1
-                window["tokens"] += int(batch["attention_mask"].sum())
-                window["latent"] += int((batch["input_ids"] == self.data.thinking_id).sum())
-                window["samples"] += batch["input_ids"].shape[0]
+                window["tokens"] += int(host["attention_mask"].sum())  # the host copy: no device sync
+                window["latent"] += int((host["input_ids"] == self.data.thinking_id).sum())
+                window["samples"] += host["input_ids"].shape[0]
             if not ok:  # skipped on every rank: its losses are not logged (a window of only those: NaN)
                 window["loss"], window["n"] = before
             global_step = self.schedule.start[k - 1] + step + 1
@@ -286,6 +291,7 @@ class Trainer:
 
         def forward_logits(ids, mask):
             faults.check("score", stage=k)
+            ids, mask = to_device((ids, mask), self.engine.device)
             return base(input_ids=ids, attention_mask=mask).logits
 
         try:
@@ -318,34 +324,35 @@ class Trainer:
                  "global_step": self.schedule.start[k - 1] + step_in_stage, "mode": self.cfg.stages[k - 1].mode,
                  "skipped_steps": self.skipped}
         ckpt.save_checkpoint(self.engine, stage_dir(self.run_dir, k) / "ckpt", tag, state,
-                             keep_last_n=self.cfg.train.keep_last_n)
+                             keep_last_n=self.cfg.train.keep_last_n, io_timeout_s=self.io_timeout_s)
 
     def _finish_stage(self, k: int, stats: dict) -> None:
         """Export HF weights, evaluate them (sharded over ranks), then mark the stage complete."""
         sdir = stage_dir(self.run_dir, k)
         state = gather_state_dict(self.engine)
         if self.info.is_main:
+            faults.check("export", stage=k)
             save_latent_model(sdir / "hf", config=self.lm.base.config, latent_state=state,
                               tokenizer=self.data.tokenizer,
                               latent_config={**self.lm.latent_config(),
                                              **self.method.checkpoint_meta(self.cfg, k, self.data.special_ids)})
         del state
-        dist.barrier()
+        # Rank 0 writes alone (8B in bf16: 16 GB): the others wait outside timed collectives.
+        wait_for_io(f"stage {k} export to {sdir / 'hf'}", self.io_timeout_s)
         summary = self._evaluate(k, sdir)
         if self.info.is_main:
             summary = json.loads(json.dumps(summary)) if summary else None  # int dict keys -> str
             marker = {"stage": k, "mode": self.cfg.stages[k - 1].mode, "steps": self.schedule.steps[k - 1],
                       "global_step": self.schedule.start[k], "insertion": stats, "eval": summary}
             ckpt.write_json_atomic(sdir / "COMPLETE", marker)
-        dist.barrier()
+        wait_for_io(f"stage {k} evaluation report, analyses and {sdir / 'COMPLETE'}", self.io_timeout_s)
 
     def _evaluate(self, k: int, sdir: Path) -> dict | None:
         records = self.data.eval_records[: self.cfg.eval.subset]  # subset=None: all
         if not self.cfg.eval.after_each_stage or not records:
             return None
-        # On the training device: a CPU eval of a real model would take longer than its stage.
-        device = f"cuda:{self.info.local_rank}" if torch.cuda.is_available() else "cpu"
-        lm, tokenizer = load_latent_model(sdir / "hf", device=device)
+        # On the training device, in the training dtype (a CPU eval would outlast the stage).
+        lm, tokenizer = load_latent_model(sdir / "hf", device=self.engine.device, dtype=self.dtype)
         how = inference_for(lm, tokenizer, sdir / "hf", cfg=self.cfg)  # the method's decoding
         torch.manual_seed(0)
         _, mine = evaluate(how.model, tokenizer, records, batch_size=self.cfg.eval.batch_size,
@@ -362,6 +369,7 @@ class Trainer:
         self.results[k] = result
         self.monitor.scalars(summary.scalars("eval"), self.schedule.start[k])
         if self.cfg.eval.analysis:
+            faults.check("analysis", stage=k)
             log_analysis(self.monitor, lm, tokenizer, records, per_example, self.cfg, k, self.schedule.start[k], sdir)
         self.monitor.flush()
         log.info("stage %d eval: accuracy %.3f (numeric %.3f), %.2f latent tokens per answer", k,

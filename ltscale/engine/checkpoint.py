@@ -54,9 +54,10 @@ from safetensors.torch import load_file, save_file
 from ltscale import faults
 from ltscale.fsutil import atomic_write_text, chmod_to_umask, fsync_dir
 
-from .dist import all_gather_object, barrier, dist_info
+from .dist import all_gather_object, dist_info
 from .integrity import META_FILE, CheckpointCorruptError, hash_share, verify_checkpoint
 from .integrity import read_meta as _read_meta
+from .io_wait import wait_for_io
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,15 @@ def _remove_tree(path: Path) -> None:
 # --------------------------------------------------------------------------- integrity
 
 
-def _verify_collective(path: Path) -> list[str]:
-    """Every rank checks its share; every rank gets all problems (so all decide alike)."""
+def _verify_collective(path: Path, io_timeout_s: float | None = None) -> list[str]:
+    """Every rank checks its share; every rank gets all problems (so all decide alike).
+
+    Reading and hashing is I/O: the ranks meet in an I/O wait (``io_wait.py``) before the timed
+    all-gather of the results.
+    """
     info = dist_info()
     mine = verify_checkpoint(path, rank=info.rank, world_size=info.world_size)
+    wait_for_io(f"verifying checkpoint {path}", io_timeout_s, slow_rank="the slowest rank")
     return [p for share in all_gather_object(mine) for p in share]
 
 
@@ -296,21 +302,9 @@ def _write_latest(root: Path, tag: str) -> None:
 def _commit(root: Path, tmp: Path, final: Path) -> None:
     """Make ``tmp`` the checkpoint ``final`` and point ``latest`` at it (rank 0 only).
 
-    Separate function so tests can simulate a crash right before the commit.
+    Separate function so tests can simulate a crash right before the commit. The files in ``tmp``
+    are already on disk: every rank fsynced its share while hashing it (``save_checkpoint``).
     """
-    for dirpath, _, files in os.walk(tmp):
-        for fname in files:
-            p = Path(dirpath) / fname
-            if p.is_symlink():
-                continue
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
     trash = None
     if final.is_symlink():
         raise FileExistsError(f"{final} is a symlink; refusing to replace it with a checkpoint")
@@ -337,12 +331,15 @@ def save_checkpoint(
     *,
     rng: bool = True,
     keep_last_n: int | None = None,
+    io_timeout_s: float | None = None,
 ) -> Path:
     """Save a complete, atomic checkpoint ``root/tag``. Collective: every rank must call it.
 
     ``train_state`` must be JSON-serialisable (checked on every rank before any I/O, so all
     ranks fail alike instead of leaving the others waiting in a barrier).
-    Returns the final checkpoint directory.
+    The ranks wait for each other's file-system work (writing, hashing and fsyncing shares, rank
+    0's commit and rotation) in I/O waits bounded by ``io_timeout_s`` (``io_wait.py``), not in
+    barriers under the collective timeout. Returns the final checkpoint directory.
     """
     _validate_tag(tag)
     _check_json(train_state)
@@ -357,7 +354,7 @@ def save_checkpoint(
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
         _clean_stale(root)
-    barrier()
+    wait_for_io(f"checkpoint {final}: removing leftovers of interrupted saves", io_timeout_s)
 
     client_state = {"ltscale": {"tag": tag, "world_size": info.world_size}}
     ok = engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
@@ -369,10 +366,12 @@ def save_checkpoint(
         chmod_to_umask(rng_file)  # safetensors writes 0600 whatever the umask
     if info.is_main:
         write_json_atomic(tmp / TRAIN_STATE_FILE, train_state)
-    barrier()  # every rank's files are in tmp
+    wait_for_io(f"checkpoint {final}: writing shards", io_timeout_s, slow_rank="the slowest rank")
     faults.check("ckpt_written")
+    mine = hash_share(tmp, info.rank, info.world_size, fsync=True)
+    wait_for_io(f"checkpoint {final}: hashing shards", io_timeout_s, slow_rank="the slowest rank")
     files: dict[str, Any] = {}
-    for share in all_gather_object(hash_share(tmp, info.rank, info.world_size)):
+    for share in all_gather_object(mine):
         files.update(share)
     if info.is_main:
         meta = {
@@ -392,7 +391,8 @@ def save_checkpoint(
         _commit(root, tmp, final)
         if keep_last_n is not None:
             _rotate(root, keep_last_n, protect={tag})
-    barrier()  # nobody proceeds (or loads) before `latest` is in place
+    # nobody proceeds (or loads) before `latest` is in place
+    wait_for_io(f"checkpoint {final}: commit and rotation", io_timeout_s)
     log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
     return final
 
@@ -469,6 +469,7 @@ def load_checkpoint(
     load_optimizer: bool = True,
     verify: bool = True,
     fallback: bool = False,
+    io_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Restore ``engine`` (weights, and with ``load_optimizer`` optimizer + LR schedule) and this
     rank's RNG from ``root/tag`` (``tag=None``: the latest). Returns the saved ``train_state``.
@@ -497,7 +498,7 @@ def load_checkpoint(
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if verify:
-        tag = _verified_tag(root, tag, fallback)
+        tag = _verified_tag(root, tag, fallback, io_timeout_s)
         path = root / tag
     meta = _read_meta(path)
 
@@ -551,9 +552,9 @@ def load_checkpoint(
     return train_state
 
 
-def _verified_tag(root: Path, tag: str, fallback: bool) -> str:
+def _verified_tag(root: Path, tag: str, fallback: bool, io_timeout_s: float | None = None) -> str:
     """``tag`` if it verifies; else (``fallback``) the newest older checkpoint that does. Collective."""
-    problems = _verify_collective(root / tag)
+    problems = _verify_collective(root / tag, io_timeout_s)
     if not problems:
         return tag
     done = list_checkpoints(root)
@@ -568,7 +569,7 @@ def _verified_tag(root: Path, tag: str, fallback: bool) -> str:
         )
         raise CheckpointCorruptError(root / tag, problems, hint)
     for cand in older:
-        bad = _verify_collective(root / cand)
+        bad = _verify_collective(root / cand, io_timeout_s)
         if not bad:
             log.warning(
                 "checkpoint %s is damaged (%s); falling back to %s",

@@ -138,21 +138,15 @@ def _find_autos(obj: Any, prefix: str = "") -> list[str]:
 
 def resolve_precision(precision: str) -> str:
     """``"auto"`` -> bf16 on a CUDA device that supports it, fp32 otherwise (CPU runs are fp32,
-    including ``DS_ACCELERATOR=cpu`` on a machine that has a GPU)."""
+    including ``DS_ACCELERATOR=cpu`` on a machine that has a GPU): the rule of
+    :func:`ltscale.model.device.resolve_precision`, which also ties it to ``model.dtype``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
-    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu":
-        return "fp32"
-    try:
-        import torch
+    from ltscale.model.device import auto_is_bf16
 
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bf16"
-    except Exception:  # pragma: no cover - torch missing/broken: be conservative
-        pass
-    return "fp32"
+    return "bf16" if auto_is_bf16() else "fp32"
 
 
 def _fill(cfg: dict[str, Any], key: str, value: Any, source: str, where: str) -> None:

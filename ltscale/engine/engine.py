@@ -7,10 +7,11 @@ is decided here from the rendered DeepSpeed config.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,8 +26,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ModelConstruction",
     "adamw_param_groups",
     "build_engine",
+    "count_parameters",
     "gather_state_dict",
     "full_grad",
     "grad_norm",
@@ -34,6 +37,50 @@ __all__ = [
     "local_grads_finite",
     "step_unless_nonfinite",
 ]
+
+
+class ModelConstruction:
+    """How the trainer's model is built for the engine that will train it.
+
+    Under ZeRO-3, :meth:`building` keeps a transformers ``HfDeepSpeedConfig`` alive, so that
+    ``from_config``/``from_pretrained`` construct the model inside ``deepspeed.zero.Init``: every
+    parameter is partitioned over the ranks as it is created (in the DeepSpeed config's precision),
+    a random init runs one gathered module at a time, and pretrained weights are read by rank 0
+    and scattered module by module. No rank holds the whole model, where building it first and
+    letting ``deepspeed.initialize`` partition it would put a full copy on every rank (8B in bf16:
+    16 GB per rank, 128 GB per 8-GPU node). The config object lives only for the construction:
+    while it exists transformers builds *every* model partitioned, including the evaluation
+    model loaded later in the same process.
+
+    :meth:`gathered` is what in-place edits of constructed weights (the ``<thinking>`` rows) run
+    inside: the full parameters on every rank, and on exit rank 0's values partitioned again. Every
+    rank must make the same calls (collective). Outside ZeRO-3 both are no-ops.
+    """
+
+    def __init__(self, ds_config: dict[str, Any]):
+        self.ds_config = ds_config
+        self.zero3 = zero_stage(ds_config) == 3
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        if not self.zero3:
+            yield
+            return
+        init_distributed()
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        keep = HfDeepSpeedConfig(copy.deepcopy(self.ds_config))  # noqa: F841 - held by a weakref in transformers
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+
+    def gathered(self, params: Iterable[nn.Parameter]) -> contextlib.AbstractContextManager:
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -154,6 +201,18 @@ def build_engine(
         type(engine.optimizer).__name__,
     )
     return engine
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model``, each counted once, at their full size also when ZeRO-3 has
+    partitioned them (``ds_numel``)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += int(getattr(p, "ds_numel", p.numel()))
+    return total
 
 
 def is_zero3(engine: Any) -> bool:

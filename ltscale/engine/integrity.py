@@ -56,13 +56,15 @@ def _owner(name: str, world_size: int) -> int:
     return int(m.group(1)) % world_size if m else 0
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
+def _file_entry(path: Path, *, fsync: bool = False) -> dict[str, Any]:
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
+        if fsync:
+            os.fsync(f.fileno())
     return {"size": size, "sha256": digest.hexdigest()}
 
 
@@ -79,9 +81,13 @@ def _checkpoint_files(ckpt_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def hash_share(ckpt_dir: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+def hash_share(
+    ckpt_dir: Path, rank: int, world_size: int, *, fsync: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of this rank's share of the files; ``fsync``: also flush each to disk, so
+    that making a checkpoint durable is split over the ranks like the hashing (no rank-0 walk)."""
     return {
-        rel: _file_entry(ckpt_dir / rel)
+        rel: _file_entry(ckpt_dir / rel, fsync=fsync)
         for rel in _checkpoint_files(ckpt_dir)
         if _owner(Path(rel).name, world_size) == rank
     }

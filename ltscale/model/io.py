@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ltscale.fsutil import chmod_to_umask
+from ltscale.model.hf_weights import DEFAULT_MAX_SHARD_BYTES, write_hf_weights
 from ltscale.model.latent_lm import LatentLM
 
 LATENT_CONFIG_FILE = "ltscale_latent.json"
@@ -32,9 +33,11 @@ def split_state_dict(latent_state: dict[str, torch.Tensor]) -> tuple[dict, dict]
 
 
 def save_latent_model(out_dir: str | Path, *, config, latent_state: dict[str, torch.Tensor], tokenizer,
-                      latent_config: dict[str, Any]) -> Path:
+                      latent_config: dict[str, Any], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write an HF ``save_pretrained`` dir (+ tokenizer + latent config) atomically.
 
+    The weights are written as they are in ``latent_state`` (the training dtype: the gathered
+    16-bit copy of a bf16 run) by :func:`write_hf_weights`, with no model built to hold them.
     Plain ``transformers`` loads the base model from it; ``load_latent_model`` adds the latent
     behaviour back.
     """
@@ -44,13 +47,7 @@ def save_latent_model(out_dir: str | Path, *, config, latent_state: dict[str, to
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     base_state, adapter_state = split_state_dict(latent_state)
-    model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(base_state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"state dict does not fit the model: missing={sorted(set(missing) - tied)} "
-                           f"unexpected={sorted(unexpected)}")
-    model.save_pretrained(tmp, safe_serialization=True)
+    write_hf_weights(tmp, config, base_state, max_shard_bytes=max_shard_bytes)
     tokenizer.save_pretrained(tmp)
     if adapter_state:
         save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(tmp / ADAPTER_FILE))

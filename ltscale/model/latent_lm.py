@@ -103,7 +103,7 @@ class LatentLM(nn.Module):
         self.base = base_model
         self.thinking_token_id = int(thinking_token_id)
         self.fusion = FusionHead(self)
-        dim = base_model.get_input_embeddings().weight.shape[1]
+        dim = base_model.get_input_embeddings().embedding_dim  # also when ZeRO-3 partitioned the weight
         self.adapter = LatentAdapter(dim, adapter_hidden) if adapter else None
         self.gradient_checkpointing = gradient_checkpointing
         if fusion_impl == "fused" and not fused_available():  # engine.fused=on: fail now, not in stage 3

