@@ -8,7 +8,11 @@ Coconut starts at its stage 1, SoftCoT trains its projection on the frozen CoT m
 Soft-Thinking decodes the CoT checkpoint without training. Train time is each run's own wall
 time (set-up, steps, checkpoints, exports; no eval) -- the CoT time is listed once, in its row.
 Every checkpoint is then scored by the same evaluator, in this process, with the method's own
-decoding (``ltscale.methods.inference_for``) on the tiny default's 200 held-out problems.
+decoding (``ltscale.inference.load_for_inference``) on the tiny default's 200 held-out problems.
+
+Which config a method runs, what it keeps of it when it starts from the CoT checkpoint and
+whether it trains at all are the method's hooks (``Method.tiny_config``, ``from_cot_checkpoint``,
+``trains``); this module knows no method but the base.
 
 Runs go to ``<out>/<method>`` and are resumable: a finished stage is not trained again (its
 recorded train time is reused from ``<out>/times.json``).
@@ -27,53 +31,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ltscale.config import config_from_dict, parse_yaml, save_resolved
+from ltscale import rundir
+from ltscale.config import RunConfig, parse_yaml, save_resolved
+from ltscale.methods import METHOD_NAMES, get_method
+from ltscale.run_config import config_from_dict
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINED = ("cot", "lt_tuning", "pause", "no_stage3", "adapter", "coconut", "softcot")
-ALL = ("cot", "lt_tuning", "pause", "no_stage3", "adapter", "coconut", "soft_thinking", "softcot")
-CONFIGS = {
-    "cot": "tiny-cot.yaml",
-    "lt_tuning": "tiny.yaml",
-    "pause": "tiny-pause.yaml",
-    "no_stage3": "tiny-no-stage3.yaml",
-    "adapter": "tiny-adapter.yaml",
-    "coconut": "tiny-coconut.yaml",
-    "soft_thinking": "tiny-soft-thinking.yaml",
-    "softcot": "tiny-softcot.yaml",
-}
-
-
-def _raw(method: str, configs_dir: Path) -> dict[str, Any]:
-    return parse_yaml((configs_dir / CONFIGS[method]).read_text())
+#: The run every other method starts from: CoT-SFT (LT-Tuning's stage 1, Coconut's CoT model).
+BASE = "cot"
+ALL = (BASE, *(m for m in METHOD_NAMES if m != BASE))
 
 
 def run_config(
     method: str, out: Path, cot_hf: Path, overrides: Sequence[str], configs_dir: Path = ROOT / "configs"
-):
+) -> RunConfig:
     """The resolved config of ``method``'s compare run (see the module docstring)."""
-    raw = _raw(method, configs_dir)
+    how = get_method(method)
+    raw = parse_yaml((configs_dir / how.tiny_config).read_text())
     raw["run_dir"] = str(out / method)
     raw.setdefault("eval", {})["after_each_stage"] = False  # scored afterwards, outside the train time
-    if method != "cot":
+    if method != BASE:
         model = {
             k: v
             for k, v in raw.get("model", {}).items()
             if k not in ("init", "tokenizer", "tokenizer_vocab_size")
         }
         raw["model"] = {**model, "name_or_path": str(cot_hf)}
-        if method == "coconut":
-            raw["stages"] = raw["stages"][1:]
-            raw["coconut"] = {**raw.get("coconut", {}), "start_stage": 1}
-        elif method not in ("softcot", "soft_thinking"):  # soft_thinking: only its decoding settings matter
-            raw["stages"] = [st for st in raw["stages"] if st.get("mode") != "cot"]
-        if method == "softcot":
-            assistant = raw.get("softcot", {}).get("assistant")
-            if assistant and not Path(assistant).is_absolute():  # the shipped configs name repo paths
-                raw["softcot"]["assistant"] = str(ROOT / assistant)
-    if method != "cot":  # the model is the CoT checkpoint: model.* overrides shape only the CoT run
+        if how.trains:  # else only its decoding settings matter
+            raw = how.from_cot_checkpoint(raw, configs_dir.parent)
+        # the model is the CoT checkpoint: model.* overrides shape only the CoT run
         overrides = [o for o in overrides if not o.startswith("model.")]
     return config_from_dict(raw, list(overrides))
 
@@ -120,33 +108,18 @@ def train_run(config_file: Path, nproc: int) -> float:
     return time.perf_counter() - t0
 
 
-def last_hf(cfg) -> Path:
-    return Path(cfg.run_dir) / f"stage{len(cfg.stages)}" / "hf"
+def last_hf(cfg: RunConfig) -> Path:
+    return rundir.hf_dir(cfg.run_dir, len(cfg.stages))
 
 
 def score(
-    hf: Path, records, *, method: str | None, cfg, batch_size: int, max_new_tokens: int
+    hf: Path, records, *, method: str, cfg: RunConfig, batch_size: int, max_new_tokens: int
 ) -> dict[str, Any]:
-    import torch
+    from ltscale.eval.evaluate import evaluate  # noqa: PLC0415 - torch: only when a run is scored
+    from ltscale.inference import load_for_inference  # noqa: PLC0415
 
-    from ltscale.eval.evaluate import evaluate
-    from ltscale.methods import inference_for
-    from ltscale.model.io import load_latent_model
-
-    lm, tokenizer = load_latent_model(hf)
-    how = inference_for(lm, tokenizer, hf, method=method, cfg=cfg)
-    torch.manual_seed(0)
-    summary, _ = evaluate(
-        how.model,
-        tokenizer,
-        records,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        without_thinking=how.without_thinking,
-        prompt_fn=how.prompt_fn,
-        use_chat_template=cfg.model.use_chat_template,
-        progress=False,
-    )
+    inf = load_for_inference(hf, method, device="cpu", cfg=cfg)
+    summary, _ = evaluate(inf, records, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
     return summary.to_dict()
 
 
@@ -186,8 +159,7 @@ def compare(
     configs_dir: Path = ROOT / "configs",
 ) -> tuple[str, list[dict[str, Any]]]:
     """Train what ``methods`` need, score every one, write ``compare.{md,json}`` in ``out``."""
-    from ltscale.run_setup import load_split_records
-    from ltscale.trainer import stage_complete
+    from ltscale.run_setup import load_split_records  # noqa: PLC0415 - torch: only when a run is scored
 
     unknown = [m for m in methods if m not in ALL]
     if unknown:
@@ -196,14 +168,16 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     times_file = out / "times.json"
     times = json.loads(times_file.read_text()) if times_file.is_file() else {}
-    cot_cfg = run_config("cot", out, out, overrides, configs_dir)
-    cot_hf = last_hf(cot_cfg)
-    need = ["cot"] + [m for m in methods if m in TRAINED and m != "cot"]
-    cfgs = {"cot": cot_cfg}
+    base_cfg = run_config(BASE, out, out, overrides, configs_dir)
+    cot_hf = last_hf(base_cfg)
+    cfgs = {BASE: base_cfg}
+    for m in methods:
+        if m not in cfgs:
+            cfgs[m] = run_config(m, out, cot_hf, overrides, configs_dir)
+    need = [BASE] + [m for m in methods if m != BASE and get_method(m).trains]
     for m in need:
-        cfg = cfgs.get(m) or run_config(m, out, cot_hf, overrides, configs_dir)
-        cfgs[m] = cfg
-        if all(stage_complete(Path(cfg.run_dir), k) for k in range(1, len(cfg.stages) + 1)) and m in times:
+        cfg = cfgs[m]
+        if all(rundir.stage_complete(cfg.run_dir, k) for k in range(1, len(cfg.stages) + 1)) and m in times:
             log.info("compare: %s already trained (%s)", m, cfg.run_dir)
             continue
         cfg_file = save_resolved(cfg, out / "configs" / m)
@@ -213,19 +187,20 @@ def compare(
     records = None
     rows = []
     for m in methods:
-        if m == "soft_thinking":
-            cfg = run_config("soft_thinking", out, cot_hf, overrides, configs_dir)
-            hf, method, start, seconds = cot_hf, "soft_thinking", "CoT ckpt (no training)", 0.0
+        cfg = cfgs[m]
+        if m == BASE:
+            hf, start, seconds = cot_hf, "scratch", times[m]
+        elif get_method(m).trains:
+            hf, start, seconds = last_hf(cfg), "CoT ckpt", times[m]
         else:
-            cfg = cfgs[m]
-            hf, method, start, seconds = last_hf(cfg), None, "scratch" if m == "cot" else "CoT ckpt", times[m]
+            hf, start, seconds = cot_hf, "CoT ckpt (no training)", 0.0
         if records is None:
             records = load_split_records(cfg, "eval")
         log.info("compare: scoring %s (%s)", m, hf)
         summary = score(
             hf,
             records,
-            method=method,
+            method=m,
             cfg=cfg,
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,

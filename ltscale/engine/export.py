@@ -9,7 +9,8 @@ partition from disk and stitches the parameters back together.
 
 What comes out is exactly what ``ltscale.model.io.save_latent_model`` writes (and the trainer's
 stage export too): plain-``transformers`` loadable safetensors + tokenizer (with ``<thinking>``)
-+ ``ltscale_latent.json``, plus a ``source`` entry there recording which checkpoint it came from.
++ the latent meta (``ltscale.rundir.latent_meta``), rebuilt from the run config, plus a ``source``
+entry there recording which checkpoint it came from.
 
 zero_to_fp32 facts this relies on (deepspeed 0.19.8, checked on our checkpoints): keys are the
 engine module's parameter names (``base.*``, ``adapter.*``); tied weights come back under both
@@ -25,7 +26,6 @@ import io
 import json
 import logging
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import yaml
 
+from ltscale import rundir
+from ltscale.config import StageConfig
 from ltscale.engine.checkpoint import (
     LATEST,
     META_FILE,
@@ -42,15 +44,15 @@ from ltscale.engine.checkpoint import (
     latest_tag,
     list_checkpoints,
 )
+from ltscale.model.builder import DTYPES
+from ltscale.model.io import save_latent_model
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "ExportSource", "consolidate", "export_checkpoint", "resolve_source"]
 
-RESOLVED_CONFIG = "config.resolved.yaml"
-LATENT_FILE = "ltscale_latent.json"  # = ltscale.model.io.LATENT_CONFIG_FILE
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_STAGE_RE = re.compile(r"^stage(\d+)$")
+#: ``--dtype`` choices: the training precisions among ``ltscale.model.builder.DTYPES``.
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
 # Input-embedding parameter names across HF causal LMs (Llama/Qwen/Mistral, GPT-2, BLOOM/Falcon).
 _EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
@@ -72,15 +74,6 @@ class ExportSource:
 # ------------------------------------------------------------------------------ finding the checkpoint
 
 
-def _stage_number(path: Path) -> int | None:
-    m = _STAGE_RE.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def _finished_stages(run_dir: Path) -> list[int]:
-    return sorted(n for c in run_dir.iterdir() if (n := _stage_number(c)) and (c / "COMPLETE").is_file())
-
-
 def resolve_source(path: str | Path, *, tag: str | None = None, stage: int | None = None) -> ExportSource:
     """Map ``--checkpoint`` (run dir, stage dir, ``ckpt`` root or one tag dir) to an ExportSource.
 
@@ -94,20 +87,20 @@ def resolve_source(path: str | Path, *, tag: str | None = None, stage: int | Non
         if tag is not None and tag != p.name:
             raise ExportError(f"--tag {tag} contradicts --checkpoint {p}, which is the checkpoint {p.name!r}")
         tag, p = p.name, p.parent
-    if p.name == "ckpt" and _stage_number(p.parent) is not None:  # a stage's ckpt root
-        root, implied = p, _stage_number(p.parent)
-    elif _stage_number(p) is not None and (p / "ckpt").is_dir():  # a stage dir
-        root, implied = p / "ckpt", _stage_number(p)
-    elif (p / RESOLVED_CONFIG).is_file() or any(_stage_number(c) for c in p.iterdir()):  # a run dir
+    if p.name == rundir.CKPT_DIR and rundir.stage_number(p.parent) is not None:  # a stage's ckpt root
+        root, implied = p, rundir.stage_number(p.parent)
+    elif rundir.stage_number(p) is not None and (p / rundir.CKPT_DIR).is_dir():  # a stage dir
+        root, implied = p / rundir.CKPT_DIR, rundir.stage_number(p)
+    elif rundir.is_run_dir(p):
         if stage is None:
-            done = _finished_stages(p)
+            done = rundir.finished_stages(p)
             if not done:
                 raise ExportError(
                     f"no finished stage in run dir {p} (no stage<N>/COMPLETE); "
                     "pass --stage N to export that stage's latest checkpoint"
                 )
             stage = done[-1]
-        root = p / f"stage{stage}" / "ckpt"
+        root = rundir.ckpt_dir(p, stage)
         if not root.is_dir():
             raise ExportError(f"no checkpoints for stage {stage}: {root} does not exist")
         return ExportSource(run_dir=p, stage=stage, ckpt_root=root, tag=tag)
@@ -202,11 +195,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _hf_dirs(run_dir: Path, stage: int) -> list[Path]:
     """The stage's own ``hf`` export first, then other stages' (same architecture, other weights)."""
-    others = sorted(
-        (n for c in run_dir.glob("stage*") if (n := _stage_number(c)) and n != stage), reverse=True
-    )
-    dirs = [run_dir / f"stage{n}" / "hf" for n in [stage, *others]]
-    return [d for d in dirs if (d / "config.json").is_file()]
+    others = [n for n in reversed(rundir.stages(run_dir)) if n != stage]
+    return [d for n in [stage, *others] if rundir.is_hf_dir(d := rundir.hf_dir(run_dir, n))]
 
 
 def _auto_dtype(run_dir: Path, hf_dirs: list[Path]) -> torch.dtype:
@@ -215,7 +205,7 @@ def _auto_dtype(run_dir: Path, hf_dirs: list[Path]) -> torch.dtype:
     The run's ``ds_config.json`` decides: it is what the engine ran with. A stage export's
     ``config.json`` only serves when it is missing.
     """
-    ds = run_dir / "ds_config.json"
+    ds = run_dir / rundir.DS_CONFIG_FILE
     if ds.is_file():
         cfg = json.loads(ds.read_text())
         for key, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
@@ -223,7 +213,7 @@ def _auto_dtype(run_dir: Path, hf_dirs: list[Path]) -> torch.dtype:
                 return dt
         return torch.float32
     if hf_dirs:
-        raw = json.loads((hf_dirs[0] / "config.json").read_text())
+        raw = json.loads((hf_dirs[0] / rundir.HF_CONFIG_FILE).read_text())
         name = str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
         return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
     return torch.float32
@@ -267,8 +257,10 @@ def _tokenizer(run_dir: Path, run_cfg: dict[str, Any], hf_dirs: list[Path], rows
     if hf_dirs:  # saved after <thinking> was added: exactly the training tokenizer
         where: Any = hf_dirs[0]
         tok = load_tokenizer(str(where))
-    elif (run_dir / "tokenizer" / "tokenizer_config.json").is_file():  # trained sentencepiece, pre-<thinking>
-        where = run_dir / "tokenizer"
+    elif (
+        run_dir / rundir.TOKENIZER_DIR / "tokenizer_config.json"
+    ).is_file():  # trained sentencepiece, pre-<thinking>
+        where = run_dir / rundir.TOKENIZER_DIR
         tok = load_tokenizer(str(where))
     elif m.get("tokenizer") not in (None, "sentencepiece") or m.get("name_or_path"):
         where = m.get("tokenizer") or m["name_or_path"]
@@ -282,10 +274,8 @@ def _tokenizer(run_dir: Path, run_cfg: dict[str, Any], hf_dirs: list[Path], rows
         raise ExportError(f"no tokenizer: neither a stage hf dir nor {run_dir / 'tokenizer'} exists")
     # Same call as training (run_setup.prepare_data): a no-op when present, else the next id.
     thinking_id = int(add_thinking_token(tok, thinking))
-    recorded = hf_dirs[0] / LATENT_FILE if hf_dirs else None
-    want = (
-        json.loads(recorded.read_text()).get("thinking_token_id") if recorded and recorded.is_file() else None
-    )
+    recorded = hf_dirs[0] / rundir.LATENT_META_FILE if hf_dirs else None
+    want = rundir.read_meta(hf_dirs[0]).get("thinking_token_id") if hf_dirs else None
     if want not in (None, thinking_id) or not 0 <= thinking_id < rows:
         raise ExportError(
             f"tokenizer from {where} puts {thinking} at id {thinking_id}, but the checkpoint has "
@@ -298,26 +288,28 @@ def _stage_latent(run_cfg: dict[str, Any], run_dir: Path, stage: int, hf_dirs: l
     """mode/alpha/temperature/top_p of stage N: the run config, else the stage's own hf export."""
     stages = run_cfg.get("stages") or []
     if 1 <= stage <= len(stages):
-        st = stages[stage - 1]
+        st = StageConfig(
+            **{k: v for k, v in stages[stage - 1].items() if k in ("mode", "alpha", "temperature", "top_p")}
+        )
         return {
-            "mode": st.get("mode", "cot"),
-            "alpha": float(st.get("alpha", 0.6)),
-            "temperature": float(st.get("temperature", 1.0)),
-            "top_p": float(st.get("top_p", 0.9)),
+            "mode": st.mode,
+            "alpha": float(st.alpha),
+            "temperature": float(st.temperature),
+            "top_p": float(st.top_p),
         }
-    own = run_dir / f"stage{stage}" / "hf" / LATENT_FILE
-    if hf_dirs and hf_dirs[0] == own.parent and own.is_file():
-        return {k: json.loads(own.read_text())[k] for k in ("mode", "alpha", "temperature", "top_p")}
-    raise ExportError(f"stage {stage} is not in {run_dir / RESOLVED_CONFIG} (it has {len(stages)} stages)")
+    own = rundir.hf_dir(run_dir, stage)
+    if hf_dirs and hf_dirs[0] == own and (meta := rundir.read_meta(own)):
+        return {k: meta[k] for k in ("mode", "alpha", "temperature", "top_p")}
+    raise ExportError(f"stage {stage} is not in {run_dir / rundir.CONFIG_FILE} (it has {len(stages)} stages)")
 
 
 def _check_output(output: Path, ckpt_dir: Path) -> None:
     """``save_latent_model`` replaces ``output`` wholesale: only ever replace an earlier export."""
     if output.is_file():
         raise ExportError(f"--output {output} is a file")
-    if output.is_dir() and any(output.iterdir()) and not (output / LATENT_FILE).is_file():
+    if output.is_dir() and any(output.iterdir()) and not (output / rundir.LATENT_META_FILE).is_file():
         raise ExportError(
-            f"--output {output} exists and is not an earlier export (no {LATENT_FILE}); "
+            f"--output {output} exists and is not an earlier export (no {rundir.LATENT_META_FILE}); "
             "refusing to replace it"
         )
     out, src = output.resolve(), ckpt_dir.resolve()
@@ -336,20 +328,18 @@ def export_checkpoint(
     ``dtype``: ``auto`` (the training precision, so the result equals the stage export) or one of
     ``fp32``/``bf16``/``fp16``. Returns ``output``. Raises :class:`ExportError` for user errors.
     """
-    from ltscale.model.io import save_latent_model
-
     ckpt_root, output, run_dir = Path(ckpt_root), Path(output).expanduser(), Path(run_dir)
     ckpt_dir = _checkpoint_dir(ckpt_root, tag)
     _check_output(output, ckpt_dir)
-    cfg_file = run_dir / RESOLVED_CONFIG
+    cfg_file = run_dir / rundir.CONFIG_FILE
     run_cfg = _read_yaml(cfg_file) if cfg_file.is_file() else {}
     hf_dirs = _hf_dirs(run_dir, stage)
     if not run_cfg and not hf_dirs:
         raise ExportError(
             f"{cfg_file} does not exist and no stage has an hf export: cannot tell the model config"
         )
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r} not in auto|{'|'.join(DTYPES)}")
+    if dtype != "auto" and dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype {dtype!r} not in auto|{'|'.join(EXPORT_DTYPES)}")
     torch_dtype = _auto_dtype(run_dir, hf_dirs) if dtype == "auto" else DTYPES[dtype]
     train_state_file = ckpt_dir / TRAIN_STATE_FILE
     train_state = json.loads(train_state_file.read_text()) if train_state_file.is_file() else {}
@@ -377,7 +367,9 @@ def export_checkpoint(
     source.update({k: train_state.get(k) for k in ("step_in_stage", "global_step", "stage_complete")})
     source.update(dtype=str(torch_dtype).removeprefix("torch."), via="zero_to_fp32")
     hidden = int(up.shape[0]) if up is not None else None
-    latent.update(thinking_token_id=thinking_id, adapter=up is not None, adapter_hidden=hidden, source=source)
+    latent = rundir.latent_meta(
+        **latent, thinking_token_id=thinking_id, adapter=up is not None, adapter_hidden=hidden, source=source
+    )
     config = _model_config(run_cfg, hf_dirs, int(rows), torch_dtype)
     log.info(
         "exporting %s (stage %d, %s, %s) -> %s", ckpt_dir, stage, latent["mode"], source["dtype"], output

@@ -7,14 +7,12 @@ Decisions (and why):
   size). Every per-example dict carries its global ``index``; the caller gathers the lists and
   calls :func:`summarize` on rank 0, which de-duplicates by index and sorts, so the summary is
   identical to a single-rank run.
-* **Continuous batching.** A model with ``generate_many`` (``LatentLM``) decodes the whole shard
-  with ``batch_size`` rows in flight, refilling a row as soon as its answer ends, so one long
-  answer does not hold a whole batch (bench/decoding.py). Other decoders get fixed batches.
-* **Lockstep generate calls** (fixed batches). Shards differ by at most one record, which can mean
-  one batch fewer on some ranks; those ranks run a discarded one-prompt *filler* batch so every rank
-  calls ``generate`` the same number of times, for decoders that run collectives.
-* **Length-sorted batches.** Prompts are sorted by length (longest first, so an OOM shows up on the
-  first batch, not the last) and left-padded; results are restored to the original order.
+* **Continuous batching.** The shard is decoded by the method's decoding
+  (:class:`ltscale.inference.Inference`) with ``batch_size`` rows in flight, refilling a row as soon
+  as its answer ends, so one long answer does not hold a whole batch (bench/decoding.py). Ranks
+  decode independently: the model is a local copy on every rank, so no decode step is collective.
+* **Longest prompts first** (so an OOM shows up at the start, not the end); results are restored
+  to the original order.
 * **Decoding.** Only the ``lengths[b]`` generated tokens are decoded, minus a final EOS (the official
   evaluator stops on EOS without appending it). Latent steps are rendered as ``<thinking>`` so the
   official extraction rule applies unchanged. Special tokens are kept, as the official code does.
@@ -28,37 +26,33 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from ltscale.eval.extraction import THINKING_TOKEN, extract_answer, numeric_correct, official_correct
-from ltscale.fsutil import atomic_write_text  # noqa: F401  (re-exported: callers import it from here)
+from ltscale.fsutil import atomic_write_text
 
-if TYPE_CHECKING:  # the model and data packages are imported lazily at call time
+if TYPE_CHECKING:
     from ltscale.data.records import Record
-    from ltscale.model import LatentLM
+    from ltscale.inference import Inference
 
 __all__ = [
     "EvalSummary",
-    "atomic_write_text",
     "decode_generated",
     "evaluate",
     "examples_path",
     "format_table",
+    "generated_text",
     "merge_results",
     "summarize",
     "write_results",
 ]
 
 logger = logging.getLogger(__name__)
-
-PromptFn = Callable[[Any, str], list[int]]
 
 
 @dataclass
@@ -141,131 +135,56 @@ def decode_generated(
     return "".join(parts)
 
 
+def generated_text(tokenizer: Any, ids: Sequence[int], thinking_token_id: int | None,
+                   eos_id: int | None) -> tuple[str, bool]:
+    """``(text, ended)`` of one generated row (its ``lengths`` tokens): a final EOS is not decoded,
+    as the official evaluator stops on EOS without appending it."""
+    ids = [int(t) for t in ids]
+    ended = bool(ids) and eos_id is not None and ids[-1] == eos_id
+    return decode_generated(tokenizer, ids[:-1] if ended else ids, thinking_token_id), ended
+
+
 # ----------------------------------------------------------------------------------- evaluate
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device(getattr(model, "device", "cpu"))
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        if p:
-            ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            mask[row, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _to_cpu(out):
-    return type(out)(sequences=out.sequences.detach().cpu(), num_latent=out.num_latent.detach().cpu(),
-                     lengths=out.lengths.detach().cpu())
-
-
-def _default_prompt_fn(use_chat_template: bool | None) -> PromptFn:
-    from ltscale.data.formatting import prompt_ids
-
-    def fn(tokenizer: Any, question: str) -> list[int]:
-        return list(prompt_ids(tokenizer, question, use_chat_template=use_chat_template))
-
-    return fn
-
-
 def evaluate(
-    model: LatentLM,
-    tokenizer: Any,
+    inf: Inference,
     records: Sequence[Record],
     *,
     batch_size: int = 16,
     max_new_tokens: int = 256,
     without_thinking: bool = False,
-    use_chat_template: bool | None = None,
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-    prompt_fn: PromptFn | None = None,
 ) -> tuple[EvalSummary, list[dict[str, Any]]]:
     """Greedy-generate an answer for this rank's shard of ``records`` and score it.
 
-    Returns this rank's summary and per-example dicts (keys: index, id, question, gold, prediction,
-    correct, correct_numeric, num_latent, num_generated, truncated, difficulty, generated_text).
-    With ``world_size > 1`` the summary covers only this shard: gather the per-example lists and
-    call :func:`summarize` on rank 0. ``prompt_fn(tokenizer, question) -> ids`` overrides the
-    default :func:`ltscale.data.formatting.prompt_ids` (methods with their own prompt format).
+    ``inf``: the checkpoint's decoding (:func:`ltscale.inference.load_for_inference`), which also
+    builds each prompt. Returns this rank's summary and per-example dicts (keys: index, id,
+    question, gold, prediction, correct, correct_numeric, num_latent, num_generated, truncated,
+    difficulty, generated_text). With ``world_size > 1`` the summary covers only this shard: gather
+    the per-example lists and call :func:`summarize` on rank 0.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world_size {world_size}")
-    if prompt_fn is None:
-        prompt_fn = _default_prompt_fn(use_chat_template)
-
     indices = list(range(rank, len(records), world_size))
     shard = [records[i] for i in indices]
-    prompts = [prompt_fn(tokenizer, r.question) for r in shard]
+    prompts = [inf.prompt_ids(r.question) for r in shard]
     order = sorted(range(len(shard)), key=lambda j: -len(prompts[j]))  # stable: ties keep order
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    # Every rank makes the same number of generate calls (ZeRO-3 lockstep); see module docstring.
-    per_rank_max = math.ceil(len(records) / world_size)
-    n_calls = math.ceil(per_rank_max / batch_size) if world_size > 1 else len(batches)
-    filler: list[int] | None = None
-    if len(batches) < n_calls:
-        filler = prompts[0] if prompts else prompt_fn(tokenizer, records[0].question)
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad_id = 0 if pad_id is None else int(pad_id)
-    eos_id = tokenizer.eos_token_id
-    thinking_id = getattr(model, "thinking_token_id", None)
-    device = _model_device(model)
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-
-    results: list[dict[str, Any] | None] = [None] * len(shard)
-
-    def score(out, b: int, j: int) -> None:
+    eos_id = inf.tokenizer.eos_token_id
+    with tqdm(total=len(shard), desc="eval", unit="problem", disable=not (progress and rank == 0)) as bar:
+        out = inf.generate_many([prompts[j] for j in order], max_new_tokens, slots=batch_size,
+                                eos_token_id=eos_id, without_thinking=without_thinking, on_finish=bar.update)
+    results: list[dict[str, Any]] = [{}] * len(shard)
+    for b, j in enumerate(order):
         n = int(out.lengths[b])
-        results[j] = _score_one(index=indices[j], record=shard[j], ids=out.sequences[b, :n].tolist(),
-                                num_latent=int(out.num_latent[b]), tokenizer=tokenizer, eos_id=eos_id,
-                                thinking_id=thinking_id, max_new_tokens=max_new_tokens)
-
-    show = progress and rank == 0
-    try:
-        if getattr(model, "supports_continuous_batching", False):
-            with tqdm(total=len(shard), desc="eval", unit="problem", disable=not show) as bar:
-                out = model.generate_many([prompts[j] for j in order], max_new_tokens, slots=batch_size,
-                                          eos_token_id=eos_id, pad_token_id=pad_id,
-                                          without_thinking=without_thinking, on_finish=bar.update)
-            out = _to_cpu(out)
-            for b, j in enumerate(order):
-                score(out, b, j)
-        else:
-            with tqdm(total=n_calls, desc="eval", unit="batch", disable=not show) as bar:
-                for call in range(n_calls):
-                    batch = batches[call] if call < len(batches) else None
-                    batch_prompts = [prompts[j] for j in batch] if batch is not None else [filler]
-                    input_ids, attention_mask = _left_pad(batch_prompts, pad_id, device)
-                    with torch.no_grad():
-                        out = model.generate(input_ids, attention_mask, max_new_tokens, eos_token_id=eos_id,
-                                             without_thinking=without_thinking)
-                    bar.update(1)
-                    if batch is None:  # filler batch: results discarded
-                        continue
-                    out = _to_cpu(out)
-                    for b, j in enumerate(batch):
-                        score(out, b, j)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train(True)
-
-    per_example = [r for r in results if r is not None]
-    assert len(per_example) == len(shard), "every record of the shard must be scored exactly once"
-    summary = summarize(per_example)
+        text, ended = generated_text(inf.tokenizer, out.sequences[b, :n].tolist(), inf.thinking_token_id, eos_id)
+        results[j] = _score_one(index=indices[j], record=shard[j], text=text, ended=ended, num_generated=n,
+                                num_latent=int(out.num_latent[b]), max_new_tokens=max_new_tokens)
+    summary = summarize(results)
     if rank == 0:
         logger.info(
             "eval (shard of rank %d/%d): n=%d accuracy=%.4f numeric=%.4f mean_latent=%.2f",
@@ -276,24 +195,11 @@ def evaluate(
             summary.accuracy_numeric,
             summary.mean_latent_tokens,
         )
-    return summary, per_example
+    return summary, results
 
 
-def _score_one(
-    *,
-    index: int,
-    record: Record,
-    ids: list[int],
-    num_latent: int,
-    tokenizer: Any,
-    eos_id: int | None,
-    thinking_id: int | None,
-    max_new_tokens: int,
-) -> dict[str, Any]:
-    num_generated = len(ids)
-    ended = bool(ids) and eos_id is not None and ids[-1] == eos_id
-    text_ids = ids[:-1] if ended else ids
-    text = decode_generated(tokenizer, text_ids, thinking_id)
+def _score_one(*, index: int, record: Record, text: str, ended: bool, num_generated: int, num_latent: int,
+               max_new_tokens: int) -> dict[str, Any]:
     pred = extract_answer(text)
     gold = str(record.answer)
     return {

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ltscale import rundir
+
 __all__ = ["RunResult", "collect_run", "render_report"]
 
-_STAGE_RE = re.compile(r"^stage(\d+)$")
 _SEED_SUFFIX = re.compile(r"[-_](seed|s)\d+$")
 
 
@@ -53,7 +54,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _config(run: Path) -> dict[str, Any]:
-    path = run / "config.resolved.yaml"
+    path = run / rundir.CONFIG_FILE
     if not path.is_file():
         return {}
     import yaml
@@ -95,16 +96,16 @@ def collect_run(run: Path | str, *, metric: str = "official") -> RunResult:
     stage_bench = benchmark_name(data_eval) if data_eval != "synthetic" else "synthetic"
     # An in-training eval on the first N problems only (eval.subset, data.eval_limit) says so.
     partial = (cfg.get("eval") or {}).get("subset") or (cfg.get("data") or {}).get("eval_limit")
-    stages = sorted(
-        (int(m.group(1)), p) for p in run.iterdir() if p.is_dir() and (m := _STAGE_RE.match(p.name))
+    stages = [rundir.stage_dir(run, n) for n in rundir.stages(run)]
+    top_eval = next(
+        (p / rundir.EVAL_FILE for p in reversed(stages) if (p / rundir.EVAL_FILE).is_file()), None
     )
-    top_eval = next((p / "eval.json" for _, p in reversed(stages) if (p / "eval.json").is_file()), None)
     if top_eval is not None:
         summary = _read_json(top_eval)
         name = f"{stage_bench}[:{int(summary['n'])}]" if partial else stage_bench
         _add(result, name, summary, metric, top_eval)
     top_analysis = next(
-        (p / "analysis.json" for _, p in reversed(stages) if (p / "analysis.json").is_file()), None
+        (p / rundir.ANALYSIS_FILE for p in reversed(stages) if (p / rundir.ANALYSIS_FILE).is_file()), None
     )
     for path in sorted(run.glob("*.json")) + sorted(run.glob("*/*.json")):
         if path.parent.name.startswith("stage") or path.name.endswith(".examples.json"):

@@ -5,13 +5,11 @@ backend (``ltscale.lmeval.backend``) stays a thin adapter to lm-eval's request o
 
 Decisions (and why):
 
-* **One load path, one decode path.** :func:`load` and :func:`generate` are the only places that
-  know how ltscale loads a checkpoint and decodes with its method (``ltscale.model.io`` +
-  ``ltscale.methods.inference_for``, exactly what ``ltscale eval`` runs). Prompts are fed in
-  ``ltscale eval``'s order (longest first, stable) with ``batch_size`` rows in flight, so a
-  checkpoint decodes bit for bit as ``ltscale eval`` decodes it: continuous batching for a model
-  that supports it (``LatentLM``), fixed left-padded batches for the methods that wrap ``generate``
-  (Coconut, Soft-Thinking, SoftCoT).
+* **One load path, one decode path.** :func:`load` and :func:`generate` hand over to what
+  ``ltscale eval`` runs: ``ltscale.inference.load_for_inference`` (the checkpoint with its method's
+  decoding) and ``Inference.generate_many`` (the one decode loop, continuous batching). Prompts are
+  fed in ``ltscale eval``'s order (longest first, stable) with ``batch_size`` rows in flight, so a
+  checkpoint decodes bit for bit as ``ltscale eval`` decodes it, for every method.
 * **Greedy only.** Latent steps are a deterministic function of the hidden state, and ltscale's
   decoders (and the paper's protocol) are greedy; a request with ``do_sample=True`` or a positive
   temperature is rejected naming its task, rather than silently decoded greedily.
@@ -24,16 +22,19 @@ Decisions (and why):
   ltscale's own prompt for a question goes through ``ltscale.data.formatting.prompt_ids``; any
   other text gets the same treatment (bos when the tokenizer has one, text without added special
   tokens). A method that appends ids to every prompt (Coconut's ``<bot>``, SoftCoT's thought
-  slots) gets them appended here too (:func:`prompt_suffix`).
+  slots) gets them appended here too (``Inference.prompt_suffix``, :attr:`Loaded.suffix`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ltscale.inference import Inference
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -44,7 +45,6 @@ __all__ = [
     "generate",
     "greedy_settings",
     "load",
-    "prompt_suffix",
 ]
 
 #: Rows in flight when neither ``--batch_size`` nor ``batch_size=`` says otherwise (= ``ltscale eval``).
@@ -56,15 +56,32 @@ _PLAIN_PROMPT = re.compile(r"Question: (?P<q>.*)\nAnswer:\n", re.DOTALL)
 
 @dataclass
 class Loaded:
-    """A checkpoint ready to decode: the model its method decodes with, and how prompts end."""
+    """A checkpoint ready to decode with its method, and whether requests decode purely explicitly."""
 
-    model: Any  # LatentLM, or a method's wrapper around it (CoconutInference, ...)
-    lm: Any  # the checkpoint's LatentLM (explicit-mode scoring uses its base model)
-    tokenizer: Any
-    path: Path
-    method: str
-    without_thinking: bool
-    suffix: list[int] = field(default_factory=list)
+    inference: Inference
+    without_thinking: bool = False
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.inference.tokenizer
+
+    @property
+    def path(self) -> Path | None:
+        return self.inference.path
+
+    @property
+    def method(self) -> str:
+        return self.inference.method
+
+    @property
+    def suffix(self) -> list[int]:
+        """The ids the method appends to every prompt (Coconut's ``<bot>``, SoftCoT's slots)."""
+        return self.inference.prompt_suffix
+
+    @property
+    def lm(self) -> Any:
+        """The decoded ``LatentLM`` (its ``base`` scores explicit-mode requests)."""
+        return self.inference.model
 
 
 @dataclass
@@ -92,58 +109,14 @@ def load(
     Raises ``FileNotFoundError`` for a missing checkpoint and ``ValueError`` for a bad method
     or option, both with messages naming what was wrong.
     """
-    from ltscale.cli_common import resolve_checkpoint
     from ltscale.config import ConfigError
-    from ltscale.methods import inference_for, read_meta
-    from ltscale.model.io import load_latent_model
+    from ltscale.inference import load_for_inference
 
-    path = resolve_checkpoint(checkpoint)
-    lm, tokenizer = load_latent_model(path, mode=mode, device=device, dtype=dtype)
     try:
-        how = inference_for(lm, tokenizer, path, method=method, options=options)
+        inference = load_for_inference(checkpoint, method, options, mode=mode, device=device, dtype=dtype)
     except (ConfigError, TypeError) as e:
         raise ValueError(f"method={method}: {e}") from None
-    name = method or read_meta(path).get("method") or "lt_tuning"
-    return Loaded(
-        model=how.model,
-        lm=lm,
-        tokenizer=tokenizer,
-        path=path,
-        method=name,
-        without_thinking=without_thinking or how.without_thinking,
-        suffix=prompt_suffix(how.prompt_fn, tokenizer, name),
-    )
-
-
-def prompt_suffix(
-    prompt_fn: Callable[[Any, str], list[int]] | None, tokenizer: Any, method: str
-) -> list[int]:
-    """The ids a method appends to ltscale's prompt (``[]`` for the default prompt).
-
-    lm-eval hands the backend a rendered context, not a question, so a method's prompt builder
-    cannot be called on it; every method's builder is ltscale's prompt followed by fixed ids
-    (Coconut's ``<bot>``, SoftCoT's thought slots), found here by comparing the two on probe
-    questions. A builder of another shape is refused rather than guessed at.
-    """
-    if prompt_fn is None:
-        return []
-    from ltscale.data.formatting import prompt_ids
-
-    found = []
-    for probe in ("What is 1 + 2?", "Tom has 3 apples and buys 4 more. How many apples does he have?"):
-        base, full = list(prompt_ids(tokenizer, probe)), list(prompt_fn(tokenizer, probe))
-        if full[: len(base)] != base:
-            raise ValueError(
-                f"method {method}: its prompt does not start with ltscale's prompt; "
-                "the lm-eval backend cannot place an lm-eval context in it"
-            )
-        found.append(full[len(base) :])
-    if found[0] != found[1]:
-        raise ValueError(
-            f"method {method}: the ids it appends to a prompt depend on the question; "
-            "the lm-eval backend cannot place an lm-eval context in it"
-        )
-    return found[0]
+    return Loaded(inference=inference, without_thinking=without_thinking)
 
 
 def context_ids(tokenizer: Any, context: str, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
@@ -232,50 +205,29 @@ def generate(
     on_finish: Callable[[int], None] | None = None,
 ) -> list[Generation]:
     """Decode ``prompts`` (ids, suffix included) with ``slots`` rows in flight; results in input order."""
-    import torch
+    from ltscale.eval.evaluate import generated_text
 
-    from ltscale.eval.evaluate import decode_generated
-
-    tok, model = loaded.tokenizer, loaded.model
     if not prompts:
         return []
+    inf = loaded.inference
     order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))  # ltscale eval's order
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    pad = 0 if pad is None else int(pad)
-    kw = {"eos_token_id": eos, "pad_token_id": pad, "without_thinking": loaded.without_thinking}
-    rows: dict[int, tuple[list[int], int]] = {}
-    model.eval()
-    if getattr(model, "supports_continuous_batching", False):
-        out = model.generate_many(
-            [list(prompts[j]) for j in order], max_new_tokens, slots=slots, on_finish=on_finish, **kw
+    eos = inf.tokenizer.eos_token_id
+    out = inf.generate_many(
+        [list(prompts[j]) for j in order],
+        max_new_tokens,
+        slots=slots,
+        eos_token_id=eos,
+        without_thinking=loaded.without_thinking,
+        on_finish=on_finish,
+    )
+    done: dict[int, Generation] = {}
+    for b, j in enumerate(order):
+        n = int(out.lengths[b])
+        text, ended = generated_text(inf.tokenizer, out.sequences[b, :n].tolist(), inf.thinking_token_id, eos)
+        done[j] = Generation(
+            text=text,
+            num_latent=int(out.num_latent[b]),
+            num_generated=n,
+            truncated=not ended and n >= max_new_tokens,
         )
-        for b, j in enumerate(order):
-            rows[j] = (out.sequences[b, : int(out.lengths[b])].tolist(), int(out.num_latent[b]))
-    else:
-        device = next(loaded.lm.parameters()).device
-        for start in range(0, len(order), slots):
-            batch = order[start : start + slots]
-            width = max(len(prompts[j]) for j in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, j in enumerate(batch):
-                ids[r, width - len(prompts[j]) :] = torch.tensor(list(prompts[j]), dtype=torch.long)
-                mask[r, width - len(prompts[j]) :] = 1
-            with torch.no_grad():
-                out = model.generate(ids.to(device), mask.to(device), max_new_tokens, **kw)
-            for r, j in enumerate(batch):
-                rows[j] = (out.sequences[r, : int(out.lengths[r])].tolist(), int(out.num_latent[r]))
-            if on_finish is not None:
-                on_finish(len(batch))
-    thinking_id = getattr(model, "thinking_token_id", None)
-    results = []
-    for j in range(len(prompts)):
-        ids, num_latent = rows[j]
-        ended = bool(ids) and eos is not None and ids[-1] == eos
-        text = decode_generated(tok, ids[:-1] if ended else ids, thinking_id)
-        truncated = not ended and len(ids) >= max_new_tokens
-        results.append(
-            Generation(text=text, num_latent=num_latent, num_generated=len(ids), truncated=truncated)
-        )
-    return results
+    return [done[j] for j in range(len(prompts))]

@@ -2,9 +2,11 @@
 
 A method differs from the others only in (a) how a stage's training sequences are built (where the
 latent slots are, which labels are masked), (b) which latent function fills the slots (the
-``LatentLM`` mode of each stage), (c) extra tokens / modules it needs, and (d) how it decodes. The
-trainer, the KV-cached rollout, the DeepSpeed engine and the evaluator are shared: a method never
-adds engine code. One file per method; this module is the registry and the interface.
+``LatentLM`` mode of each stage), (c) extra tokens / modules it needs, (d) how it decodes, and
+(e) how ``ltscale compare`` runs it. The trainer, the KV-cached rollout, the DeepSpeed engine, the
+decode loop and the evaluator are shared: a method never adds engine code, and the trainer and
+``compare`` know methods only through the hooks of :class:`Method`. One file per method; this
+module is the registry and the interface.
 
 Why methods may rewrite the config (``resolve``): "one switch" means ``method=pause`` on any
 LT-Tuning config gives the pause ablation. The rewrite is idempotent, logged, and the rewritten
@@ -14,19 +16,20 @@ config is what the run dir's ``config.resolved.yaml`` records.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ltscale.config import ConfigError, RunConfig
+from ltscale import rundir
+from ltscale.config import ConfigError, RunConfig, validate
 
 if TYPE_CHECKING:
     import torch
 
     from ltscale.data import Encoded, Record
+    from ltscale.model.generation import DecodeRule
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,8 @@ REGISTRY: dict[str, str] = {
     "softcot": "ltscale.methods.softcot:SoftCoT",
 }
 METHOD_NAMES = tuple(REGISTRY)
-METHOD_META_KEY = "method"
-LATENT_CONFIG_FILE = "ltscale_latent.json"  # = ltscale.model.io.LATENT_CONFIG_FILE (no model import here)
+
+Collective = Callable[[object], list]
 
 
 @dataclass
@@ -52,26 +55,47 @@ class StageContext:
 
     cfg: RunConfig
     stage_index: int  # 1-based
-    stage_dir: Path
+    run_dir: Path
     tokenizer: Any
     thinking_id: int
     special_ids: dict[str, int]
     records_by_id: dict[str, Record]
-    compute_sites: Callable[[], list[list[int]]]  # LT-Tuning's distributed confidence pass
-    is_main: bool
+    #: ``(input_ids, attention_mask) -> logits`` of the current weights, a plain causal forward in
+    #: eval mode (LT-Tuning's confidence scoring); under ZeRO-3 every rank must call it equally often.
+    forward_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    rank: int
+    world_size: int
+    all_gather: Collective
     barrier: Callable[[], None]
-    model: Any = None  # the module inside the engine (SoftCoT fills its thought cache)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def stage_dir(self) -> Path:
+        return rundir.stage_dir(self.run_dir, self.stage_index)
 
 
 @dataclass
-class Inference:
-    """How a checkpoint decodes under a method: the object ``evaluate`` calls ``generate`` on,
-    the prompt builder and whether ``<thinking>`` is masked in free decoding."""
+class Checkpoint:
+    """A checkpoint loaded for decoding: what a method builds its decoding from."""
 
-    model: Any
-    prompt_fn: Callable[[Any, str], list[int]] | None = None
-    without_thinking: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
+    lm: Any  # the LatentLM rebuilt from the HF dir
+    tokenizer: Any
+    meta: dict[str, Any]  # its latent meta (rundir.inference_meta), command-line options merged in
+    path: Path | None = None  # the HF dir (extra weights of the method live there)
+
+
+@dataclass
+class Decoding:
+    """How a checkpoint decodes under a method."""
+
+    model: Any  # the module decoded: the checkpoint's LatentLM or the method's module around its base
+    rule: DecodeRule | None = None  # None: greedy latent decoding (``generation.Greedy``)
+    prompt_suffix: list[int] = field(default_factory=list)  # ids after every prompt (Coconut's <bot>)
+    without_thinking: bool = False  # free decoding never chooses <thinking>
+    meta: dict[str, Any] = field(default_factory=dict)  # the method's decoding settings, for results
 
 
 class Method:
@@ -80,6 +104,10 @@ class Method:
     name = "base"
     #: LT-Tuning's confidence-driven <thinking> insertion (the config's tau/max_sites rules apply).
     confidence_insertion = False
+    #: ``configs/`` file of the method's run on the tiny default (``ltscale compare``).
+    tiny_config = "tiny.yaml"
+    #: False: the method decodes a trained checkpoint as it is (``ltscale compare`` trains nothing).
+    trains = True
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
         """Rewrite/validate the config for this method (idempotent); raise ConfigError naming keys."""
@@ -102,30 +130,34 @@ class Method:
         """Data-dependent config errors, raised before the engine is built."""
 
     def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
+        """The stage's training sequences and their statistics (``latent_tokens`` at least)."""
         return list(examples), {"latent_tokens": 0}
+
+    def prepare_stage(self, module: Any, examples: Sequence[Encoded], ctx: StageContext) -> None:
+        """Fit the trained module (``wrap_model``'s) to the stage's sequences before its first step
+        (SoftCoT: the assistant's thoughts of their prompts); every rank calls it."""
 
     def checkpoint_meta(
         self, cfg: RunConfig, stage_index: int, special_ids: dict[str, int]
     ) -> dict[str, Any]:
-        """Extra keys saved in the stage's ``ltscale_latent.json`` (what inference needs).
+        """Extra keys saved in the stage's latent meta (what decoding needs).
 
         None for LT-Tuning and its ablations: they decode as the checkpoint's latent mode says, and
-        a checkpoint without a ``method`` key is an LT-Tuning one (older runs, ``ltscale export``).
+        a checkpoint without a ``method`` key is an LT-Tuning one (``ltscale export`` writes none).
         """
         return {}
 
-    def inference(
-        self,
-        lm: Any,
-        tokenizer: Any,
-        meta: dict[str, Any],
-        cfg: RunConfig | None = None,
-        *,
-        chat: bool | None = None,
-    ) -> Inference:
-        """``cfg``: the run's config when the trainer evaluates (else the checkpoint's meta decides);
-        ``chat``: use the tokenizer's chat template (None = auto)."""
-        return Inference(model=lm)
+    def decoding(self, ckpt: Checkpoint, cfg: RunConfig | None = None) -> Decoding:
+        """``cfg``: the run's config when the trainer or ``compare`` evaluates (else the checkpoint's
+        meta decides the method's settings)."""
+        return Decoding(model=ckpt.lm)
+
+    def from_cot_checkpoint(self, raw: dict[str, Any], root: Path) -> dict[str, Any]:
+        """The method's raw ``tiny_config`` as a fine-tuning of the CoT-SFT checkpoint (``ltscale
+        compare``): its latent stages only, since that checkpoint is LT-Tuning's stage 1. Relative
+        paths in ``raw`` are relative to the repository ``root``."""
+        raw["stages"] = [st for st in raw["stages"] if st.get("mode") != "cot"]
+        return raw
 
 
 def get_method(name: str) -> Method:
@@ -137,49 +169,20 @@ def get_method(name: str) -> Method:
 
 
 def resolve_method(cfg: RunConfig) -> RunConfig:
-    return get_method(cfg.method).resolve(cfg)
-
-
-def read_meta(hf_dir: str | Path) -> dict[str, Any]:
-    path = Path(hf_dir) / LATENT_CONFIG_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def inference_for(
-    lm: Any,
-    tokenizer: Any,
-    hf_dir: str | Path,
-    *,
-    method: str | None = None,
-    cfg: RunConfig | None = None,
-    chat: bool | None = None,
-    options: dict[str, dict[str, Any]] | None = None,
-) -> Inference:
-    """Decoding for a checkpoint: its own method (saved in ``ltscale_latent.json``) unless ``method``
-    overrides it (Soft-Thinking runs on any checkpoint)."""
-    meta = read_meta(hf_dir)
-    source = meta.get("source") or {}
-    if METHOD_META_KEY not in meta and source.get("checkpoint"):
-        # an `ltscale export` of stageN/ckpt/<tag>: the method entries live in that stage's own export
-        for key, value in read_meta(Path(source["checkpoint"]).parent.parent / "hf").items():
-            meta.setdefault(key, value)
-    meta["_dir"] = str(hf_dir)  # where a method finds its extra weights (SoftCoT's projection)
-    for section, values in (options or {}).items():  # e.g. {"soft_thinking": {"top_k": 5}} from the CLI
-        meta[section] = {**meta.get(section, {}), **values}
-    name = method or meta.get(METHOD_META_KEY) or "lt_tuning"
-    if cfg is not None:
-        chat = cfg.model.use_chat_template
-    return get_method(name).inference(lm, tokenizer, meta, cfg, chat=chat)
+    """``cfg`` rewritten by its method, then checked by the cross-field rules that depend on it."""
+    method = get_method(cfg.method)
+    cfg = method.resolve(cfg)
+    validate(cfg, confidence_insertion=method.confidence_insertion)
+    return cfg
 
 
 __all__ = [
     "METHOD_NAMES",
     "REGISTRY",
-    "Inference",
+    "Checkpoint",
+    "Decoding",
     "Method",
     "StageContext",
     "get_method",
-    "inference_for",
-    "read_meta",
     "resolve_method",
 ]

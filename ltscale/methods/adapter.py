@@ -14,6 +14,7 @@ from ltscale.methods.lt_tuning import LTTuning, rewrite_stages
 
 class Adapter(LTTuning):
     name = "adapter"
+    tiny_config = "tiny-adapter.yaml"
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
         if not any(st.mode in ("hidden", "fusion") for st in cfg.stages):

@@ -17,7 +17,7 @@ lockstep pass count and the latent-token metrics need nothing Coconut-specific.
 Optimizer: the original re-creates AdamW at every epoch; here ``optim.stage_strategy: reset``
 (the Coconut configs) resets it at every stage boundary, ``continue`` keeps one -- configurable.
 
-Inference: the prompt ends with ``<bot>``; the decoder is forced through the stage's fixed number
+Decoding: the prompt ends with ``<bot>``; the decoder is forced through the stage's fixed number
 of latents and ``<eot>``, then decodes greedily with ``<thinking>`` masked (the model never learned
 to emit it).
 
@@ -32,12 +32,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from ltscale.config import ConfigError, RunConfig
-from ltscale.data.formatting import IGNORE_INDEX, Encoded, prompt_ids
-from ltscale.methods import Inference, Method, StageContext
+from ltscale.data.formatting import IGNORE_INDEX, Encoded
+from ltscale.methods import Checkpoint, Decoding, Method, StageContext
 from ltscale.methods.lt_tuning import rewrite_stages
+from ltscale.model.builder import init_thinking_embedding
+from ltscale.model.generation import Greedy
 
 BOT = "<|start-latent|>"
 EOT = "<|end-latent|>"
@@ -99,41 +100,9 @@ def _tokenizer_fn(tokenizer: Any) -> Tokenize:
     return tokenize
 
 
-class CoconutInference(nn.Module):
-    """``evaluate``'s model: forces ``n_latent`` latents and ``<eot>`` after the ``<bot>`` prompt."""
-
-    def __init__(self, lm: nn.Module, n_latent: int, eot_id: int):
-        super().__init__()
-        self.lm = lm
-        self.thinking_token_id = lm.thinking_token_id
-        self.register_buffer(
-            "forced", torch.tensor([lm.thinking_token_id] * n_latent + [eot_id]), persistent=False
-        )
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        max_new_tokens: int = 256,
-        *,
-        eos_token_id=None,
-        pad_token_id=None,
-        without_thinking: bool = True,
-    ):
-        return self.lm.generate(
-            input_ids,
-            attention_mask,
-            max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            without_thinking=True,
-            forced=self.forced,
-        )
-
-
 class Coconut(Method):
     name = "coconut"
+    tiny_config = "tiny-coconut.yaml"
 
     def coconut_stage(self, cfg: RunConfig, stage_index: int) -> int:
         return cfg.coconut.start_stage + stage_index - 1
@@ -166,8 +135,6 @@ class Coconut(Method):
 
     def init_model(self, base, tokenizer, cfg: RunConfig, special_ids: dict[str, int]) -> None:
         """Marker rows copied from ``coconut.init_token`` (the original's ``"<<"``)."""
-        from ltscale.model.builder import init_thinking_embedding
-
         for tok in (BOT, EOT):
             init_thinking_embedding(base, tokenizer, special_ids[tok], cfg.coconut.init_token)
 
@@ -233,19 +200,25 @@ class Coconut(Method):
             },
         }
 
-    def inference(
-        self, lm, tokenizer, meta: dict[str, Any], cfg: RunConfig | None = None, *, chat: bool | None = None
-    ) -> Inference:
-        info = meta.get("coconut")
+    def decoding(self, ckpt: Checkpoint, cfg: RunConfig | None = None) -> Decoding:
+        info = ckpt.meta.get("coconut")
         if not info:
             raise ValueError(
                 "--method coconut: the checkpoint has no coconut entry in ltscale_latent.json "
                 "(it was not trained with method: coconut)"
             )
-        bot = int(info["bot_id"])
+        lm = ckpt.lm
+        forced = torch.tensor([lm.thinking_token_id] * int(info["n_latent"]) + [int(info["eot_id"])])
+        return Decoding(
+            model=lm,
+            rule=Greedy(without_thinking=True, forced=forced),
+            prompt_suffix=[int(info["bot_id"])],
+            without_thinking=True,
+            meta=info,
+        )
 
-        def prompt_fn(tok, question: str) -> list[int]:
-            return list(prompt_ids(tok, question, use_chat_template=chat)) + [bot]
-
-        model = CoconutInference(lm, int(info["n_latent"]), int(info["eot_id"]))
-        return Inference(model=model, prompt_fn=prompt_fn, without_thinking=True, meta=info)
+    def from_cot_checkpoint(self, raw: dict[str, Any], root) -> dict[str, Any]:
+        """The GSM8K recipe: Coconut stage 1 onwards from the CoT checkpoint (its stage 0 is CoT)."""
+        raw["stages"] = raw["stages"][1:]
+        raw["coconut"] = {**raw.get("coconut", {}), "start_stage": 1}
+        return raw

@@ -13,6 +13,7 @@ from ltscale.methods.lt_tuning import LTTuning, rewrite_stages
 
 class CoT(LTTuning):
     name = "cot"
+    tiny_config = "tiny-cot.yaml"
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
         stages = [st for st in cfg.stages if st.mode == "cot"]

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ltscale import rundir
 from ltscale.config import RunConfig, StageConfig
-from ltscale.data import (
-    Encoded,
+from ltscale.data.formatting import Encoded
+from ltscale.data.insertion import (
     InsertionParams,
     apply_insertions,
     gold_token_probs,
@@ -29,11 +30,9 @@ from ltscale.data import (
     save_insertions,
     select_sites,
 )
-from ltscale.methods import Method, StageContext
+from ltscale.methods import Collective, Method, StageContext
 
 log = logging.getLogger(__name__)
-
-Collective = Callable[[object], list]
 
 
 def insertion_params(stage: StageConfig) -> InsertionParams:
@@ -82,7 +81,7 @@ def stage_examples(examples: Sequence[Encoded], stage: StageConfig, *, stage_ind
         tokens.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
         tokens.update(b"|")
     fingerprint = insertion_fingerprint(params, seed, stage_index, ids, extra={"tokens": tokens.hexdigest()})
-    path = stage_dir / "insertions"
+    path = stage_dir / rundir.INSERTIONS_DIR
     cached = None
     if (path / "meta.json").is_file():
         by_id, meta = load_insertions(path)
@@ -115,9 +114,15 @@ class LTTuning(Method):
     confidence_insertion = True
 
     def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
-        return stage_examples(examples, ctx.cfg.stages[ctx.stage_index - 1], stage_index=ctx.stage_index,
-                              stage_dir=ctx.stage_dir, thinking_id=ctx.thinking_id, seed=ctx.cfg.train.seed,
-                              compute_sites=ctx.compute_sites, is_main=ctx.is_main, barrier=ctx.barrier)
+        stage, k, seed = ctx.cfg.stages[ctx.stage_index - 1], ctx.stage_index, ctx.cfg.train.seed
+
+        def compute_sites() -> list[list[int]]:  # the current weights' confidence, over all ranks
+            return score_and_select(ctx.forward_logits, examples, stage, stage_index=k, seed=seed,
+                                    batch_size=ctx.cfg.train.scoring_batch_size, pad_id=ctx.tokenizer.pad_token_id,
+                                    rank=ctx.rank, world_size=ctx.world_size, all_gather=ctx.all_gather)
+
+        return stage_examples(examples, stage, stage_index=k, stage_dir=ctx.stage_dir, thinking_id=ctx.thinking_id,
+                              seed=seed, compute_sites=compute_sites, is_main=ctx.is_main, barrier=ctx.barrier)
 
 
 def rewrite_stages(cfg: RunConfig, stages: list[StageConfig], why: str, **changes) -> RunConfig:

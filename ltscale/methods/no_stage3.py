@@ -11,6 +11,7 @@ from ltscale.methods.lt_tuning import LTTuning, rewrite_stages
 
 class NoStage3(LTTuning):
     name = "no_stage3"
+    tiny_config = "tiny-no-stage3.yaml"
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
         stages = [st for st in cfg.stages if st.mode != "fusion"]

@@ -14,6 +14,7 @@ from ltscale.methods.lt_tuning import LTTuning, rewrite_stages
 
 class Pause(LTTuning):
     name = "pause"
+    tiny_config = "tiny-pause.yaml"
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
         stages = [

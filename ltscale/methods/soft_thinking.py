@@ -11,8 +11,9 @@ While a row is in soft mode, its next input is a *concept token*: the probabilit
 Decisions: our CoT-SFT checkpoints have no ``</think>``, so ``think_end`` defaults to none and Cold
 Stop alone ends thinking (baselines.md §7b asks to document this); ``<thinking>`` is masked (the
 method works on a checkpoint's plain vocabulary); EOS in soft mode ends the row as in greedy
-decoding. Mean latent tokens = soft steps. All per-row state (mode, low-entropy counter,
-finished) is tensors; the batch runs in lockstep with a KV cache, like ``generation.py``.
+decoding. Mean latent tokens = soft steps. The per-row state (mode, low-entropy counter) is
+tensors that follow their row through the shared decode loop (``generation.py``, continuous
+batching).
 
 As a training config, ``method: soft_thinking`` trains the CoT-SFT checkpoint it decodes (the
 ``cot`` stages) and evaluates it with Soft-Thinking; ``ltscale eval --method soft_thinking``
@@ -26,14 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import DynamicCache
 
-from ltscale.config import ConfigError, RunConfig, SoftThinkingConfig
-from ltscale.methods import Inference
+from ltscale.config import ConfigError, RunConfig, SoftThinkingConfig, check_top_p
+from ltscale.methods import Checkpoint, Decoding
 from ltscale.methods.cot import CoT
-from ltscale.model.generation import GenerationOutput
-from ltscale.model.rollout import additive_mask
+from ltscale.model.generation import DecodeRule, Rows
 
 
 @dataclass
@@ -108,103 +106,31 @@ def soft_step(logits: torch.Tensor, state: SoftState, params: SoftParams):
     return token, soft_now, ids, w, SoftState(soft=soft_now, low=low)
 
 
-@torch.no_grad()
-def soft_generate(
-    lm,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    max_new_tokens: int,
-    *,
-    params: SoftParams,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-) -> GenerationOutput:
-    """Batched Soft-Thinking decode with a KV cache; ``num_latent`` = soft steps per row."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    device, bsz = input_ids.device, input_ids.shape[0]
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-    valid = attention_mask.bool()
-    pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~valid, 0)
-    decoder = lm.decoder()
-    cache = DynamicCache(config=lm.base.config)
-    embeds = lm.embed(input_ids)
-    out = decoder(
-        inputs_embeds=embeds,
-        attention_mask=additive_mask(valid, pos, valid, pos, embeds.dtype),
-        position_ids=pos,
-        cache=cache,
-        use_cache=True,
-    )
-    rows = torch.arange(bsz, device=device)
-    logits = lm.lm_head(out.last_hidden_state[rows, valid.long().cumsum(dim=1).argmax(dim=1)])
-    key_valid, key_pos, next_pos = valid, pos, valid.long().sum(dim=1)
-    seqs = torch.full((bsz, max_new_tokens), pad, dtype=torch.long, device=device)
-    n_soft = torch.zeros(bsz, dtype=torch.long, device=device)
-    lengths = torch.zeros(bsz, dtype=torch.long, device=device)
-    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-    state = SoftState.start(bsz, device)
-    for step in range(max_new_tokens):
-        token, soft_now, ids, w, state = soft_step(logits, state, params)
-        active = ~finished
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        soft_now = soft_now & active
-        seqs[:, step] = token
-        lengths += active.long()
-        n_soft += soft_now.long()
-        if eos_token_id is not None:
-            finished = finished | (active & (token == eos_token_id))
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        step_embeds = lm.embed(token)
-        if bool(soft_now.any()):
-            concept = (w.to(step_embeds.dtype)[..., None] * lm.embed(ids)).sum(dim=1)
-            step_embeds = torch.where(soft_now[:, None], concept, step_embeds)
-        alive = ~finished
-        key_valid = torch.cat([key_valid, alive[:, None]], dim=1)
-        key_pos = torch.cat([key_pos, next_pos[:, None]], dim=1)
-        mask = additive_mask(key_valid, key_pos, alive[:, None], next_pos[:, None], step_embeds.dtype)
-        out = decoder(
-            inputs_embeds=step_embeds[:, None],
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            cache=cache,
-            use_cache=True,
-        )
-        logits = lm.lm_head(out.last_hidden_state[:, 0])
-        next_pos = next_pos + alive.long()
-    return GenerationOutput(sequences=seqs, num_latent=n_soft, lengths=lengths)
+@dataclass
+class SoftThinkingRule(DecodeRule):
+    """Soft-Thinking in the shared decode loop: per-row soft mode and low-entropy counter follow
+    the row; ``num_latent`` counts soft steps."""
 
+    params: SoftParams
 
-class SoftThinkingInference(nn.Module):
-    """``evaluate``'s model: Soft-Thinking decoding of a ``LatentLM`` checkpoint."""
+    def start(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        state = SoftState.start(n, device)
+        return {"soft": state.soft, "low": state.low}
 
-    def __init__(self, lm: nn.Module, params: SoftParams):
-        super().__init__()
-        self.lm = lm
-        self.params = params
-        self.thinking_token_id = lm.thinking_token_id
+    def choose(self, lm, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        state = SoftState(soft=rows.state["soft"], low=rows.state["low"])
+        token, soft_now, ids, w, state = soft_step(rows.logits, state, self.params)
+        # ids/w: this step's concept token, used by next_inputs for the rows still decoding
+        rows.state.update(soft=state.soft, low=state.low, ids=ids, w=w)
+        return token, soft_now
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        max_new_tokens: int = 256,
-        *,
-        eos_token_id=None,
-        pad_token_id=None,
-        without_thinking: bool = True,
-    ):
-        return soft_generate(
-            self.lm,
-            input_ids,
-            attention_mask,
-            max_new_tokens,
-            params=self.params,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )
+    def next_inputs(self, lm, rows: Rows, tokens: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        ids, w = rows.state.pop("ids"), rows.state.pop("w")
+        embeds = lm.embed(tokens)
+        if bool(latent.any()):
+            concept = (w.to(embeds.dtype)[..., None] * lm.embed(ids)).sum(dim=1)
+            embeds = torch.where(latent[:, None], concept, embeds)
+        return embeds
 
 
 def check_params(st: SoftThinkingConfig, key: str = "soft_thinking") -> None:
@@ -212,14 +138,15 @@ def check_params(st: SoftThinkingConfig, key: str = "soft_thinking") -> None:
         raise ConfigError(f"{key}.temperature: must be > 0")
     if st.top_k < 1:
         raise ConfigError(f"{key}.top_k: must be >= 1")
-    if not 0.0 < st.top_p <= 1.0:
-        raise ConfigError(f"{key}.top_p: {st.top_p} outside (0, 1]")
+    check_top_p(st.top_p, f"{key}.top_p")
     if st.cold_stop_steps < 1:
         raise ConfigError(f"{key}.cold_stop_steps: must be >= 1")
 
 
 class SoftThinking(CoT):
     name = "soft_thinking"
+    tiny_config = "tiny-soft-thinking.yaml"
+    trains = False  # compare decodes the CoT checkpoint with it
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
         check_params(cfg.soft_thinking)
@@ -230,15 +157,15 @@ class SoftThinking(CoT):
     ) -> dict[str, Any]:
         return {"method": self.name, "soft_thinking": dataclasses.asdict(cfg.soft_thinking)}
 
-    def inference(
-        self, lm, tokenizer, meta: dict[str, Any], cfg: RunConfig | None = None, *, chat: bool | None = None
-    ) -> Inference:
+    def decoding(self, ckpt: Checkpoint, cfg: RunConfig | None = None) -> Decoding:
         # the run's config when the trainer evaluates; else what the checkpoint saved (+ CLI options)
-        st = cfg.soft_thinking if cfg is not None else SoftThinkingConfig(**meta.get("soft_thinking", {}))
+        st = (
+            cfg.soft_thinking if cfg is not None else SoftThinkingConfig(**ckpt.meta.get("soft_thinking", {}))
+        )
         check_params(st)
         end_id = None
         if st.think_end is not None:
-            ids = tokenizer.encode(st.think_end, add_special_tokens=False)
+            ids = ckpt.tokenizer.encode(st.think_end, add_special_tokens=False)
             if len(ids) != 1:
                 raise ConfigError(f"soft_thinking.think_end: {st.think_end!r} is {len(ids)} tokens, not one")
             end_id = ids[0]
@@ -249,8 +176,8 @@ class SoftThinking(CoT):
             entropy_threshold=st.entropy_threshold,
             cold_stop_steps=st.cold_stop_steps,
             think_end_id=end_id,
-            exclude_id=lm.thinking_token_id,
+            exclude_id=ckpt.lm.thinking_token_id,
         )
-        return Inference(
-            model=SoftThinkingInference(lm, params), without_thinking=True, meta=dataclasses.asdict(st)
+        return Decoding(
+            model=ckpt.lm, rule=SoftThinkingRule(params), without_thinking=True, meta=dataclasses.asdict(st)
         )

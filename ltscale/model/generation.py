@@ -12,21 +12,40 @@ Rows of different ages share one KV cache: each row's keys are left-padded to th
 hidden by a key-validity mask, and positions are true positions per row, so a row's tokens do not
 depend on which rows it shares the batch with (tests/unit/test_generation.py checks them against
 one-at-a-time full-recompute decoding).
+
+Every method decodes through this one loop; what differs is its :class:`DecodeRule`: how a row's
+next token is chosen, whether that step is latent and what the next input is, what the prompt's
+embeddings are at prefill (SoftCoT's soft thoughts), and per-row state that follows its row through
+the batch (Soft-Thinking's Cold Stop counter). :class:`Greedy` is LT-Tuning's rule, and Coconut's
+with a forced schedule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from ltscale.model.rollout import additive_mask
 
-if TYPE_CHECKING:
-    from ltscale.model.latent_lm import LatentLM
+
+class LatentDecoder(Protocol):
+    """What decoding uses of a ``LatentLM`` (or a method's subclass of it)."""
+
+    base: nn.Module
+    thinking_token_id: int
+    training: bool
+
+    @property
+    def uses_rollout(self) -> bool: ...
+    def decoder(self) -> nn.Module: ...
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def latent_input(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -35,8 +54,28 @@ class GenerationOutput:
     num_latent: torch.Tensor  # (B,) latent steps taken
     lengths: torch.Tensor  # (B,) tokens generated, EOS included
 
+    def cpu(self) -> GenerationOutput:
+        return GenerationOutput(
+            self.sequences.detach().cpu(), self.num_latent.detach().cpu(), self.lengths.detach().cpu()
+        )
 
-def _left_pad(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
+
+def left_pad(
+    rows: Sequence[Sequence[int] | torch.Tensor], pad_id: int = 0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token rows left-padded to the longest (mask 1 on real
+    tokens): the last column is then every row's last token, where decoding continues."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        if len(row):
+            ids[b, width - len(row) :] = torch.as_tensor(row, dtype=torch.long, device=device)
+            mask[b, width - len(row) :] = 1
+    return ids, mask
+
+
+def _pad_front(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
     missing = width - t.shape[dim]
     if missing == 0:
         return t
@@ -46,7 +85,7 @@ def _left_pad(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
 
 
 @dataclass
-class _Rows:
+class Rows:
     """The live rows of a decode: which prompt each row is, its cache rows and decoding state."""
 
     prompt: torch.Tensor  # (R,) index into the prompts
@@ -56,14 +95,19 @@ class _Rows:
     hidden: torch.Tensor  # (R, d) last hidden state
     logits: torch.Tensor  # (R, V) logits at that state
     steps: torch.Tensor  # (R,) tokens generated so far
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the rule's per-row tensors
+
+    _PER_ROW = ("prompt", "next_pos", "hidden", "logits", "steps")
 
     def __len__(self) -> int:
         return int(self.prompt.numel())
 
     def select(self, keep: torch.Tensor) -> None:
         self.cache.batch_select_indices(keep)
-        self.prompt, self.key_valid, self.next_pos = self.prompt[keep], self.key_valid[keep], self.next_pos[keep]
-        self.hidden, self.logits, self.steps = self.hidden[keep], self.logits[keep], self.steps[keep]
+        self.key_valid = self.key_valid[keep]
+        for name in self._PER_ROW:
+            setattr(self, name, getattr(self, name)[keep])
+        self.state = {k: v[keep] for k, v in self.state.items()}
         # Columns that only departed rows used are dead weight for every later step's attention.
         first = int(self.key_valid.any(dim=0).long().argmax())
         if first > 0:
@@ -71,49 +115,133 @@ class _Rows:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
 
-    def join(self, new: _Rows) -> None:
+    def join(self, new: Rows) -> None:
         """Append ``new``'s rows, left-padding whichever side has the shorter cache."""
         width = max(self.key_valid.shape[1], new.key_valid.shape[1])
         for mine, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
-        self.key_valid = torch.cat([_left_pad(self.key_valid, width, 1, False), _left_pad(new.key_valid, width, 1, False)])
-        for name in ("prompt", "next_pos", "hidden", "logits", "steps"):
+            mine.keys = torch.cat([_pad_front(mine.keys, width, 2), _pad_front(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_front(mine.values, width, 2), _pad_front(theirs.values, width, 2)])
+        self.key_valid = torch.cat(
+            [_pad_front(self.key_valid, width, 1, False), _pad_front(new.key_valid, width, 1, False)]
+        )
+        for name in self._PER_ROW:
             setattr(self, name, torch.cat([getattr(self, name), getattr(new, name)]))
+        self.state = {k: torch.cat([v, new.state[k]]) for k, v in self.state.items()}
 
 
-def _prefill(lm: LatentLM, prompts: Sequence[torch.Tensor], index: torch.Tensor) -> _Rows:
-    device = index.device
-    width = max(int(p.numel()) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    valid = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
-    for row, p in enumerate(prompts):
-        ids[row, width - p.numel():] = p
-        valid[row, width - p.numel():] = True
-    pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache(config=lm.base.config)
-    embeds = lm.embed(ids)
-    out = lm.decoder()(inputs_embeds=embeds, attention_mask=additive_mask(valid, pos, valid, pos, embeds.dtype),
-                       position_ids=pos, cache=cache, use_cache=True)
-    hidden = out.last_hidden_state[:, -1]  # left-padded: the last column is every row's last token
-    return _Rows(prompt=index, cache=cache, key_valid=valid, next_pos=valid.long().sum(dim=1), hidden=hidden,
-                 logits=lm.lm_head(hidden), steps=torch.zeros_like(index))
+class DecodeRule:
+    """How decoding continues each row; the defaults are what every method shares."""
+
+    #: Latent steps each prompt already holds (SoftCoT's soft thoughts), counted in ``num_latent``.
+    prompt_latents = 0
+
+    def prefill_embeds(self, lm: LatentDecoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of left-padded prompts ``ids`` (``mask``: 1 on real tokens)."""
+        return lm.embed(ids)
+
+    def start(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-row state of ``n`` rows entering the batch (tensors with ``n`` rows)."""
+        return {}
+
+    def choose(self, lm: LatentDecoder, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(token (R,), latent (R,) bool)`` of every row's next step; may update ``rows.state``."""
+        raise NotImplementedError
+
+    def next_inputs(
+        self, lm: LatentDecoder, rows: Rows, tokens: torch.Tensor, latent: torch.Tensor
+    ) -> torch.Tensor:
+        """``(R, d)`` inputs of the steps just chosen (the rows that finished have left ``rows``)."""
+        raise NotImplementedError
 
 
-@torch.no_grad()
-def generate_many(lm: LatentLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int, *,
-                  slots: int, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                  without_thinking: bool = False, forced: torch.Tensor | None = None,
-                  on_finish: Callable[[int], None] | None = None) -> GenerationOutput:
-    """Decode every prompt (unpadded id lists) with at most ``slots`` rows in flight.
+@dataclass
+class Greedy(DecodeRule):
+    """Argmax decoding; a ``<thinking>`` step's input is the latent function of the row's state.
 
     ``forced``: ids emitted at each row's first ``len(forced)`` steps instead of the argmax (Coconut's
     fixed ``<thinking>`` x n + end marker); a forced ``<thinking>`` is a latent step like any other.
-    ``on_finish(n)``: called with the number of prompts that just finished (progress bars).
-    Outputs are in prompt order.
+    """
+
+    without_thinking: bool = False
+    forced: torch.Tensor | None = None
+
+    def choose(self, lm: LatentDecoder, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = rows.logits
+        if self.without_thinking:
+            scores = scores.clone()
+            scores[:, lm.thinking_token_id] = float("-inf")
+        nxt = scores.argmax(dim=-1)
+        if self.forced is not None and self.forced.numel():
+            forced = self.forced.reshape(-1).to(nxt.device)
+            in_schedule = rows.steps < forced.numel()
+            nxt = torch.where(in_schedule, forced[rows.steps.clamp(max=forced.numel() - 1)], nxt)
+        return nxt, nxt == lm.thinking_token_id
+
+    def next_inputs(
+        self, lm: LatentDecoder, rows: Rows, tokens: torch.Tensor, latent: torch.Tensor
+    ) -> torch.Tensor:
+        embeds = lm.embed(tokens)
+        if lm.uses_rollout and bool(latent.any()):
+            embeds = torch.where(
+                latent[:, None], lm.latent_input(rows.hidden, rows.logits).to(embeds.dtype), embeds
+            )
+        return embeds
+
+
+def _prefill(
+    lm: LatentDecoder, rule: DecodeRule, prompts: Sequence[torch.Tensor], index: torch.Tensor
+) -> Rows:
+    ids, mask = left_pad(prompts, device=index.device)
+    valid = mask.bool()
+    pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache(config=lm.base.config)
+    embeds = rule.prefill_embeds(lm, ids, mask)
+    out = lm.decoder()(
+        inputs_embeds=embeds,
+        attention_mask=additive_mask(valid, pos, valid, pos, embeds.dtype),
+        position_ids=pos,
+        cache=cache,
+        use_cache=True,
+    )
+    hidden = out.last_hidden_state[:, -1]  # left-padded: the last column is every row's last token
+    return Rows(
+        prompt=index,
+        cache=cache,
+        key_valid=valid,
+        next_pos=mask.sum(dim=1),
+        hidden=hidden,
+        logits=lm.lm_head(hidden),
+        steps=torch.zeros_like(index),
+        state=rule.start(len(prompts), index.device),
+    )
+
+
+@torch.no_grad()
+def generate_many(
+    lm: LatentDecoder,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    max_new_tokens: int,
+    *,
+    slots: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    without_thinking: bool = False,
+    forced: torch.Tensor | None = None,
+    rule: DecodeRule | None = None,
+    on_finish: Callable[[int], None] | None = None,
+) -> GenerationOutput:
+    """Decode every prompt (unpadded id lists) with at most ``slots`` rows in flight.
+
+    ``rule``: the method's decoding (default :class:`Greedy` with ``without_thinking`` and ``forced``,
+    which a given rule carries itself). ``on_finish(n)``: called with the number of prompts that
+    just finished (progress bars). Outputs are in prompt order.
     """
     if slots < 1:
         raise ValueError(f"generate: slots={slots} must be >= 1")
+    if rule is None:
+        rule = Greedy(without_thinking=without_thinking, forced=forced)
+    elif without_thinking or forced is not None:
+        raise ValueError("generate: without_thinking and forced are settings of the rule; pass them to it")
     device = lm.base.get_input_embeddings().weight.device
     prompts = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in prompts]
     empty = [i for i, p in enumerate(prompts) if p.numel() == 0]
@@ -121,18 +249,18 @@ def generate_many(lm: LatentLM, prompts: Sequence[Sequence[int] | torch.Tensor],
         raise ValueError(f"generate: every prompt needs at least one real token (prompt {empty[0]} has none)")
     n = len(prompts)
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-    think = lm.thinking_token_id
-    forced_ids = forced.reshape(-1).to(device) if forced is not None and forced.numel() else None
     seqs = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
-    n_latent = torch.zeros(n, dtype=torch.long, device=device)
+    n_latent = torch.full((n,), rule.prompt_latents, dtype=torch.long, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
-    rows: _Rows | None = None
+    rows: Rows | None = None
     waiting = 0  # prompts[waiting:] have not started
     while True:
         free = slots - (len(rows) if rows is not None else 0)
         if free > 0 and waiting < n and max_new_tokens > 0:
             take = range(waiting, min(n, waiting + free))
-            new = _prefill(lm, [prompts[i] for i in take], torch.arange(take.start, take.stop, device=device))
+            new = _prefill(
+                lm, rule, [prompts[i] for i in take], torch.arange(take.start, take.stop, device=device)
+            )
             waiting = take.stop
             if rows is None:
                 rows = new
@@ -140,18 +268,10 @@ def generate_many(lm: LatentLM, prompts: Sequence[Sequence[int] | torch.Tensor],
                 rows.join(new)
         if rows is None:
             break
-        scores = rows.logits
-        if without_thinking:
-            scores = scores.clone()
-            scores[:, think] = float("-inf")
-        nxt = scores.argmax(dim=-1)
-        if forced_ids is not None:
-            in_schedule = rows.steps < forced_ids.numel()
-            nxt = torch.where(in_schedule, forced_ids[rows.steps.clamp(max=forced_ids.numel() - 1)], nxt)
+        nxt, is_latent = rule.choose(lm, rows)
         seqs[rows.prompt, rows.steps] = nxt
         rows.steps = rows.steps + 1
         lengths[rows.prompt] = rows.steps
-        is_latent = nxt == think
         n_latent[rows.prompt] += is_latent.long()
         done = rows.steps >= max_new_tokens
         if eos_token_id is not None:
@@ -165,16 +285,18 @@ def generate_many(lm: LatentLM, prompts: Sequence[Sequence[int] | torch.Tensor],
                 continue
             rows.select(keep)
             nxt, is_latent = nxt[keep], is_latent[keep]
-        step_embeds = lm.embed(nxt)
-        if lm.uses_rollout and bool(is_latent.any()):
-            latent = lm.latent_input(rows.hidden, rows.logits).to(step_embeds.dtype)
-            step_embeds = torch.where(is_latent[:, None], latent, step_embeds)
+        step_embeds = rule.next_inputs(lm, rows, nxt, is_latent)
         # A decode step's query sees every real key of its row (all earlier positions).
         rows.key_valid = torch.cat([rows.key_valid, torch.ones_like(rows.key_valid[:, :1])], dim=1)
         mask = torch.zeros(rows.key_valid.shape, dtype=step_embeds.dtype, device=device)
         mask.masked_fill_(~rows.key_valid, torch.finfo(step_embeds.dtype).min)
-        out = lm.decoder()(inputs_embeds=step_embeds[:, None], attention_mask=mask[:, None, None],
-                           position_ids=rows.next_pos[:, None], cache=rows.cache, use_cache=True)
+        out = lm.decoder()(
+            inputs_embeds=step_embeds[:, None],
+            attention_mask=mask[:, None, None],
+            position_ids=rows.next_pos[:, None],
+            cache=rows.cache,
+            use_cache=True,
+        )
         rows.hidden = out.last_hidden_state[:, 0]
         rows.logits = lm.lm_head(rows.hidden)
         rows.next_pos = rows.next_pos + 1
@@ -182,9 +304,18 @@ def generate_many(lm: LatentLM, prompts: Sequence[Sequence[int] | torch.Tensor],
 
 
 @torch.no_grad()
-def generate_batched(lm: LatentLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     max_new_tokens: int, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                     without_thinking: bool = False, forced: torch.Tensor | None = None) -> GenerationOutput:
+def generate_batched(
+    lm: LatentDecoder,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    without_thinking: bool = False,
+    forced: torch.Tensor | None = None,
+    rule: DecodeRule | None = None,
+) -> GenerationOutput:
     """A padded batch (left or right padding) decoded together: ``generate_many`` with one slot per row."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -192,5 +323,14 @@ def generate_batched(lm: LatentLM, input_ids: torch.Tensor, attention_mask: torc
     if not bool(valid.any(dim=1).all()):
         raise ValueError("generate: every prompt needs at least one real token")
     prompts = [input_ids[b][valid[b]] for b in range(input_ids.shape[0])]
-    return generate_many(lm, prompts, max_new_tokens, slots=max(len(prompts), 1), eos_token_id=eos_token_id,
-                         pad_token_id=pad_token_id, without_thinking=without_thinking, forced=forced)
+    return generate_many(
+        lm,
+        prompts,
+        max_new_tokens,
+        slots=max(len(prompts), 1),
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        without_thinking=without_thinking,
+        forced=forced,
+        rule=rule,
+    )

@@ -1,12 +1,12 @@
-"""Saving/loading a LatentLM as a Hugging Face ``save_pretrained`` dir plus its latent config.
+"""Saving/loading a LatentLM as a Hugging Face ``save_pretrained`` dir plus its latent meta.
 
 Kept in ``ltscale.model`` (torch + transformers only) so ``ltscale eval`` and other tools load a
-checkpoint without DeepSpeed; plain ``transformers`` loads the base model from the same dir.
+checkpoint without DeepSpeed; plain ``transformers`` loads the base model from the same dir. What
+goes into the dir, and the meta format, are ``ltscale.rundir``'s.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ltscale import rundir
 from ltscale.fsutil import chmod_to_umask
 from ltscale.model.hf_weights import DEFAULT_MAX_SHARD_BYTES, write_hf_weights
 from ltscale.model.latent_lm import LatentLM
-
-LATENT_CONFIG_FILE = "ltscale_latent.json"
-ADAPTER_FILE = "ltscale_adapter.safetensors"
-# Modules a method adds around the base (e.g. SoftCoT's projection), under their state-dict names.
-EXTRA_FILE = "ltscale_extra.safetensors"
 
 
 def split_state_dict(latent_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -50,11 +46,12 @@ def save_latent_model(out_dir: str | Path, *, config, latent_state: dict[str, to
     write_hf_weights(tmp, config, base_state, max_shard_bytes=max_shard_bytes)
     tokenizer.save_pretrained(tmp)
     if adapter_state:
-        save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(tmp / ADAPTER_FILE))
+        save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(tmp / rundir.ADAPTER_FILE))
+    # Modules a method adds around the base (e.g. SoftCoT's projection), under their state-dict names.
     extra = {k: v.contiguous() for k, v in latent_state.items() if not k.startswith(("base.", "adapter."))}
     if extra:
-        save_file(extra, str(tmp / EXTRA_FILE))
-    (tmp / LATENT_CONFIG_FILE).write_text(json.dumps(latent_config, indent=2))
+        save_file(extra, str(tmp / rundir.EXTRA_FILE))
+    rundir.write_meta(tmp, latent_config)
     for written in tmp.iterdir():  # safetensors writes 0600; a group sharing the run dir must read it
         chmod_to_umask(written)
     if out_dir.exists():
@@ -67,10 +64,9 @@ def load_latent_model(path: str | Path, *, mode: str | None = None, device: str 
                       dtype: torch.dtype | None = None) -> tuple[LatentLM, Any]:
     """Load a dir written by ``save_latent_model`` (or ``ltscale export``) for eval/generation."""
     path = Path(path)
-    meta_file = path / LATENT_CONFIG_FILE
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file}: not an ltscale checkpoint (no {LATENT_CONFIG_FILE})")
-    meta = json.loads(meta_file.read_text())
+    meta = rundir.read_meta(path)
+    if not meta:
+        raise FileNotFoundError(f"{path / rundir.LATENT_META_FILE}: not an ltscale checkpoint (no {rundir.LATENT_META_FILE})")
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
     kwargs: dict[str, Any] = {}
@@ -81,6 +77,6 @@ def load_latent_model(path: str | Path, *, mode: str | None = None, device: str 
                   temperature=meta["temperature"], top_p=meta["top_p"], adapter=bool(meta.get("adapter")),
                   adapter_hidden=meta.get("adapter_hidden") or 1024)
     if lm.adapter is not None:
-        lm.adapter.load_state_dict(load_file(str(path / ADAPTER_FILE)))
+        lm.adapter.load_state_dict(load_file(str(path / rundir.ADAPTER_FILE)))
         lm.adapter.to(device=device, dtype=next(base.parameters()).dtype)
     return lm.eval(), tokenizer

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ltscale.model.families import attach, real_rows_per_pass
+from ltscale.model.generation import DecodeRule, GenerationOutput, generate_batched, generate_many
 from ltscale.model.packed import packing_supported
 from ltscale.model.rollout import count_passes, latent_rollout, plan_rollout
 from ltscale.ops import context_prediction_fusion, fused_available
@@ -227,24 +228,19 @@ class LatentLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 256, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 without_thinking: bool = False, forced: torch.Tensor | None = None):
-        from ltscale.model.generation import generate_batched
-
+                 without_thinking: bool = False, forced: torch.Tensor | None = None,
+                 rule: DecodeRule | None = None) -> GenerationOutput:
+        """A padded batch decoded together (``generation.generate_batched``)."""
         return generate_batched(self, input_ids, attention_mask, max_new_tokens, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, without_thinking=without_thinking, forced=forced)
-
-    @property
-    def supports_continuous_batching(self) -> bool:
-        """``generate_many`` decodes as ``generate`` does; a subclass that overrides ``generate`` opts out."""
-        return type(self).generate is LatentLM.generate
+                                pad_token_id=pad_token_id, without_thinking=without_thinking, forced=forced,
+                                rule=rule)
 
     @torch.no_grad()
     def generate_many(self, prompts, max_new_tokens: int = 256, *, slots: int, eos_token_id: int | None = None,
                       pad_token_id: int | None = None, without_thinking: bool = False,
-                      forced: torch.Tensor | None = None, on_finish=None):
-        """Continuous batching over unpadded prompts (``generation.generate_many``); the evaluator's path."""
-        from ltscale.model.generation import generate_many
-
+                      forced: torch.Tensor | None = None, rule: DecodeRule | None = None,
+                      on_finish=None) -> GenerationOutput:
+        """Continuous batching over unpadded prompts (``generation.generate_many``)."""
         return generate_many(self, prompts, max_new_tokens, slots=slots, eos_token_id=eos_token_id,
                              pad_token_id=pad_token_id, without_thinking=without_thinking, forced=forced,
-                             on_finish=on_finish)
+                             rule=rule, on_finish=on_finish)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ltscale.model.generation import GenerationOutput
 from ltscale.model.latent_lm import LatentLM, LatentLMOutput
 from ltscale.model.rollout import IGNORE_INDEX, upcast
 
@@ -61,8 +62,6 @@ def reference_generate(lm: LatentLM, input_ids: torch.Tensor, attention_mask: to
                        pad_token_id: int | None = None, without_thinking: bool = False,
                        forced: torch.Tensor | None = None):
     """One sample at a time, full recompute each step (no cache), the paper's evaluator shape."""
-    from ltscale.model.generation import GenerationOutput
-
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ltscale.config import load_config  # noqa: E402
 from ltscale.engine import dist  # noqa: E402
 from ltscale.monitor import read_scalars  # noqa: E402
+from ltscale.run_config import load_config  # noqa: E402
 from ltscale.trainer import Trainer  # noqa: E402
 
 SMALL = [

@@ -41,11 +41,11 @@ def _require_packages() -> None:
 def test_smollm2_gguf_stage3_steps_export_and_eval(tmp_path, repo_root, data_dir, monkeypatch) -> None:
     _require_packages()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may come from the hub
-    from ltscale.config import load_config
     from ltscale.data import collate
     from ltscale.eval.evaluate import evaluate
     from ltscale.methods.lt_tuning import score_and_select, stage_examples
     from ltscale.model.io import load_latent_model, save_latent_model
+    from ltscale.run_config import load_config
     from ltscale.run_setup import build_latent_model, prepare_data
 
     t0 = time.perf_counter()
@@ -133,8 +133,9 @@ def test_smollm2_gguf_stage3_steps_export_and_eval(tmp_path, repo_root, data_dir
 
 
 def test_pypi_source_resolution(tmp_path, monkeypatch) -> None:
-    from ltscale.config import ConfigError, load_config
+    from ltscale.config import ConfigError
     from ltscale.model.builder import resolve_pretrained_source
+    from ltscale.run_config import load_config
 
     pkg = tmp_path / "site" / "fake_gguf_pkg"
     pkg.mkdir(parents=True)

@@ -203,7 +203,6 @@ def test_ltscale_analyze_cli(tiny_llama, tmp_path, monkeypatch, capsys) -> None:
     """``ltscale analyze`` on a tiny real LatentLM; difficulty from a stub eval examples file."""
     import importlib.util
     import sys
-    import types
     from pathlib import Path
 
     from ltscale.cli import main
@@ -216,13 +215,13 @@ def test_ltscale_analyze_cli(tiny_llama, tmp_path, monkeypatch, capsys) -> None:
     tok = fakes.make_tokenizer()
     think = tok.convert_tokens_to_ids("<thinking>")
     base = tiny_llama(vocab_size=len(tok), hidden=32, layers=2, heads=4, seed=1, dtype=torch.float32).eval()
-    mod = types.ModuleType("ltscale.model.io")
-    mod.load_latent_model = lambda path, *, mode=None, device="cpu", dtype=None: (
-        LatentLM(base, think, mode=mode or "fusion"),
-        tok,
+    monkeypatch.setattr(
+        "ltscale.model.io.load_latent_model",
+        lambda path, *, mode=None, device="cpu", dtype=None: (
+            LatentLM(base, think, mode=mode or "fusion"),
+            tok,
+        ),
     )
-    mod.LATENT_CONFIG_FILE = "ltscale_latent.json"
-    monkeypatch.setitem(sys.modules, "ltscale.model.io", mod)
     ckpt = tmp_path / "hf"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")

@@ -1,7 +1,7 @@
 """The ``ltscale`` console script: checkpoint resolution, user errors, data synth/check, eval, generate.
 
-eval/generate run against a fake ``ltscale.model.io`` (scripted LatentLM + tiny tokenizer from
-test_evaluate.py) injected into ``sys.modules``, so they test the CLI wiring, not the model.
+eval/generate run against a fake ``ltscale.inference.load_for_inference`` (the scripted decoding +
+tiny tokenizer from test_evaluate.py), so they test the CLI wiring, not the model.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from ltscale.cli import main, resolve_checkpoint
+from ltscale.cli import main
+from ltscale.rundir import resolve_checkpoint
 
 
 def _fakes():
@@ -117,18 +117,10 @@ def test_data_check_invalid_and_missing(tmp_path, capsys) -> None:
 
 @pytest.fixture
 def fake_model_io(monkeypatch):
-    """Replace ltscale.model.io with a scripted model; returns the list of load calls."""
-    fakes = _fakes()
-    tok = fakes.make_tokenizer()
+    """Replace the checkpoint load with the scripted decoding; returns the list of load calls
+    (path, mode, device)."""
     calls: list[dict] = []
-
-    def load_latent_model(path, *, mode=None, device="cpu", dtype=None):
-        calls.append({"path": path, "mode": mode, "device": device})
-        return fakes.FakeLatentLM(tok, fakes.SCRIPT), tok
-
-    mod = types.ModuleType("ltscale.model.io")
-    mod.load_latent_model = load_latent_model
-    monkeypatch.setitem(sys.modules, "ltscale.model.io", mod)
+    monkeypatch.setattr("ltscale.inference.load_for_inference", _fakes().fake_load_for_inference(calls))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     return calls
 
@@ -180,3 +172,89 @@ def test_generate_shows_latent_steps(tmp_path, capsys, fake_model_io) -> None:
     assert main(["generate", "--checkpoint", str(hf), "q5", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "answer: Step Step Step" in out and "cut at --max-new-tokens" in out
+
+
+# -------------------------------------------------- generate == eval, every method's checkpoint
+
+
+BOT, EOT = "<|start-latent|>", "<|end-latent|>"
+
+
+def _method_checkpoint(root: Path, method: str) -> Path:
+    """A tiny real checkpoint as the trainer's stage export writes it, with ``method``'s meta."""
+    import torch
+
+    from ltscale.methods.coconut import Coconut
+    from ltscale.methods.softcot import SoftCoTLM
+    from ltscale.model import LatentLM
+    from ltscale.model.io import save_latent_model
+    from ltscale.run_config import load_config
+    from tests.helpers import make_tiny_llama
+
+    fakes = _fakes()
+    tok = fakes.make_tokenizer([*fakes.WORDS, BOT, EOT])
+    think, vocab = tok.convert_tokens_to_ids("<thinking>"), len(tok)
+    base = make_tiny_llama(vocab, kv_heads=2, max_positions=128, dtype=torch.float32, seed=3)
+    with torch.no_grad():  # <thinking> often the argmax: latent steps happen
+        base.lm_head.weight[think] += 0.5 * base.lm_head.weight.abs().mean(dim=0).sign()
+    mode = {"cot": "cot", "pause": "pause", "no_stage3": "hidden", "coconut": "hidden", "softcot": "cot"}
+    lm = LatentLM(base, think, mode=mode.get(method, "fusion"), adapter=method == "adapter", adapter_hidden=8)
+    extra: dict = {}
+    if method == "coconut":
+        ids = {BOT: tok.convert_tokens_to_ids(BOT), EOT: tok.convert_tokens_to_ids(EOT)}
+        extra = Coconut().checkpoint_meta(load_config(None, ["method=coconut"]), 2, ids)
+    elif method == "soft_thinking":
+        extra = {
+            "method": method,
+            "soft_thinking": {"cold_stop_steps": 3, "entropy_threshold": 5.0, "top_k": 4},
+        }
+    elif method == "softcot":
+        assistant = make_tiny_llama(
+            vocab, hidden=24, kv_heads=2, max_positions=128, dtype=torch.float32, seed=4
+        )
+        assistant.save_pretrained(root / "assistant")
+        lm = SoftCoTLM(base, think, assistant=assistant, placeholder_id=tok.eos_token_id, n_thoughts=2)
+        extra = {"method": method, "softcot": {"assistant_dir": str(root / "assistant"), "n_thoughts": 2}}
+    return save_latent_model(
+        root / "hf", config=base.config, latent_state=lm.state_dict(), tokenizer=tok,
+        latent_config={**lm.latent_config(), **extra},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method, option",
+    [
+        (m, None)
+        for m in ("lt_tuning", "cot", "pause", "no_stage3", "adapter", "coconut", "soft_thinking", "softcot")
+    ]
+    + [("cot", "soft_thinking")],  # --method: Soft-Thinking decodes any checkpoint
+)
+def test_generate_shows_what_eval_scores_for_every_method(tmp_path, capsys, method, option) -> None:
+    """``ltscale generate`` and ``ltscale eval`` load and decode a checkpoint the same way: the same
+    text and latent steps per question, for every method's checkpoint (forced Coconut latents,
+    SoftCoT thoughts, Soft-Thinking concept tokens included) and under ``--method``."""
+    hf = _method_checkpoint(tmp_path, method)
+    questions = ["q0 words", "q3", "q5 long question words"]
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": q, "steps": ["s"], "answer": "1"}) + "\n" for q in questions)
+    )
+    flags = ["--max-new-tokens", "8", "--device", "cpu"] + (["--method", option] if option else [])
+    if option == "soft_thinking":
+        flags += [
+            "--method-option",
+            "soft_thinking.cold_stop_steps=2",
+            "--method-option",
+            "soft_thinking.top_k=3",
+        ]
+    out = tmp_path / "r.json"
+    argv = ["eval", "--checkpoint", str(hf), "--data", str(data), "--output", str(out), "--batch-size", "2"]
+    assert main([*argv, "--no-progress", *flags]) == 0
+    examples = [json.loads(x) for x in (tmp_path / "r.examples.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    for q, ex in zip(questions, examples, strict=True):
+        assert main(["generate", "--checkpoint", str(hf), q, "--marker", "<thinking>", *flags]) == 0
+        text, _, tail = capsys.readouterr().out.rpartition("\n\nanswer: ")
+        assert text == ex["generated_text"], q
+        assert f"latent steps: {ex['num_latent']}  generated tokens: {ex['num_generated']}" in tail
+    assert sum(e["num_latent"] for e in examples) > 0, "test is vacuous: no latent step was taken"

@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltscale.config import ConfigError, load_config
+from ltscale.config import ConfigError
 from ltscale.data import Record, collate
-from ltscale.methods.coconut import Coconut, CoconutInference, build_example, stage_layout
+from ltscale.methods import Checkpoint
+from ltscale.methods.coconut import Coconut, build_example, stage_layout
 from ltscale.model import LatentLM
 from ltscale.model.reference import reference_forward, reference_generate
+from ltscale.run_config import load_config
 from tests.helpers import left_pad, tiny_latent_lm
 
 VOCAB, BOT, EOT, THINK, EOS = 64, 60, 61, 63, 2
@@ -98,16 +100,22 @@ def test_coconut_rollout_matches_naive_reference(stage):
         assert err < 1e-6, n
 
 
+def coconut_meta(n_latent: int = 4) -> dict:
+    return {"mode": "hidden", "coconut": {"stage": 2, "n_latent": n_latent, "bot_id": BOT, "eot_id": EOT}}
+
+
 def test_forced_latents_at_inference_match_reference_decoder():
     lm = tiny_lm().eval()
-    model = CoconutInference(lm, n_latent=4, eot_id=EOT)
+    decoding = Coconut().decoding(Checkpoint(lm=lm, tokenizer=None, meta=coconut_meta(4)))
+    assert decoding.prompt_suffix == [BOT] and decoding.without_thinking
     prompts = [[1, 7, 8, 9, BOT], [1, 10, BOT]]
-    ids, mask = left_pad(prompts)  # as evaluate() builds it
-    out = model.generate(ids, mask, 12, eos_token_id=EOS)
+    ids, mask = left_pad(prompts)
+    out = lm.generate(ids, mask, 12, eos_token_id=EOS, rule=decoding.rule)
     assert out.num_latent.tolist() == [4, 4]
     assert (out.sequences[:, :5] == torch.tensor([THINK] * 4 + [EOT])).all()
     assert not (out.sequences[:, 5:] == THINK).any()  # free decoding never emits a latent
-    ref = reference_generate(lm, ids, mask, 12, eos_token_id=EOS, without_thinking=True, forced=model.forced)
+    forced = decoding.rule.forced
+    ref = reference_generate(lm, ids, mask, 12, eos_token_id=EOS, without_thinking=True, forced=forced)
     assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.num_latent, ref.num_latent)
 
 
@@ -127,7 +135,8 @@ def test_resolve_sets_modes_and_bad_input_fails_before_training():
 def test_checkpoint_meta_selects_coconut_decoding_also_for_an_export(tmp_path):
     import json
 
-    from ltscale.methods import inference_for
+    from ltscale import rundir
+    from ltscale.inference import inference_for
 
     cfg = load_config(None, ["method=coconut", "coconut.max_latent_stage=2"])
     meta = Coconut().checkpoint_meta(cfg, 3, {"<|start-latent|>": BOT, "<|end-latent|>": EOT})
@@ -140,7 +149,7 @@ def test_checkpoint_meta_selects_coconut_decoding_also_for_an_export(tmp_path):
     source = {"checkpoint": str(tmp_path / "run" / "stage3" / "ckpt" / "final")}
     (export / "ltscale_latent.json").write_text(json.dumps({"mode": "hidden", "source": source}))
     for hf in (stage_hf, export):
-        how = inference_for(tiny_lm(), None, hf)
-        assert isinstance(how.model, CoconutInference) and how.without_thinking
-        assert how.model.forced.tolist() == [THINK] * 4 + [EOT]
-        assert how.prompt_fn is not None
+        how = inference_for(tiny_lm(), None, meta=rundir.inference_meta(hf), path=hf)
+        assert how.method == "coconut" and how.without_thinking
+        assert how.rule.forced.tolist() == [THINK] * 4 + [EOT]
+        assert how.prompt_suffix == [BOT]

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ltscale.config import (
-    ConfigError,
-    RunConfig,
-    config_from_dict,
-    default_config_path,
-    load_config,
-    save_resolved,
-)
+from ltscale.config import ConfigError, RunConfig, default_config_path, save_resolved
+from ltscale.run_config import config_from_dict, load_config
 
 
 def test_default_config_loads_and_has_three_stages():
@@ -167,3 +161,15 @@ def test_yaml_on_off_stay_strings_and_only_true_false_are_booleans(tmp_path):
     assert load_config(path).engine.fused == "on"
     with pytest.raises(ConfigError, match=r"model\.adapter: expected true/false, got 'yes'"):
         load_config(path, ["model.adapter=yes"])
+
+
+def test_removed_hidden_layer_key_says_what_to_do(tmp_path):
+    """``model.hidden_layer`` had one legal value; setting it (file or override) is a clear error."""
+    raw = yaml.safe_load(default_config_path().read_text())
+    raw["model"]["hidden_layer"] = -1
+    with pytest.raises(
+        ConfigError, match=r"^model\.hidden_layer: not a key: the latent input is always the last"
+    ):
+        config_from_dict(raw)
+    with pytest.raises(ConfigError, match=r"^model\.hidden_layer: not a key"):
+        load_config(None, ["model.hidden_layer=-1"])

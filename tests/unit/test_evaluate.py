@@ -1,7 +1,8 @@
-"""evaluate(): batching, left padding, decoding of latent steps, exact sharding, summaries, output files.
+"""evaluate(): decoding order, decoding of latent steps, exact sharding, summaries, output files.
 
-Uses a fake LatentLM whose ``generate`` returns scripted tokens per question and a tiny WordLevel
-tokenizer, so the test does not depend on the model package.
+Uses a fake decoding (``FakeInference``, the interface of ``ltscale.inference.Inference``) whose
+``generate_many`` returns scripted tokens per question and a tiny WordLevel tokenizer, so the test
+does not depend on the model package.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ltscale.eval.evaluate import (
     summarize,
     write_results,
 )
+from ltscale.inference import inference_for
 from tests.helpers import make_tiny_llama
 
 WORDS = [
@@ -70,56 +72,45 @@ class FakeRecord:
         return len(self.steps)
 
 
-class FakeLatentLM:
-    """Scripted generation: the first prompt word ``qN`` selects the output word list."""
+def prompt_fn(tokenizer, question: str) -> list[int]:
+    return tokenizer.encode(f"Q: {question} A:", add_special_tokens=False)
+
+
+class FakeInference:
+    """Scripted decoding: the first prompt word ``qN`` selects the output word list."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, script: dict[str, str]) -> None:
-        self.tok = tokenizer
+        self.tokenizer = tokenizer
         self.script = script
         self.thinking_token_id = tokenizer.convert_tokens_to_ids("<thinking>")
         self.calls: list[dict] = []
-        self.training = True
 
-    def eval(self) -> FakeLatentLM:
-        self.training = False
-        return self
+    def prompt_ids(self, question: str) -> list[int]:
+        return prompt_fn(self.tokenizer, question)
 
-    def train(self, mode: bool = True) -> FakeLatentLM:
-        self.training = mode
-        return self
-
-    def generate(
-        self, input_ids, attention_mask, max_new_tokens, *, eos_token_id=None, without_thinking=False
-    ):
-        assert not torch.is_grad_enabled()
-        self.calls.append(
-            {"shape": tuple(input_ids.shape), "mask": attention_mask.clone(), "ids": input_ids.clone()}
-        )
+    def generate_many(
+        self, prompts, max_new_tokens, *, slots, eos_token_id, pad_token_id=None, without_thinking=False,
+        on_finish=None,
+    ):  # fmt: skip
+        self.calls.append({"prompts": [list(p) for p in prompts], "slots": slots})
         rows, nlat, lens = [], [], []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            first = mask.index(1)
-            assert all(m == 0 for m in mask[:first]) and all(m == 1 for m in mask[first:]), (
-                "must be LEFT padded"
-            )
-            key = next(w for w in self.tok.convert_ids_to_tokens(ids[first:]) if w in self.script)
+        for ids in prompts:
+            key = next(w for w in self.tokenizer.convert_ids_to_tokens(list(ids)) if w in self.script)
             words = self.script[key].split()
             if without_thinking:
                 words = [w for w in words if w != "<thinking>"]
-            out = self.tok.convert_tokens_to_ids(words)[:max_new_tokens]
+            out = self.tokenizer.convert_tokens_to_ids(words)[:max_new_tokens]
             if len(out) < max_new_tokens and eos_token_id is not None:
                 out.append(eos_token_id)
             rows.append(out)
             nlat.append(sum(t == self.thinking_token_id for t in out))
             lens.append(len(out))
-        width = max(lens)
-        seq = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
+            if on_finish is not None:
+                on_finish(1)
+        seq = torch.full((len(rows), max_new_tokens), self.tokenizer.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            seq[i, : len(r)] = torch.tensor(r)
+            seq[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return SimpleNamespace(sequences=seq, num_latent=torch.tensor(nlat), lengths=torch.tensor(lens))
-
-
-def prompt_fn(tokenizer, question: str) -> list[int]:
-    return tokenizer.encode(f"Q: {question} A:", add_special_tokens=False)
 
 
 SCRIPT = {
@@ -143,21 +134,18 @@ def make_records(n: int = 7) -> list[FakeRecord]:
 
 
 def run(records, world_size=1, rank=0, batch_size=3, **kw):
-    tok = make_tokenizer()
-    model = FakeLatentLM(tok, SCRIPT)
+    inf = FakeInference(make_tokenizer(), SCRIPT)
     summary, ex = evaluate(
-        model,
-        tok,
+        inf,
         records,
         batch_size=batch_size,
         max_new_tokens=8,
         progress=False,
         rank=rank,
         world_size=world_size,
-        prompt_fn=prompt_fn,
         **kw,
     )
-    return summary, ex, model
+    return summary, ex, inf
 
 
 def test_per_example_fields_and_metrics() -> None:
@@ -190,18 +178,21 @@ def test_per_example_fields_and_metrics() -> None:
     assert summary.num_truncated == 1
     assert set(summary.by_difficulty) == {1, 2}
     assert summary.by_difficulty[1]["n"] == 4 and summary.by_difficulty[2]["n"] == 3
-    # batches: ceil(7/3) = 3 calls, longest prompts first
-    assert len(model.calls) == 3
-    widths = [c["shape"][1] for c in model.calls]
-    assert widths == sorted(widths, reverse=True)
+    # one decode of the whole shard, batch_size rows in flight, longest prompts first
+    (call,) = model.calls
+    assert call["slots"] == 3
+    widths = [len(p) for p in call["prompts"]]
+    assert widths == sorted(widths, reverse=True) and len(widths) == 7
 
 
 def test_restores_train_mode() -> None:
-    tok = make_tokenizer()
-    model = FakeLatentLM(tok, SCRIPT)
-    model.training = True
-    evaluate(model, tok, make_records(3), progress=False, prompt_fn=prompt_fn, max_new_tokens=8)
-    assert model.training is True
+    lm = real_lm()
+    lm.train()
+    evaluate(inference_for(lm, make_tokenizer()), make_records(3), progress=False, max_new_tokens=4)
+    assert lm.training is True
+    lm.eval()
+    evaluate(inference_for(lm, make_tokenizer()), make_records(3), progress=False, max_new_tokens=4)
+    assert lm.training is False
 
 
 def test_without_thinking_is_forwarded() -> None:
@@ -214,13 +205,15 @@ def test_without_thinking_is_forwarded() -> None:
 def test_sharding_world2_matches_single_rank(n: int) -> None:
     records = make_records(n)
     single, single_ex, _ = run(records, batch_size=2)
-    shards, calls = [], []
+    shards = []
     for rank in range(2):
         _, ex, model = run(records, world_size=2, rank=rank, batch_size=2)
         assert [e["index"] for e in ex] == list(range(rank, n, 2))
+        # a rank decodes exactly its shard: no padding, no duplicates, no filler prompts
+        assert sorted(map(len, model.calls[0]["prompts"])) == sorted(
+            len(model.prompt_ids(r.question)) for r in records[rank::2]
+        )
         shards.append(ex)
-        calls.append(len(model.calls))
-    assert calls[0] == calls[1], "ranks must make the same number of generate calls (ZeRO-3 lockstep)"
     merged = merge_results(shards)
     assert sorted(e["index"] for e in shards[0] + shards[1]) == list(range(n))  # each exactly once
     assert merged == single_ex
@@ -277,18 +270,21 @@ def test_scalars_and_format_table() -> None:
     assert len({len(line) for line in lines}) == 1  # aligned
 
 
-def test_default_prompt_fn_uses_formatting_module() -> None:
+def test_prompts_come_from_the_formatting_module() -> None:
+    """The real decoding's prompts (``Inference.prompt_ids``: ``data.formatting.prompt_ids``)."""
+    from ltscale.data.formatting import prompt_ids
+
     tok = make_tokenizer()
-    model = FakeLatentLM(tok, SCRIPT)
-    summary, ex = evaluate(
-        model, tok, make_records(3), progress=False, max_new_tokens=8, use_chat_template=False
-    )
+    inf = inference_for(real_lm(), tok, chat=False)
+    assert inf.prompt_ids("q3 words") == prompt_ids(tok, "q3 words", use_chat_template=False)
+    fake = FakeInference(tok, SCRIPT)
+    fake.prompt_ids = inf.prompt_ids
+    summary, ex = evaluate(fake, make_records(3), progress=False, max_new_tokens=8)
     assert summary.n == 3 and [e["prediction"] for e in ex] == ["18", "18.0", "7"]
 
 
-def test_real_latent_lm_batched_equals_one_by_one() -> None:
-    """Against the real LatentLM (tiny random Llama, fp64): the eval loop's left padding and
-    length-sorted batching give the same per-example results as batch size 1."""
+def real_lm():
+    """A real LatentLM (tiny random Llama, fp64, fusion) over the test vocabulary, <thinking> made likely."""
     import ltscale.model as model_pkg
 
     tok = make_tokenizer()
@@ -296,57 +292,45 @@ def test_real_latent_lm_batched_equals_one_by_one() -> None:
     think = tok.convert_tokens_to_ids("<thinking>")
     with torch.no_grad():  # make <thinking> likely so latent steps are exercised
         base.lm_head.weight[think] += 0.5 * base.lm_head.weight.abs().mean(dim=0).sign()
-    model = model_pkg.LatentLM(base, think, mode="fusion")
+    return model_pkg.LatentLM(base, think, mode="fusion")
+
+
+def test_real_latent_lm_batched_equals_one_by_one() -> None:
+    """Against the real LatentLM: the eval loop's length-sorted continuous batching gives the same
+    per-example results as batch size 1."""
+    inf = inference_for(real_lm(), make_tokenizer())
     records = make_records(5)
-    kw = {"max_new_tokens": 6, "progress": False, "prompt_fn": prompt_fn}
-    _, batched = evaluate(model, tok, records, batch_size=3, **kw)
-    _, single = evaluate(model, tok, records, batch_size=1, **kw)
+    kw = {"max_new_tokens": 6, "progress": False}
+    _, batched = evaluate(inf, records, batch_size=3, **kw)
+    _, single = evaluate(inf, records, batch_size=1, **kw)
     assert batched == single
     assert all(e["num_generated"] >= 1 for e in batched)
-
-
-def test_continuous_batching_scores_like_fixed_batches() -> None:
-    """``LatentLM`` is decoded with continuous batching; a subclass that overrides ``generate``
-    (as SoftCoT does) opts out and gets fixed batches. Both score every example the same."""
-    import ltscale.model as model_pkg
-
-    class FixedBatches(model_pkg.LatentLM):
-        def generate(self, *args, **kwargs):
-            self.fixed_calls = getattr(self, "fixed_calls", 0) + 1
-            return super().generate(*args, **kwargs)
-
-    tok = make_tokenizer()
-    base = make_tiny_llama(len(WORDS), kv_heads=2, max_positions=64, isolated_rng=False, record_dtype=False)
-    think = tok.convert_tokens_to_ids("<thinking>")
-    with torch.no_grad():
-        base.lm_head.weight[think] += 0.5 * base.lm_head.weight.abs().mean(dim=0).sign()
-    continuous = model_pkg.LatentLM(base, think, mode="fusion")
-    fixed = FixedBatches(base, think, mode="fusion")
-    assert continuous.supports_continuous_batching and not fixed.supports_continuous_batching
-    kw = {"max_new_tokens": 6, "progress": False, "prompt_fn": prompt_fn, "batch_size": 2}
-    _, a = evaluate(continuous, tok, make_records(7), **kw)
-    _, b = evaluate(fixed, tok, make_records(7), **kw)
-    assert a == b
-    assert fixed.fixed_calls == 4
+    assert any(e["num_latent"] for e in batched), "test is vacuous: no latent step was taken"
 
 
 # ------------------------------------------------------------------- benchmarks through `ltscale eval`
 
 
+def fake_load_for_inference(calls: list | None = None, made: list | None = None):
+    """A stand-in for ``ltscale.inference.load_for_inference`` returning the scripted decoding;
+    records what it was asked for in ``calls`` and what it returned in ``made``."""
+    tok = make_tokenizer()
+
+    def load(path, method=None, options=None, *, mode=None, device=None, dtype=None, chat=None, cfg=None):
+        inf = FakeInference(tok, SCRIPT)
+        if calls is not None:
+            calls.append({"path": str(path), "mode": mode, "device": device})
+        if made is not None:
+            made.append(inf)
+        return inf
+
+    return load
+
+
 @pytest.fixture
 def fake_io(monkeypatch):
-    """``ltscale.model.io`` replaced by the scripted model above (the CLI wiring is under test)."""
-    import sys
-    import types
-
-    tok = make_tokenizer()
-    mod = types.ModuleType("ltscale.model.io")
-    mod.load_latent_model = lambda path, *, mode=None, device="cpu", dtype=None: (
-        FakeLatentLM(tok, SCRIPT),
-        tok,
-    )
-    mod.LATENT_CONFIG_FILE = "ltscale_latent.json"  # ltscale.methods reads the checkpoint's method
-    monkeypatch.setitem(sys.modules, "ltscale.model.io", mod)
+    """The checkpoint load replaced by the scripted decoding above (the CLI wiring is under test)."""
+    monkeypatch.setattr("ltscale.inference.load_for_inference", fake_load_for_inference())
     for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(key, raising=False)
 
@@ -422,25 +406,19 @@ def test_real_benchmarks_load(data_dir, monkeypatch) -> None:
 
 
 _WORKER = r"""
-import importlib.util, json, sys, types
+import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("_fakes", sys.argv[1])
 fakes = importlib.util.module_from_spec(spec)
 sys.modules["_fakes"] = fakes
 spec.loader.exec_module(fakes)
-tok = fakes.make_tokenizer()
-calls = []
-def load(path, *, mode=None, device="cpu", dtype=None):
-    m = fakes.FakeLatentLM(tok, fakes.SCRIPT)
-    calls.append(m)
-    return m, tok
-mod = types.ModuleType("ltscale.model.io")
-mod.load_latent_model = load
-mod.LATENT_CONFIG_FILE = "ltscale_latent.json"
-sys.modules["ltscale.model.io"] = mod
+made = []
+import ltscale.inference
+ltscale.inference.load_for_inference = fakes.fake_load_for_inference(made=made)
 from ltscale.cli import main
 rc = main(sys.argv[2:])
 import os  # main() has left the process group by now
-print(json.dumps({"rank": int(os.environ["RANK"]), "generate_calls": len(calls[0].calls)}), flush=True)
+decoded = [len(c["prompts"]) for c in made[0].calls]
+print(json.dumps({"rank": int(os.environ["RANK"]), "decoded": decoded}), flush=True)
 sys.exit(rc)
 """
 
@@ -448,7 +426,7 @@ sys.exit(rc)
 def test_cli_eval_two_ranks_scores_every_example_exactly_once(tmp_path, run_ranks) -> None:
     """Real gloo ranks through ``ltscale eval``: 5 problems over 2 ranks, batch 2.
 
-    Rank 0 holds 3 problems (2 batches), rank 1 holds 2 (1 batch + 1 discarded filler batch).
+    Rank 0 holds 3 problems, rank 1 holds 2; each decodes exactly its own.
     """
     from pathlib import Path
 
@@ -468,9 +446,9 @@ def test_cli_eval_two_ranks_scores_every_example_exactly_once(tmp_path, run_rank
     args += ["--output", str(out), "--batch-size", "2", "--max-new-tokens", "8", "--device", "cpu"]
     proc = run_ranks(worker, nproc=2, args=args, timeout=240)
     # both ranks print at once (they leave the process group together): lines may interleave
-    reports = [json.loads(x) for x in re.findall(r'\{"rank": \d+, "generate_calls": \d+\}', proc.stdout)]
+    reports = [json.loads(x) for x in re.findall(r'\{"rank": \d+, "decoded": \[[\d, ]*\]\}', proc.stdout)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
-    assert {r["generate_calls"] for r in reports} == {2}, "ranks must make equal generate calls"
+    assert {r["rank"]: r["decoded"] for r in reports} == {0: [3], 1: [2]}, "each rank decodes its shard once"
     examples = [json.loads(x) for x in (tmp_path / "r.examples.jsonl").read_text().splitlines()]
     assert [e["index"] for e in examples] == list(range(5)), "each example exactly once, in order"
     assert [e["id"] for e in examples] == [f"r{i}" for i in range(5)]

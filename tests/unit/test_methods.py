@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from ltscale.compare import ALL, run_config
-from ltscale.config import ConfigError, config_from_dict, load_config
+from ltscale.config import ConfigError
 from ltscale.methods import METHOD_NAMES, get_method, resolve_method
+from ltscale.run_config import config_from_dict, load_config
 from ltscale.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]

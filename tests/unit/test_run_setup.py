@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ltscale.config import load_config
+from ltscale.run_config import load_config
 from ltscale.run_setup import Sampler, Schedule, stage_steps
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltscale.methods.soft_thinking import SoftParams, SoftState, concept_weights, soft_generate, soft_step
+from ltscale.methods.soft_thinking import SoftParams, SoftState, SoftThinkingRule, concept_weights, soft_step
 from ltscale.model import LatentLM
 from tests.helpers import left_pad, tiny_latent_lm
 
@@ -14,6 +14,11 @@ VOCAB, THINK, EOS = 64, 63, 2
 
 def tiny_lm() -> LatentLM:
     return tiny_latent_lm(THINK, "cot", VOCAB).eval()
+
+
+def soft_generate(lm: LatentLM, ids, mask, max_new_tokens: int, *, params: SoftParams, eos_token_id: int):
+    """Soft-Thinking decoding of a padded batch: the shared decode loop with the method's rule."""
+    return lm.generate(ids, mask, max_new_tokens, eos_token_id=eos_token_id, rule=SoftThinkingRule(params))
 
 
 def concept(lm: LatentLM, logits: torch.Tensor, temperature: float, top_k: int, top_p: float = 1.0):

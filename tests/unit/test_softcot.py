@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from ltscale.config import ConfigError, load_config
+from ltscale.config import ConfigError
 from ltscale.methods.softcot import SoftCoTLM, assistant_thoughts
+from ltscale.run_config import load_config
 from tests.helpers import left_pad, make_tiny_llama
 
 VOCAB, THINK, EOS, N = 64, 63, 2, 3
