@@ -49,10 +49,7 @@ def data_dir() -> Path:
     """
     path = Path(os.environ.get("LTSCALE_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()
     if not path.is_dir():
-        reason = f"data directory {path} not found (set LTSCALE_DATA_DIR)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so this is an error rather than a skip")
-        pytest.skip(reason)
+        helpers.skip_or_fail(f"data directory {path} not found (set LTSCALE_DATA_DIR)")
     return path
 
 

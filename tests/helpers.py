@@ -6,6 +6,7 @@ can import them too).
 * ``DIST_ENV`` / ``launch_env`` / ``free_port`` / ``popen_group`` / ``communicate_group``: how a
   test starts a multi-rank job: a clean environment (no leaked ``RANK``/``MASTER_*``), a fresh
   port, a process group of its own that is killed as a whole on a timeout or an interrupt.
+* ``skip_or_fail``: the one way a test skips for something missing on this machine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -87,18 +89,23 @@ def tiny_latent_lm(think_id: int, mode: str, vocab_size: int = 64):
     return LatentLM(base, think_id, mode=mode)
 
 
-def require_fused(*, module_level: bool = False) -> None:
-    """Skip when ``ltscale._C`` is not built; under ``CI=true`` (where ``make install`` must build it)
-    fail instead, so a broken build can never pass as skipped tests."""
+def skip_or_fail(reason: str, *, module_level: bool = False) -> NoReturn:
+    """Skip for ``reason`` (something this machine lacks: built extension, data, a package); under
+    ``CI=true``, where CI installs all of it, fail instead, so a missing piece can never pass as
+    skipped tests."""
     import pytest
 
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: a failure, not a skip)", pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def require_fused(*, module_level: bool = False) -> None:
+    """``ltscale._C`` is built (``make install`` builds it), else :func:`skip_or_fail`."""
     from ltscale.ops import fused_available
 
-    if fused_available():
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("ltscale._C is not built (CI=true: make install must build it)", pytrace=False)
-    pytest.skip("ltscale._C is not built (run `make install`)", allow_module_level=module_level)
+    if not fused_available():
+        skip_or_fail("ltscale._C is not built (run `make install`)", module_level=module_level)
 
 
 def zero3_latent_step(lm, batch: dict, world_size: int):

