@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ltscale import rundir
+from ltscale.config import LATENT_MODES, ConfigError
 from ltscale.eval.benchmarks import BENCHMARKS, load_benchmark
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ltscale.cli")
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
-LATENT_MODES = ("hidden", "fusion", "pause")  # what --mode may switch a checkpoint to
+MODE_CHOICES = tuple(m for m in LATENT_MODES if m != "cot")  # what --mode may switch a checkpoint to
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".txt", ".gz")
 
 
@@ -54,7 +55,7 @@ def add_decoding_args(p: argparse.ArgumentParser, *, method: bool = True) -> Non
     """How a checkpoint is loaded and decoded (eval, generate, analyze)."""
     p.add_argument(
         "--mode",
-        choices=LATENT_MODES,
+        choices=MODE_CHOICES,
         default=None,
         help="latent input function (default: the one saved with the checkpoint)",
     )
@@ -104,7 +105,6 @@ def device_arg(arg: str, local_rank: int = 0) -> str:
 def load_inference(args: argparse.Namespace, ckpt: Path, *, local_rank: int = 0) -> Inference:
     """The checkpoint's decoding as the arguments ask: ``--method`` (else its own), ``--method-option``,
     ``--mode``, ``--chat-template``, ``--device``; bad method settings are user errors."""
-    from ltscale.config import ConfigError  # noqa: PLC0415
     from ltscale.inference import load_for_inference, parse_method_options  # noqa: PLC0415 - torch
 
     method = getattr(args, "method", None)

@@ -53,6 +53,7 @@ from safetensors.torch import load_file, save_file
 
 from ltscale import faults
 from ltscale.fsutil import atomic_write_text, chmod_to_umask, fsync_dir
+from ltscale.rundir import CKPT_LATEST
 
 from .dist import all_gather_object, dist_info
 from .integrity import META_FILE, CheckpointCorruptError, hash_share, verify_checkpoint
@@ -74,12 +75,11 @@ __all__ = [
     "TAG_PATTERN",
 ]
 
-LATEST = "latest"
+LATEST = CKPT_LATEST
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 TRAIN_STATE_FILE = "train_state.json"
 RNG_FILE = "rng_rank{rank}.safetensors"
-LEGACY_RNG_FILE = "rng_rank{rank}.pt"  # before safetensors; read with weights_only=True
 FORMAT_VERSION = 2  # 2: meta carries "files" (size + sha256 of every file)
 # Tags we create and are allowed to delete: no leading dot (tmp/trash dirs), no path separators.
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -533,11 +533,8 @@ def load_checkpoint(
         _sync_lr_from_scheduler(engine)
 
     rng_file = path / RNG_FILE.format(rank=info.rank)
-    legacy = path / LEGACY_RNG_FILE.format(rank=info.rank)
     if rng_file.is_file():
         restore_rng_state(load_file(str(rng_file)))
-    elif legacy.is_file():
-        restore_rng_state(torch.load(legacy, map_location="cpu", weights_only=True))
     elif meta is None or meta.get("rng", True):
         log.warning("rank %d: %s missing, RNG state not restored", info.rank, rng_file)
 

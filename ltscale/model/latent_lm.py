@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ltscale import rundir
+from ltscale.config import LATENT_MODES, check_alpha, check_top_p
 from ltscale.model.families import attach, real_rows_per_pass
 from ltscale.model.generation import DecodeRule, GenerationOutput, generate_batched, generate_many
 from ltscale.model.packed import packing_supported
@@ -27,7 +29,7 @@ from ltscale.model.rollout import count_passes, latent_rollout, plan_rollout
 from ltscale.ops import context_prediction_fusion, fused_available
 from ltscale.ops.deferred import DeferredWeightGrads, deferred_linear
 
-MODES = ("cot", "hidden", "fusion", "pause")
+MODES = LATENT_MODES
 
 
 @dataclass
@@ -125,20 +127,19 @@ class LatentLM(nn.Module):
             raise ValueError(f"mode={mode!r} not in {MODES}")
         self.mode = mode
         if alpha is not None:
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"alpha={alpha} outside [0, 1]")
+            check_alpha(alpha)
             self.alpha = float(alpha)
         if temperature is not None:
             self.temperature = float(temperature)
         if top_p is not None:
-            if not 0.0 < top_p <= 1.0:
-                raise ValueError(f"top_p={top_p} outside (0, 1]")
+            check_top_p(top_p)
             self.top_p = float(top_p)
 
     def latent_config(self) -> dict:
-        return {"mode": self.mode, "alpha": self.alpha, "temperature": self.temperature, "top_p": self.top_p,
-                "thinking_token_id": self.thinking_token_id, "adapter": self.adapter is not None,
-                "adapter_hidden": self.adapter.up.out_features if self.adapter is not None else None}
+        """The checkpoint's latent meta (``ltscale_latent.json``): what rebuilds this wrapper."""
+        return rundir.latent_meta(mode=self.mode, alpha=self.alpha, temperature=self.temperature, top_p=self.top_p,
+                                  thinking_token_id=self.thinking_token_id, adapter=self.adapter is not None,
+                                  adapter_hidden=self.adapter.up.out_features if self.adapter is not None else None)
 
     @property
     def uses_rollout(self) -> bool:

@@ -22,10 +22,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from ltscale.data.formatting import IGNORE_INDEX
 from ltscale.model.packed import run_packed_pass
 from ltscale.ops.deferred import DeferredWeightGrads
-
-IGNORE_INDEX = -100
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
