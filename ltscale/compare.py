@@ -33,6 +33,7 @@ from typing import Any
 
 from ltscale import rundir
 from ltscale.config import RunConfig, parse_yaml, save_resolved
+from ltscale.eval.evaluate import evaluate
 from ltscale.methods import METHOD_NAMES, get_method
 from ltscale.run_config import config_from_dict
 
@@ -115,8 +116,7 @@ def last_hf(cfg: RunConfig) -> Path:
 def score(
     hf: Path, records, *, method: str, cfg: RunConfig, batch_size: int, max_new_tokens: int
 ) -> dict[str, Any]:
-    from ltscale.eval.evaluate import evaluate  # noqa: PLC0415 - torch: only when a run is scored
-    from ltscale.inference import load_for_inference  # noqa: PLC0415
+    from ltscale.inference import load_for_inference  # noqa: PLC0415 - torch: only when a run is scored
 
     inf = load_for_inference(hf, method, device="cpu", cfg=cfg)
     summary, _ = evaluate(inf, records, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)

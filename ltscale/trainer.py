@@ -30,7 +30,9 @@ from ltscale.engine import comm_stats, dist
 from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config
 from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm, step_unless_nonfinite
 from ltscale.engine.io_wait import wait_for_io
+from ltscale.eval.analysis import run_analysis
 from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
+from ltscale.fsutil import atomic_write_text
 from ltscale.inference import load_for_inference
 from ltscale.methods import StageContext, get_method
 from ltscale.model.device import to_device
@@ -375,9 +377,6 @@ def log_analysis(monitor: Monitor, lm, tokenizer, records, per_example, cfg: Run
 
     Monitoring must not kill a finished stage: a failure is logged with its traceback and skipped.
     """
-    from ltscale.eval.analysis import run_analysis
-    from ltscale.fsutil import atomic_write_text
-
     try:
         res = run_analysis(lm, tokenizer, records[: cfg.eval.analysis_samples], max_new_tokens=cfg.eval.max_new_tokens,
                            probe_steps=cfg.eval.probe_steps, use_chat_template=cfg.model.use_chat_template,

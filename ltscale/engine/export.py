@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 import yaml
+from transformers import AutoConfig, LlamaConfig
 
 from ltscale import rundir
 from ltscale.config import StageConfig
+from ltscale.data.tokenizer import add_thinking_token, load_tokenizer
 from ltscale.engine.checkpoint import (
     LATEST,
     META_FILE,
@@ -221,8 +223,6 @@ def _auto_dtype(run_dir: Path, hf_dirs: list[Path]) -> torch.dtype:
 
 def _model_config(run_cfg: dict[str, Any], hf_dirs: list[Path], vocab_rows: int, dtype: torch.dtype):
     """HF config from a stage's ``hf/config.json``, else rebuilt the way ``build_base_model`` built it."""
-    from transformers import AutoConfig, LlamaConfig
-
     m = run_cfg.get("model") or {}
     if hf_dirs:
         config = AutoConfig.from_pretrained(hf_dirs[0])
@@ -250,8 +250,6 @@ def _model_config(run_cfg: dict[str, Any], hf_dirs: list[Path], vocab_rows: int,
 
 def _tokenizer(run_dir: Path, run_cfg: dict[str, Any], hf_dirs: list[Path], rows: int) -> tuple[Any, int]:
     """The tokenizer the model was trained with, ``<thinking>`` at the id the weights learned."""
-    from ltscale.data.tokenizer import add_thinking_token, load_tokenizer
-
     m = run_cfg.get("model") or {}
     thinking = m.get("thinking_token", "<thinking>")
     if hf_dirs:  # saved after <thinking> was added: exactly the training tokenizer

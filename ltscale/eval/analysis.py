@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from ltscale.data import formatting
 
 __all__ = [
     "AnalysisResult",
@@ -197,8 +201,6 @@ def trace_generation(
 
 
 def _trace(lm, prompt_ids, max_new_tokens, eos_token_id, attention, force_latent_steps, device) -> Trace:
-    from transformers import DynamicCache
-
     think = lm.thinking_token_id
     decoder = lm.decoder()
     cache = DynamicCache(config=lm.base.config)
@@ -353,16 +355,12 @@ def run_analysis(
     ``examples``: eval per-example dicts of a (usually larger) eval; when given, the difficulty
     analysis uses them instead of the traces here.
     """
-    from tqdm.auto import tqdm
-
-    from ltscale.data.formatting import prompt_ids
-
     was_training = bool(getattr(lm, "training", False))
     lm.eval()
     traces, probes, rows = [], [], []
     try:
         for r in tqdm(records, desc="analyze", unit="problem", disable=not progress):
-            ids = list(prompt_ids(tokenizer, r.question, use_chat_template=use_chat_template))
+            ids = list(formatting.prompt_ids(tokenizer, r.question, use_chat_template=use_chat_template))
             t = trace_generation(
                 lm, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, attention=attention
             )

@@ -11,11 +11,14 @@ network access (never used by tests). Any other ``--data`` value is passed to
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ltscale.fsutil import atomic_write_text
 
 __all__ = [
     "BENCHMARKS",
@@ -167,10 +170,6 @@ def write_suite_results(
     ``results`` maps benchmark name -> (EvalSummary, per-example dicts). Each benchmark's examples
     go to :func:`suite_examples_path`; its summary records that file under ``"examples"``.
     """
-    import json
-
-    from ltscale.fsutil import atomic_write_text
-
     output = Path(output)
     benches: dict[str, Any] = {}
     for name, (summary, examples) in results.items():

@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ltscale import rundir
+from ltscale.eval.benchmarks import benchmark_name
 
 __all__ = ["RunResult", "collect_run", "render_report"]
 
@@ -57,8 +60,6 @@ def _config(run: Path) -> dict[str, Any]:
     path = run / rundir.CONFIG_FILE
     if not path.is_file():
         return {}
-    import yaml
-
     return yaml.safe_load(path.read_text()) or {}
 
 
@@ -68,8 +69,6 @@ def _summary_bench(d: dict[str, Any], default: str) -> str:
         return str(meta["benchmark"])
     data = meta.get("data")
     if isinstance(data, str) and data:
-        from ltscale.eval.benchmarks import benchmark_name
-
         return benchmark_name(data)
     return default
 
@@ -91,8 +90,6 @@ def collect_run(run: Path | str, *, metric: str = "official") -> RunResult:
     seed = (cfg.get("train") or {}).get("seed")
     result = RunResult(path=run, label=str(label), seed=seed)
     data_eval = str((cfg.get("data") or {}).get("eval") or "eval")
-    from ltscale.eval.benchmarks import benchmark_name
-
     stage_bench = benchmark_name(data_eval) if data_eval != "synthetic" else "synthetic"
     # An in-training eval on the first N problems only (eval.subset, data.eval_limit) says so.
     partial = (cfg.get("eval") or {}).get("subset") or (cfg.get("data") or {}).get("eval_limit")

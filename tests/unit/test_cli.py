@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from ltscale.cli import main
-from ltscale.rundir import resolve_checkpoint
 
 
 def _fakes():
@@ -32,33 +31,6 @@ def _hf(path: Path) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     return path
-
-
-def test_resolve_checkpoint_variants(tmp_path) -> None:
-    hf = _hf(tmp_path / "direct")
-    assert resolve_checkpoint(hf) == hf
-    stage = tmp_path / "run" / "stage2"
-    _hf(stage / "hf")
-    assert resolve_checkpoint(stage) == stage / "hf"
-    run = tmp_path / "run"
-    _hf(run / "stage1" / "hf")
-    _hf(run / "stage10" / "hf")  # numeric, not lexicographic, order
-    (run / "stage11").mkdir()  # interrupted before its export: skipped
-    (run / "tb").mkdir()
-    assert resolve_checkpoint(run) == run / "stage10" / "hf"
-    assert resolve_checkpoint(str(run)) == run / "stage10" / "hf"
-
-
-def test_resolve_checkpoint_errors(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        resolve_checkpoint(tmp_path / "missing")
-    (tmp_path / "empty" / "stage1").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError) as e:
-        resolve_checkpoint(tmp_path / "empty")
-    msg = str(e.value)
-    assert str(tmp_path / "empty" / "config.json") in msg
-    assert str(tmp_path / "empty" / "hf" / "config.json") in msg
-    assert str(tmp_path / "empty" / "stage1" / "hf" / "config.json") in msg
 
 
 def test_missing_checkpoint_exit_2(tmp_path, capsys) -> None:
