@@ -8,31 +8,22 @@ import json
 from pathlib import Path
 
 from ltscale import rundir
-from ltscale.cli.common import (
-    EXIT_OK,
-    UserError,
-    add_checkpoint_arg,
-    add_decoding_args,
-    checkpoint_arg,
-    load_benchmark_arg,
-    load_inference,
-    positive_int,
-)
+from ltscale.cli import common
 from ltscale.fsutil import atomic_write_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="latent tokens vs difficulty, entropy/attention, feature collapse")
-    add_checkpoint_arg(p)
+    common.add_checkpoint_args(p, decoding=False)
     p.add_argument(
         "--data", required=True, help="a benchmark name (gsm8k, svamp, asdiv, multiarith) or a file"
     )
     p.add_argument("--split", default=None)
     p.add_argument(
-        "--limit", type=positive_int, default=100, help="problems to trace (default 100, as the paper)"
+        "--limit", type=common.positive_int, default=100, help="problems to trace (default 100, as the paper)"
     )
     p.add_argument("--output-dir", default="analysis", help="analysis.json and the PNG figures go here")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=256)
     p.add_argument(
         "--probe-steps", type=int, default=6, help="forced latent steps for the collapse probe (0: off)"
     )
@@ -40,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--examples", default=None, help="eval examples JSONL: difficulty analysis over it instead"
     )
     p.add_argument("--no-attention", action="store_true", help="skip attention capture (keeps sdpa; faster)")
-    add_decoding_args(p, method=False)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -50,28 +40,28 @@ def _examples_arg(arg: str | None) -> list[dict] | None:
         return None
     path = Path(arg).expanduser()
     if not path.is_file():
-        raise UserError(f"--examples: file not found: {path}")
+        raise common.UserError(f"--examples: file not found: {path}")
     try:
         examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise UserError(f"--examples: {path}:{e.lineno}: not JSONL ({e.msg})") from None
+        raise common.UserError(f"--examples: {path}:{e.lineno}: not JSONL ({e.msg})") from None
     missing = [i for i, e in enumerate(examples, 1) if "difficulty" not in e or "num_latent" not in e]
     if missing:
-        raise UserError(
+        raise common.UserError(
             f"--examples: {path}:{missing[0]}: needs 'difficulty' and 'num_latent' (an eval examples file)"
         )
     return examples
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = checkpoint_arg(args.checkpoint)
-    records = load_benchmark_arg(args.data, split=args.split, limit=args.limit)
+    ckpt = common.checkpoint_arg(args.checkpoint)
+    records = common.load_benchmark_arg(args.data, split=args.split, limit=args.limit)
     examples = _examples_arg(args.examples)
 
     from ltscale.eval.analysis import run_analysis  # noqa: PLC0415 - torch
     from ltscale.eval.plots import save_figures  # noqa: PLC0415 - matplotlib
 
-    inf = load_inference(args, ckpt)
+    inf = common.load_inference(args, ckpt)
     model = inf.model
     result = run_analysis(
         model,
@@ -111,4 +101,4 @@ def run(args: argparse.Namespace) -> int:
                 f"PC1 {m['pc1_explained']:.3f}  (n={m['n']})"
             )
     print(f"wrote {out_dir / rundir.ANALYSIS_FILE} and {', '.join(p.name for p in figures)}")
-    return EXIT_OK
+    return common.EXIT_OK

@@ -45,14 +45,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+def add_checkpoint_args(p: argparse.ArgumentParser, *, decoding: bool = True) -> None:
+    """Which checkpoint, and how it is loaded and decoded (eval, generate; analyze: ``decoding=False``,
+    it traces the checkpoint's own latent decoding)."""
     p.add_argument(
         "--checkpoint", required=True, help="HF dir, stage dir (uses hf/) or run dir (highest stage)"
     )
-
-
-def add_decoding_args(p: argparse.ArgumentParser, *, method: bool = True) -> None:
-    """How a checkpoint is loaded and decoded (eval, generate, analyze)."""
     p.add_argument(
         "--mode",
         choices=MODE_CHOICES,
@@ -66,7 +64,7 @@ def add_decoding_args(p: argparse.ArgumentParser, *, method: bool = True) -> Non
         help="format the prompt with the tokenizer's chat template (default: auto)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    if not method:
+    if not decoding:
         return
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--without-thinking", action="store_true", help="mask <thinking>: pure explicit decoding")

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ltscale.cli.common import EXIT_INVALID, EXIT_OK, UserError, positive_int
+from ltscale.cli import common
 from ltscale.fsutil import atomic_write_text
 
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="synthetic data and record validation")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="{synth,check}")
     q = dsub.add_parser("synth", help="write seeded synthetic arithmetic problems as JSONL")
-    q.add_argument("--n", type=positive_int, required=True)
+    q.add_argument("--n", type=common.positive_int, required=True)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True)
     q.set_defaults(func=run_synth)
@@ -33,24 +33,24 @@ def run_synth(args: argparse.Namespace) -> int:
     out = Path(args.out)
     atomic_write_text(out, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
     print(f"wrote {len(records)} records to {out}")
-    return EXIT_OK
+    return common.EXIT_OK
 
 
 def run_check(args: argparse.Namespace) -> int:
     path = Path(args.file).expanduser()
     if not path.exists():
-        raise UserError(f"data file not found: {args.file}")
+        raise common.UserError(f"data file not found: {args.file}")
     from ltscale.data.records import DataError, load_records  # noqa: PLC0415 - ltscale.data imports torch
 
     try:
         records = load_records(str(path), split=args.split, strict=True)
     except DataError as e:
         print(f"ltscale: invalid data: {e}", file=sys.stderr)
-        return EXIT_INVALID
+        return common.EXIT_INVALID
     counts: dict[int, int] = {}
     for r in records:
         d = int(r.difficulty)
         counts[d] = counts.get(d, 0) + 1
     hist = ", ".join(f"{d}: {c}" for d, c in sorted(counts.items()))
     print(f"{path}: {len(records)} records OK (steps -> count: {hist or 'none'})")
-    return EXIT_OK
+    return common.EXIT_OK

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ltscale.cli.common import EXIT_OK
+from ltscale.cli import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,4 +20,4 @@ def run(args: argparse.Namespace) -> int:
 
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
-    return EXIT_OK
+    return common.EXIT_OK

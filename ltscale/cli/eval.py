@@ -13,16 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ltscale.cli.common import (
-    EXIT_OK,
-    add_checkpoint_arg,
-    add_decoding_args,
-    checkpoint_arg,
-    load_benchmark_arg,
-    load_inference,
-    logger,
-    positive_int,
-)
+from ltscale.cli import common
 from ltscale.eval.benchmarks import (
     benchmark_name,
     expand_sources,
@@ -42,8 +33,7 @@ from ltscale.eval.evaluate import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy, mean latent tokens and per-example JSONL on a dataset")
-    add_checkpoint_arg(p)
-    add_decoding_args(p)
+    common.add_checkpoint_args(p)
     p.add_argument(
         "--data",
         required=True,
@@ -57,8 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="results.json",
         help="summary JSON; examples go to <stem>.examples.jsonl (<stem>.<benchmark>.examples.jsonl for several)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N records")
+    p.add_argument("--batch-size", type=common.positive_int, default=16)
+    p.add_argument(
+        "--limit", type=common.positive_int, default=None, help="evaluate only the first N records"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -82,20 +74,20 @@ def _dist_context() -> tuple[int, int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = checkpoint_arg(args.checkpoint)
+    ckpt = common.checkpoint_arg(args.checkpoint)
     datasets = {}
     for source in expand_sources(args.data):  # all data errors surface before the model is loaded
         datasets[benchmark_name(source)] = (
             source,
-            load_benchmark_arg(source, split=args.split, limit=args.limit),
+            common.load_benchmark_arg(source, split=args.split, limit=args.limit),
         )
     rank, world, local_rank = _dist_context()
 
-    inf = load_inference(args, ckpt, local_rank=local_rank)
+    inf = common.load_inference(args, ckpt, local_rank=local_rank)
     results = {}
     for name, (_, records) in datasets.items():
         if rank == 0 and len(datasets) > 1:
-            logger.info("benchmark %s: %d problems", name, len(records))
+            common.logger.info("benchmark %s: %d problems", name, len(records))
         summary, per_example = evaluate(
             inf,
             records,
@@ -113,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             summary = summarize(per_example)
         results[name] = (summary, per_example)
     if rank != 0:
-        return EXIT_OK
+        return common.EXIT_OK
     meta = {
         "checkpoint": str(ckpt),
         "method": args.method or "(the checkpoint's own)",
@@ -131,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         "world_size": world,
     }
     _write_and_print(results, Path(args.output), meta, ckpt)
-    return EXIT_OK
+    return common.EXIT_OK
 
 
 def _write_and_print(results: dict, output: Path, meta: dict, ckpt: Path) -> None:

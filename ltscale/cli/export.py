@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from ltscale import rundir
-from ltscale.cli.common import EXIT_OK, UserError, positive_int
+from ltscale.cli import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", required=True, help="HF dir to write (only an earlier export is replaced)")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. final or step-000200 (default: latest)")
-    p.add_argument("--stage", type=positive_int, default=None, help="stage number (with a run dir)")
+    p.add_argument("--stage", type=common.positive_int, default=None, help="stage number (with a run dir)")
     p.add_argument(
         "--dtype",
         choices=["auto", "fp32", "bf16", "fp16"],
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             src.ckpt_root, src.tag, Path(args.output), run_dir=src.run_dir, stage=src.stage, dtype=args.dtype
         )
     except ExportError as e:
-        raise UserError(str(e)) from None
+        raise common.UserError(str(e)) from None
     source = rundir.read_meta(out)[rundir.SOURCE_KEY]
     print(f"exported {source['checkpoint']} (stage {src.stage}, step {source['step_in_stage']}) -> {out}")
-    return EXIT_OK
+    return common.EXIT_OK

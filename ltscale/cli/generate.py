@@ -9,22 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ltscale.cli.common import (
-    EXIT_OK,
-    UserError,
-    add_checkpoint_arg,
-    add_decoding_args,
-    checkpoint_arg,
-    load_inference,
-)
+from ltscale.cli import common
 from ltscale.eval.evaluate import generated_text
 from ltscale.eval.extraction import THINKING_TOKEN, extract_answer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer one question, showing the latent steps")
-    add_checkpoint_arg(p)
-    add_decoding_args(p)
+    common.add_checkpoint_args(p)
     p.add_argument("question")
     p.add_argument(
         "--marker", default="\u27e8latent\u27e9", help="how a latent step is shown (default: ⟨latent⟩)"
@@ -43,10 +35,10 @@ def _console_marker(marker: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = checkpoint_arg(args.checkpoint)
+    ckpt = common.checkpoint_arg(args.checkpoint)
     if not args.question.strip():
-        raise UserError("the question is empty")
-    inf = load_inference(args, ckpt)
+        raise common.UserError("the question is empty")
+    inf = common.load_inference(args, ckpt)
     eos = inf.tokenizer.eos_token_id
     out = inf.generate_many(
         [inf.prompt_ids(args.question)],
@@ -63,4 +55,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"answer: {answer if answer else '(none)'}")
     stopped = "  (cut at --max-new-tokens)" if not ended and n >= args.max_new_tokens else ""
     print(f"latent steps: {int(out.num_latent[0])}  generated tokens: {n}{stopped}")
-    return EXIT_OK
+    return common.EXIT_OK

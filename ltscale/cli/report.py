@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ltscale.cli.common import EXIT_OK, UserError
+from ltscale.cli import common
 from ltscale.eval.report import collect_run, render_report
 from ltscale.fsutil import atomic_write_text
 
@@ -23,9 +23,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         runs = [collect_run(Path(p), metric=args.metric) for p in args.runs]
     except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
+        raise common.UserError(str(e)) from None
     text = render_report(runs, metric=args.metric)
     if args.output:
         atomic_write_text(Path(args.output), text)
     print(text, end="")
-    return EXIT_OK
+    return common.EXIT_OK

@@ -35,13 +35,10 @@ from ltscale.model.generation import DecodeRule, Rows
 
 
 @dataclass
-class SoftParams:
-    temperature: float = 0.6
-    top_k: int = 10
-    top_p: float = 0.95
-    entropy_threshold: float = 0.01
-    cold_stop_steps: int = 256
-    think_end_id: int | None = None
+class SoftParams(SoftThinkingConfig):
+    """The method's settings with its tokens as ids."""
+
+    think_end_id: int | None = None  # soft_thinking.think_end's id
     exclude_id: int | None = None  # masked before everything (<thinking>)
 
 
@@ -170,13 +167,7 @@ class SoftThinking(CoT):
                 raise ConfigError(f"soft_thinking.think_end: {st.think_end!r} is {len(ids)} tokens, not one")
             end_id = ids[0]
         params = SoftParams(
-            temperature=st.temperature,
-            top_k=st.top_k,
-            top_p=st.top_p,
-            entropy_threshold=st.entropy_threshold,
-            cold_stop_steps=st.cold_stop_steps,
-            think_end_id=end_id,
-            exclude_id=ckpt.lm.thinking_token_id,
+            **dataclasses.asdict(st), think_end_id=end_id, exclude_id=ckpt.lm.thinking_token_id
         )
         return Decoding(
             model=ckpt.lm, rule=SoftThinkingRule(params), without_thinking=True, meta=dataclasses.asdict(st)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -309,28 +309,14 @@ def generate_batched(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     max_new_tokens: int,
-    *,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    without_thinking: bool = False,
-    forced: torch.Tensor | None = None,
-    rule: DecodeRule | None = None,
+    **kwargs: Any,
 ) -> GenerationOutput:
-    """A padded batch (left or right padding) decoded together: ``generate_many`` with one slot per row."""
+    """A padded batch (left or right padding) decoded together: :func:`generate_many` (same keyword
+    arguments) with one slot per row."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     valid = attention_mask.bool()
     if not bool(valid.any(dim=1).all()):
         raise ValueError("generate: every prompt needs at least one real token")
     prompts = [input_ids[b][valid[b]] for b in range(input_ids.shape[0])]
-    return generate_many(
-        lm,
-        prompts,
-        max_new_tokens,
-        slots=max(len(prompts), 1),
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        without_thinking=without_thinking,
-        forced=forced,
-        rule=rule,
-    )
+    return generate_many(lm, prompts, max_new_tokens, slots=max(len(prompts), 1), **kwargs)
