@@ -11,6 +11,7 @@ continuous batching).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class Inference:
             pad_token_id = eos_token_id
         rule = self.rule
         if without_thinking and isinstance(rule, Greedy) and not rule.without_thinking:
-            rule = Greedy(without_thinking=True, forced=rule.forced)
+            rule = dataclasses.replace(rule, without_thinking=True)
         was_training = bool(self.model.training)
         self.model.eval()
         try:

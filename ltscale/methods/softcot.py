@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,17 +200,17 @@ class SoftCoTLM(LatentLM):
             max_new_tokens,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-            rule=SoftCoTRule(self.n_thoughts),
+            rule=SoftCoTRule(prompt_latents=self.n_thoughts),
         )
 
 
+@dataclass
 class SoftCoTRule(Greedy):
     """Greedy decoding of a :class:`SoftCoTLM` with ``<thinking>`` masked; at prefill the prompt's
     N slots take the projected soft thoughts, which count as the answer's latent steps."""
 
-    def __init__(self, n_thoughts: int):
-        super().__init__(without_thinking=True)
-        self.prompt_latents = int(n_thoughts)
+    without_thinking: bool = True
+    prompt_latents: int = 0  # N
 
     def prefill_embeds(self, lm: SoftCoTLM, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return lm.embed_with_thoughts(ids, mask)
@@ -341,7 +342,7 @@ class SoftCoT(Method):
         model.to(device=next(lm.parameters()).device, dtype=lm.base.dtype)
         return Decoding(
             model=model.eval(),
-            rule=SoftCoTRule(n),
+            rule=SoftCoTRule(prompt_latents=n),
             prompt_suffix=[lm.thinking_token_id] * n,
             without_thinking=True,
             meta=info,

@@ -125,3 +125,32 @@ def test_top1_soft_decoding_is_greedy_decoding():
     soft = soft_generate(lm, ids, mask, 10, params=params, eos_token_id=EOS)
     greedy = lm.generate(ids, mask, 10, eos_token_id=EOS, without_thinking=True)
     assert torch.equal(soft.sequences, greedy.sequences)
+
+
+def test_continuous_batching_equals_per_sample():
+    """Rows joining and leaving the batch carry their soft-mode state with them (``Rows.state``)."""
+    from ltscale.model.generation import generate_many
+
+    lm = tiny_lm()
+    with torch.no_grad():
+        lm.base.lm_head.weight[EOS] += 0.04  # rows end after 1-10 steps: late rows join older ones
+    # every step counts as low-entropy: a row's 4th step (counted from its own start) is explicit
+    params = SoftParams(
+        temperature=0.7,
+        top_k=8,
+        top_p=0.9,
+        entropy_threshold=float("inf"),
+        cold_stop_steps=4,
+        exclude_id=THINK,
+    )
+    prompts = [[1, 5, 9, 13, 17, 21], [1, 8, 3], [1, 30, 31, 32, 33], [1, 40], [1, 41, 42], [1, 43, 44, 45]]
+    rule = SoftThinkingRule(params)
+    many = generate_many(lm, prompts, 10, slots=2, eos_token_id=EOS, rule=rule)
+    for b, p in enumerate(prompts):
+        one = generate_many(lm, [p], 10, slots=1, eos_token_id=EOS, rule=rule)
+        assert torch.equal(many.sequences[b], one.sequences[0]), b
+        assert int(many.num_latent[b]) == int(one.num_latent[0]) and int(many.lengths[b]) == int(
+            one.lengths[0]
+        )
+    assert len(set(many.lengths.tolist())) > 2, "test is vacuous: rows should finish at different steps"
+    assert many.num_latent.tolist() == [min(n, 3) for n in many.lengths.tolist()]

@@ -116,3 +116,20 @@ def test_softcot_config_errors():
         )
     cfg = load_config(None, ["method=softcot", "softcot.assistant=configs/tiny-assistant.yaml"])
     assert {st.mode for st in cfg.stages} == {"cot"}
+
+
+def test_continuous_batching_equals_per_sample():
+    """Prompts prefilled in different groups (two slots for three prompts) get their own thoughts."""
+    from ltscale.methods.softcot import SoftCoTRule
+    from ltscale.model.generation import generate_many
+
+    lm = softcot().eval()
+    rows = [list(p) + [THINK] * N for p in PROMPTS]
+    rule = SoftCoTRule(prompt_latents=N)
+    many = generate_many(lm, rows, 8, slots=2, eos_token_id=EOS, rule=rule)
+    for b, r in enumerate(rows):
+        one = lm.generate(torch.tensor([r]), None, 8, eos_token_id=EOS)
+        assert torch.equal(many.sequences[b], one.sequences[0]), b
+        assert int(many.num_latent[b]) == int(one.num_latent[0]) == N
+    plain = generate_many(lm, rows, 8, slots=2, eos_token_id=EOS, without_thinking=True)
+    assert not torch.equal(plain.sequences, many.sequences), "the thoughts must change the answers"
