@@ -132,18 +132,6 @@ def max_rel_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
     return max(((got[n] - want[n]).abs().max() / (want[n].abs().max() + 1e-30)).item() for n in want)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of token rows left-padded to the longest, as ``evaluate()``
-    batches prompts for generation."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r) :] = torch.tensor(r)
-        mask[b, width - len(r) :] = 1
-    return ids, mask
-
-
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1, below the kernel's ephemeral range.
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ltscale.cli import main
-from tests.helpers import left_pad
+from ltscale.model.generation import left_pad
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 
@@ -118,7 +118,7 @@ def test_exported_model_generates_with_latents_like_the_stage_export(run_dir, tm
         assert torch.equal(lm(ids, mask).logits, ref(ids, mask).logits)
     _, test = synthetic_splits(4, 4, 3)
     prompts = [list(prompt_ids(tok, r.question, use_chat_template=None)) for r in test]
-    x, m = left_pad(prompts, tok.pad_token_id)  # as eval does
+    x, m = left_pad(prompts, tok.pad_token_id)  # as the decode loop prefills prompts
     results = []
     for model in (lm, ref):
         _force_latents(model, steps={0, 1, 4})

@@ -12,9 +12,10 @@ from ltscale.data import Record, collate
 from ltscale.methods import Checkpoint
 from ltscale.methods.coconut import Coconut, build_example, stage_layout
 from ltscale.model import LatentLM
+from ltscale.model.generation import left_pad
 from ltscale.model.reference import reference_forward, reference_generate
 from ltscale.run_config import load_config
-from tests.helpers import left_pad, tiny_latent_lm
+from tests.helpers import tiny_latent_lm
 
 VOCAB, BOT, EOT, THINK, EOS = 64, 60, 61, 63, 2
 

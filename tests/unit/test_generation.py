@@ -118,3 +118,13 @@ def test_generate_many_rejects_bad_input():
         generate_many(lm, [[7, 8], []], 4, slots=2)
     with pytest.raises(ValueError, match="slots=0"):
         generate_many(lm, [[7, 8]], 4, slots=0)
+
+
+def test_left_pad_puts_every_rows_last_token_in_the_last_column():
+    from ltscale.model.generation import left_pad
+
+    ids, mask = left_pad([[7, 8, 9], [5], torch.tensor([3, 4])], pad_id=1)
+    assert ids.tolist() == [[7, 8, 9], [1, 1, 5], [1, 3, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    empty_ids, empty_mask = left_pad([])
+    assert empty_ids.shape == empty_mask.shape == (0, 0)

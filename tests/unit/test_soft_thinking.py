@@ -7,7 +7,8 @@ import torch
 
 from ltscale.methods.soft_thinking import SoftParams, SoftState, SoftThinkingRule, concept_weights, soft_step
 from ltscale.model import LatentLM
-from tests.helpers import left_pad, tiny_latent_lm
+from ltscale.model.generation import left_pad
+from tests.helpers import tiny_latent_lm
 
 VOCAB, THINK, EOS = 64, 63, 2
 

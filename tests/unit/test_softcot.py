@@ -9,8 +9,9 @@ from transformers import LlamaForCausalLM
 
 from ltscale.config import ConfigError
 from ltscale.methods.softcot import SoftCoTLM, assistant_thoughts
+from ltscale.model.generation import left_pad
 from ltscale.run_config import load_config
-from tests.helpers import left_pad, make_tiny_llama
+from tests.helpers import make_tiny_llama
 
 VOCAB, THINK, EOS, N = 64, 63, 2, 3
 
