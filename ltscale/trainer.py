@@ -39,7 +39,7 @@ from ltscale.model.device import to_device
 from ltscale.model.io import save_latent_model
 from ltscale.monitor import Monitor
 from ltscale.run_setup import RunData, Sampler, Schedule, build_latent_model, prepare_data, stage_steps
-from ltscale.rundir import StageOrderError, stage_complete, stage_dir
+from ltscale.rundir import StageOrderError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class StopSignal:
 def select_stages(cfg: RunConfig, run_dir: Path, stage_arg: str) -> list[int]:
     n = len(cfg.stages)
     if stage_arg == "all":
-        todo = [k for k in range(1, n + 1) if not stage_complete(run_dir, k)]
+        todo = [k for k in range(1, n + 1) if not rundir.stage_complete(run_dir, k)]
         if not todo:
             log.info("all %d stages in %s are already complete; nothing to do", n, run_dir)
         return todo
@@ -308,7 +308,7 @@ class Trainer:
 
     def _finish_stage(self, k: int, stats: dict) -> None:
         """Export HF weights, evaluate them (sharded over ranks), then mark the stage complete."""
-        sdir = stage_dir(self.run_dir, k)
+        sdir = rundir.stage_dir(self.run_dir, k)
         state = gather_state_dict(self.engine)
         if self.info.is_main:
             faults.check("export", stage=k)
@@ -403,8 +403,8 @@ def warn_on_config_change(cfg: RunConfig, run_dir: Path) -> None:
 def finished_results(cfg: RunConfig, run_dir: Path) -> dict[int, dict]:
     out = {}
     for k in range(1, len(cfg.stages) + 1):
-        done = stage_dir(run_dir, k) / rundir.EVAL_FILE
-        if stage_complete(run_dir, k) and done.is_file():
+        done = rundir.stage_dir(run_dir, k) / rundir.EVAL_FILE
+        if rundir.stage_complete(run_dir, k) and done.is_file():
             out[k] = json.loads(done.read_text())
     return out
 

@@ -119,6 +119,8 @@ def load_inference(args: argparse.Namespace, ckpt: Path, *, local_rank: int = 0)
             device=device_arg(args.device, local_rank),
             chat=args.chat_template,
         )
+    except FileNotFoundError as e:  # a directory with config.json but no latent meta
+        raise UserError(str(e)) from None
     except (ConfigError, TypeError, ValueError) as e:
         raise UserError(f"--method: {e}") from None
 

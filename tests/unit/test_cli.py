@@ -230,3 +230,13 @@ def test_generate_shows_what_eval_scores_for_every_method(tmp_path, capsys, meth
         assert text == ex["generated_text"], q
         assert f"latent steps: {ex['num_latent']}  generated tokens: {ex['num_generated']}" in tail
     assert sum(e["num_latent"] for e in examples) > 0, "test is vacuous: no latent step was taken"
+
+
+def test_not_an_ltscale_checkpoint_and_bad_method_options_exit_2(tmp_path, capsys) -> None:
+    hf = _hf(tmp_path / "plain_hf")  # an HF dir without ltscale_latent.json
+    assert main(["generate", "--checkpoint", str(hf), "q1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not an ltscale checkpoint" in err and "Traceback" not in err
+    argv = ["generate", "--checkpoint", str(hf), "q1", "--method-option", "soft_thinking.top_k"]
+    assert main(argv) == 2
+    assert "expected SECTION.KEY=VALUE" in capsys.readouterr().err
