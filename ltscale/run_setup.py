@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ltscale import rundir
 from ltscale.config import ConfigError, RunConfig
 from ltscale.data import Encoded, Record, encode_records, load_records
 from ltscale.data.formatting import assistant_text
@@ -63,9 +64,9 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path, train_records: list[Record]
     """Load the configured tokenizer, or train a sentencepiece one once (rank 0) into the run dir."""
     m = cfg.model
     if m.tokenizer == "sentencepiece":
-        out = run_dir / "tokenizer"
+        out = run_dir / rundir.TOKENIZER_DIR
         if is_main and not (out / "tokenizer.json").is_file():
-            tmp = run_dir / ".tmp-tokenizer"
+            tmp = run_dir / f".tmp-{rundir.TOKENIZER_DIR}"
             shutil.rmtree(tmp, ignore_errors=True)
             texts = [t for r in train_records for t in (r.question, assistant_text(r))]
             train_sentencepiece(texts, tmp, vocab_size=m.tokenizer_vocab_size, seed=cfg.train.seed)
