@@ -303,7 +303,7 @@ def test_position_dependent_rope_is_exact_up_to_its_limit_and_refused_beyond(ori
 
 
 def test_the_qwen_instruct_example_config_loads_and_names_a_checked_family(repo_root):
-    from ltscale.config import load_config
+    from ltscale.run_config import load_config
 
     cfg = load_config(repo_root / "configs" / "qwen2.5-0.5b-instruct-gsm8k.yaml")
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model.use_chat_template
