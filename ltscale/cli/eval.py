@@ -10,7 +10,6 @@ summarises and writes; a plain ``ltscale eval`` never touches ``torch.distribute
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ltscale.cli import common
@@ -29,6 +28,7 @@ from ltscale.eval.evaluate import (
     summarize,
     write_results,
 )
+from ltscale.launch_env import LaunchEnvError, rank_env
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,17 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _launcher_world_size() -> int:
-    """World size announced by the launcher (torchrun/deepspeed, Open MPI, PMI), 1 when none."""
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1
-
-
 def _dist_context() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank): joins the process group only when launched with several ranks."""
-    if _launcher_world_size() <= 1:
+    """(rank, world_size, local_rank): joins the process group only when launched with several ranks
+    (torchrun/deepspeed, mpirun, PMI, srun: ``ltscale.launch_env``)."""
+    try:
+        world = rank_env().world_size
+    except LaunchEnvError as e:
+        raise common.UserError(str(e)) from None
+    if world <= 1:
         return 0, 1, 0
     from ltscale.engine.dist import init_distributed  # noqa: PLC0415 - torch.distributed: launched runs only
 

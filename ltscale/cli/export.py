@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ltscale import rundir
 from ltscale.cli import common
+from ltscale.precision import ENGINE_PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", type=common.positive_int, default=None, help="stage number (with a run dir)")
     p.add_argument(
         "--dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=["auto", *ENGINE_PRECISIONS],
         default="auto",
         help="weights dtype (default: the training precision, as the stage's own hf export)",
     )

@@ -46,15 +46,16 @@ from ltscale.engine.checkpoint import (
     latest_tag,
     list_checkpoints,
 )
-from ltscale.model.builder import DTYPES
+from ltscale.model.device import DTYPES
 from ltscale.model.io import save_latent_model
+from ltscale.precision import ENGINE_PRECISIONS
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "ExportSource", "consolidate", "export_checkpoint", "resolve_source"]
 
-#: ``--dtype`` choices: the training precisions among ``ltscale.model.builder.DTYPES``.
-EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+#: ``--dtype`` choices: the training precisions (what a checkpoint's master weights can be cast to).
+EXPORT_DTYPES = ENGINE_PRECISIONS
 # Input-embedding parameter names across HF causal LMs (Llama/Qwen/Mistral, GPT-2, BLOOM/Falcon).
 _EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 

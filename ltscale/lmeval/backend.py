@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from ltscale.launch_env import rank_env
 from ltscale.lmeval.decode import (
     DEFAULT_BATCH_SIZE,
     context_ids,
@@ -113,14 +113,6 @@ def _method_options(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _launch_world_size() -> int:
-    """World size the launcher announced (torchrun/deepspeed, Open MPI, PMI); 1 without one."""
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1
-
-
 def _pick_device(device: str | None, local_rank: int, world_size: int) -> torch.device:
     """lm-eval always sends a device (``cuda:0`` by default, as its HF backend reads it): a CUDA
     device means this rank's GPU under a launcher, and the CPU on a machine without one."""
@@ -174,7 +166,7 @@ class LTScaleLM(TemplateLM):
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.latent_log = Path(latent_log) if latent_log else None
         self._rank, self._world_size, local_rank = 0, 1, 0
-        if _launch_world_size() > 1:
+        if rank_env().world_size > 1:  # torchrun/deepspeed, mpirun, PMI, srun (ltscale.launch_env)
             from ltscale.engine.dist import init_distributed
 
             info = init_distributed()

@@ -105,7 +105,7 @@ def _sources() -> dict[str, tuple[Callable[[], list[Any]], int]]:
     out: dict[str, tuple[Callable[[], list[Any]], int]] = {
         name: ((lambda n=name: load_benchmark(n)), _ANSWER_MAX) for name in DATA_PACK
     }
-    from ltscale.config import load_config
+    from ltscale.run_config import load_config
 
     tiny = load_config(None)  # the embedded default, configs/tiny.yaml
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ltscale.config import load_config  # noqa: E402
+from ltscale.run_config import load_config  # noqa: E402
 from ltscale.engine import dist  # noqa: E402
 from ltscale.engine.ds_config import render_ds_config  # noqa: E402
 from ltscale.engine.engine import count_parameters  # noqa: E402

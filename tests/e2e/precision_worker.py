@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import ltscale.trainer as trainer_mod  # noqa: E402
-from ltscale.config import load_config  # noqa: E402
 from ltscale.engine import dist  # noqa: E402
 from ltscale.monitor import read_scalars  # noqa: E402
+from ltscale.run_config import load_config  # noqa: E402
 
 SMALL = [
     "model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",

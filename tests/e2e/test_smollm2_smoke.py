@@ -40,8 +40,9 @@ def test_smollm2_gguf_stage3_steps_export_and_eval(tmp_path, repo_root, data_dir
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may come from the hub
     from ltscale.data import collate
     from ltscale.eval.evaluate import evaluate
+    from ltscale.inference import load_for_inference
     from ltscale.methods.lt_tuning import score_and_select, stage_examples
-    from ltscale.model.io import load_latent_model, save_latent_model
+    from ltscale.model.io import save_latent_model
     from ltscale.run_config import load_config
     from ltscale.run_setup import build_latent_model, prepare_data
 
@@ -112,11 +113,11 @@ def test_smollm2_gguf_stage3_steps_export_and_eval(tmp_path, repo_root, data_dir
         tmp_path / "hf", config=lm.base.config, latent_state=lm.state_dict(), tokenizer=data.tokenizer,
         latent_config=lm.latent_config(),
     )  # fmt: skip
-    lm2, tok2 = load_latent_model(hf)
-    assert lm2.mode == "fusion" and lm2.thinking_token_id == data.thinking_id
-    summary, per_example = evaluate(
-        lm2, tok2, data.eval_records, batch_size=8, max_new_tokens=12, use_chat_template=True, progress=False
+    inf = load_for_inference(hf, device="cpu", chat=True)
+    assert (
+        inf.model.mode == "fusion" and inf.thinking_token_id == data.thinking_id and inf.method == "lt_tuning"
     )
+    summary, per_example = evaluate(inf, data.eval_records, batch_size=8, max_new_tokens=12, progress=False)
     assert summary.n == 8 and len(per_example) == 8
     assert all(e["num_generated"] >= 1 and e["generated_text"] for e in per_example)
     assert 0.0 <= summary.accuracy_numeric <= 1.0

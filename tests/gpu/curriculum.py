@@ -107,8 +107,8 @@ def main() -> int:
     p.add_argument("run_dir")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for the smollm2 preset")
     args = p.parse_args()
-    from ltscale.config import load_config
     from ltscale.monitor import read_scalars
+    from ltscale.run_config import load_config
     from ltscale.trainer import train
 
     run_dir = Path(args.run_dir)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ltscale.config import ConfigError, load_config
+from ltscale.config import ConfigError
 from ltscale.model.device import model_device, resolve_precision, to_device
 from ltscale.precision import precision_names
+from ltscale.run_config import load_config
 
 
 @dataclass

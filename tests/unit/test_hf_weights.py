@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
+from ltscale import rundir
 from ltscale.model.hf_weights import write_hf_weights, write_safetensors
 from ltscale.model.io import save_latent_model
 from tests.helpers import make_tiny_llama
@@ -100,10 +101,12 @@ def test_the_export_builds_no_model_to_hold_the_weights(tmp_path):
     model = make_tiny_llama(vocab_size=len(tok), hidden=64, dtype=torch.bfloat16)
     state = {f"base.{k}": v for k, v in model.state_dict().items()}
     emb = model.get_input_embeddings().weight
+    meta = rundir.latent_meta(mode="cot", alpha=0.6, temperature=1.0, top_p=0.9, thinking_token_id=len(tok) - 1,
+                              adapter=False, adapter_hidden=None)  # fmt: skip
     recorder = NewCPUStorage({t.untyped_storage().data_ptr() for t in state.values()}, emb.nbytes // 2)
     with recorder:
         save_latent_model(tmp_path / "hf", config=model.config, latent_state=state, tokenizer=tok,
-                          latent_config={"mode": "cot"})  # fmt: skip
+                          latent_config=meta)  # fmt: skip
     assert recorder.ops == [], f"allocations while exporting: {recorder.ops}"
     assert (
         load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"].dtype

@@ -10,7 +10,6 @@ same code on another device, which these tests do not exercise.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -21,8 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ltscale.data.formatting import plain_prompt_text, prompt_ids
-from ltscale.lmeval.decode import context_ids, cut_at_stops, greedy_settings, prompt_suffix
+from ltscale.lmeval.decode import context_ids, cut_at_stops, greedy_settings
 from ltscale.lmeval.tasks import PLAIN_TEXT, write_tasks
+from tests.helpers import skip_or_fail
 
 SMALL = [
     "model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
@@ -32,13 +32,11 @@ SMALL = [
 
 
 def require_lm_eval() -> None:
-    """Skip without the ``[eval]`` extra; under ``CI=true`` (``make install`` installs it) fail instead."""
+    """The ``[eval]`` extra (``make install`` installs it), else :func:`skip_or_fail`."""
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("lm-eval is not installed (CI=true: make install must install the [eval] extra)")
-        pytest.skip("lm-eval is not installed (pip install -e '.[eval]')")
+        skip_or_fail("lm-eval is not installed (pip install -e '.[eval]')")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +50,8 @@ def lm_eval_utils():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A random tiny checkpoint (trainer's tokenizer and model builders), saved as a stage export."""
-    from ltscale.config import load_config
     from ltscale.model.io import save_latent_model
+    from ltscale.run_config import load_config
     from ltscale.run_setup import build_latent_model, prepare_data
 
     root = tmp_path_factory.mktemp("lmeval_ckpt")
@@ -171,16 +169,17 @@ def test_chat_user_turn_is_ltscales_chat_prompt(tokenizer) -> None:
     assert context_ids(tok, rendered, two) == tok.encode(rendered, add_special_tokens=False)
 
 
-def test_prompt_suffix_of_a_method_and_a_builder_it_refuses(tokenizer) -> None:
-    def coconut_like(tok, q):
-        return prompt_ids(tok, q) + [7]
+def test_a_methods_prompt_suffix_comes_with_its_decoding(checkpoint, tokenizer) -> None:
+    """The ids lm-eval contexts get appended are the method's own (``Inference.prompt_suffix``)."""
+    from ltscale.inference import inference_for
+    from ltscale.lmeval.decode import Loaded, load
 
-    assert prompt_suffix(None, tokenizer, "lt_tuning") == []
-    assert prompt_suffix(coconut_like, tokenizer, "coconut") == [7]
-    with pytest.raises(ValueError, match="does not start with ltscale's prompt"):
-        prompt_suffix(lambda tok, q: [5, *prompt_ids(tok, q)], tokenizer, "odd")
-    with pytest.raises(ValueError, match="depend on the question"):
-        prompt_suffix(lambda tok, q: prompt_ids(tok, q) + [len(q)], tokenizer, "odd")
+    assert load(checkpoint).suffix == []
+    loaded = load(checkpoint)
+    meta = {"coconut": {"n_latent": 2, "bot_id": 7, "eot_id": 8}}
+    coconut = Loaded(inference_for(loaded.lm, tokenizer, method="coconut", meta=meta))
+    assert coconut.suffix == [7] and coconut.method == "coconut"
+    assert coconut.inference.prompt_ids("What is 1 + 2?") == [*prompt_ids(tokenizer, "What is 1 + 2?"), 7]
 
 
 # ------------------------------------------------------------------------------ task files and scoring
@@ -263,7 +262,7 @@ def test_data_pack_tasks_hold_ltscale_eval_records(data_dir, tmp_path, monkeypat
 
 
 def test_missing_data_pack_skips_its_tasks_but_writes_tiny(tmp_path, monkeypatch) -> None:
-    from ltscale.config import load_config
+    from ltscale.run_config import load_config
     from ltscale.run_setup import load_split_records
 
     monkeypatch.setenv("LTSCALE_DATA_DIR", str(tmp_path / "nowhere"))
