@@ -21,6 +21,7 @@ import yaml
 
 from ltscale import rundir
 from ltscale.fsutil import atomic_write_text
+from ltscale.precision import precision_names
 from ltscale.typed_yaml import ConfigError, build_dataclass, parse_yaml, set_dotted
 
 __all__ = ["LATENT_MODES", "ConfigError", "RunConfig", "build_config", "parse_yaml", "read_config", "validate"]
@@ -356,8 +357,6 @@ def validate(cfg: RunConfig, *, confidence_insertion: bool) -> None:
 def _check_precision(cfg: RunConfig) -> None:
     """``model.dtype`` and ``engine.precision`` must name one precision (the rule and its reasons:
     ``ltscale.precision.precision_names``); checked here, before a job is queued."""
-    from ltscale.precision import precision_names  # noqa: PLC0415 - next to its only caller
-
     try:
         precision_names(cfg.model.dtype, cfg.engine.precision)
     except ValueError as e:

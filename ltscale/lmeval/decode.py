@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ltscale.config import ConfigError
+from ltscale.eval.evaluate import generated_text
+
 if TYPE_CHECKING:
     from ltscale.inference import Inference
 
@@ -109,8 +112,7 @@ def load(
     Raises ``FileNotFoundError`` for a missing checkpoint and ``ValueError`` for a bad method
     or option, both with messages naming what was wrong.
     """
-    from ltscale.config import ConfigError
-    from ltscale.inference import load_for_inference
+    from ltscale.inference import load_for_inference  # torch and the model package
 
     try:
         inference = load_for_inference(checkpoint, method, options, mode=mode, device=device, dtype=dtype)
@@ -205,8 +207,6 @@ def generate(
     on_finish: Callable[[int], None] | None = None,
 ) -> list[Generation]:
     """Decode ``prompts`` (ids, suffix included) with ``slots`` rows in flight; results in input order."""
-    from ltscale.eval.evaluate import generated_text
-
     if not prompts:
         return []
     inf = loaded.inference

@@ -56,9 +56,9 @@ def _memorise(lm, tokenizer, records, steps: int = 120) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     require_lm_eval()
-    from ltscale.config import load_config
     from ltscale.methods.coconut import BOT, EOT
     from ltscale.model.io import save_latent_model
+    from ltscale.run_config import load_config
     from ltscale.run_setup import build_latent_model, prepare_data
 
     root = tmp_path_factory.mktemp("lm_eval_e2e")
