@@ -193,6 +193,8 @@ class LatentLM(nn.Module):
         """Token-mean cross-entropy over non-ignored labels (HF convention), via the KV-cached rollout.
 
         ``min_passes``: run at least this many sequential passes (ZeRO-3 lockstep across ranks).
+        The ids, mask and labels may stay on CPU (as the collator makes them): the rollout is planned
+        there and shipped to the model's device in one copy (``rollout_plan.py``).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -211,7 +213,8 @@ class LatentLM(nn.Module):
             latent_input=self.latent_input, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
             thinking_token_id=self.thinking_token_id if rollout else -1, min_passes=min_passes if rollout else 1,
             gradient_checkpointing=self.gradient_checkpointing and self.training, return_logits=return_logits,
-            packed=self.packed_passes == "auto" and packing_supported(self.base.config), deferred=self._deferred)
+            packed=self.packed_passes == "auto" and packing_supported(self.base.config), deferred=self._deferred,
+            device=self.base.get_input_embeddings().weight.device)
         self._deferred = None  # the accumulators live on in the graph until its backward
         loss = aux = None
         if labels is not None:

@@ -16,6 +16,13 @@ weight-sized output (10x slower per byte than the forward's read of the weight a
 and autograd then adds it into the running sum. Deferred, every weight gets one GEMM over the real
 tokens of all passes, as in a single-pass step.
 
+Grouped-query attention (``H`` query heads over ``H_kv`` K/V heads, ``G = H / H_kv``): the kernels
+given a mask repeat K/V up to ``H`` heads (HF's ``repeat_kv``; SDPA's own GQA path does not take a
+mask on CUDA), ``G`` times the K/V traffic of every pass. Instead the ``G`` query heads that share
+a K/V head are folded into the query length, ``(B, H_kv, G * W, hd)`` against ``(B, H_kv, T, hd)``,
+with the mask repeated along the folded length (``folded_mask``): the same dot products, no copy
+of K/V. ``fold_gqa=False`` keeps the unfolded computation (the parity reference).
+
 Only models whose attention is plain masked dot-product attention (``sdpa`` / ``eager``, no logit
 soft-capping) are packed (``packing_supported``); others keep the padded passes. A model whose
 decoder does not route attention through ``AttentionInterface`` with its kwargs is caught after the
@@ -43,6 +50,36 @@ def packing_supported(config) -> bool:
     return config._attn_implementation in _INNER_KERNELS and not getattr(config, "attn_logit_softcapping", None)
 
 
+def gqa_groups(config) -> int:
+    """Query heads per K/V head (1 without grouped-query attention)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads // kv_heads
+
+
+def folded_mask(positions: torch.Tensor, span: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, G * W, T) additive mask: key ``j`` is visible to the query at true position ``p`` iff
+    ``j <= p``; row ``g * W + w`` of the folded query length is query slot ``w`` of group ``g``.
+    Padding slots (position 0) see key 0 only, so their softmax rows stay finite."""
+    pos = positions.repeat(1, groups) if groups > 1 else positions
+    keys = torch.arange(span, device=positions.device)
+    allowed = keys[None, None, :] <= pos[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class _OneGroup:
+    """The attention module as a kernel sees it after the fold: one query head per K/V head."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
 @dataclass
 class PackedLayout:
     """One packed pass's row structure, shared by all its layers (built once per pass)."""
@@ -50,6 +87,7 @@ class PackedLayout:
     bsz: int
     width: int  # W_k: padded query slots per row
     span: int  # T_k: keys per row (longest row so far)
+    groups: int  # G: query heads folded into the query length per K/V head (1: no fold)
     q_slots: torch.Tensor  # (B*W,) packed query index of each padded slot (any valid index on padding)
     q_real: torch.Tensor  # (n,) the padded slots that hold the packed queries, in packed order
     k_slots: torch.Tensor  # (B*T,) history index of row b's token at true position j
@@ -77,12 +115,22 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     lay.new_kv[layer] = (key, value)
     keys, values = lay.history(layer, key, 0), lay.history(layer, value, 1)
     heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[-1]
-    q = query[0].index_select(1, lay.q_slots).view(heads, lay.bsz, lay.width, head_dim).transpose(0, 1)
-    k = keys[0].index_select(1, lay.k_slots).view(kv_heads, lay.bsz, lay.span, head_dim).transpose(0, 1)
-    v = values[0].index_select(1, lay.k_slots).view(kv_heads, lay.bsz, lay.span, head_dim).transpose(0, 1)
+    bsz, width, groups = lay.bsz, lay.width, lay.groups
+    q = query[0].index_select(1, lay.q_slots)  # (H, B * W, hd); head h = kv_head * G + g
+    k = keys[0].index_select(1, lay.k_slots).view(kv_heads, bsz, lay.span, head_dim).transpose(0, 1)
+    v = values[0].index_select(1, lay.k_slots).view(kv_heads, bsz, lay.span, head_dim).transpose(0, 1)
     kernel = ALL_ATTENTION_FUNCTIONS[lay.inner] if lay.inner != "eager" else _eager()
-    out, _ = kernel(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling)  # (B, W, H, hd)
-    out = out.reshape(lay.bsz * lay.width, heads, head_dim).index_select(0, lay.q_real)
+    if groups > 1:
+        if heads != kv_heads * groups:
+            raise RuntimeError(f"packed attention: {heads} query heads are not {groups} x {kv_heads} K/V heads")
+        q = q.view(kv_heads, groups, bsz, width, head_dim).permute(2, 0, 1, 3, 4)
+        q = q.reshape(bsz, kv_heads, groups * width, head_dim)
+        out, _ = kernel(_OneGroup(module), q, k, v, attention_mask, dropout=dropout, scaling=scaling)
+        out = out.view(bsz, groups, width, kv_heads, head_dim).permute(0, 2, 3, 1, 4)  # (B, W, H_kv, G, hd)
+    else:
+        q = q.view(heads, bsz, width, head_dim).transpose(0, 1)
+        out, _ = kernel(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling)  # (B, W, H, hd)
+    out = out.reshape(bsz * width, heads, head_dim).index_select(0, lay.q_real)
     return out.unsqueeze(0), None
 
 
@@ -133,19 +181,20 @@ def _linears_deferred(decoder: torch.nn.Module, deferred: DeferredWeightGrads | 
 
 
 def run_packed_pass(decoder: torch.nn.Module, config, deferred: DeferredWeightGrads | None, embeds: torch.Tensor,
-                    mask: torch.Tensor, position_ids: torch.Tensor, shape: tuple[int, int, int],
+                    mask: torch.Tensor, position_ids: torch.Tensor, shape: tuple[int, int, int, int],
                     q_slots: torch.Tensor, q_real: torch.Tensor, k_slots: torch.Tensor,
                     *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One decoder call on a packed row; same contract as ``rollout.run_decoder_pass``.
 
+    ``shape``: ``(B, W, T, G)``; ``mask``: ``folded_mask`` for that ``G``.
     Returns ``(last_hidden_state, new_k0, new_v0, ...)``: this pass's K/V chunks per layer, which the
     next passes get back as ``past`` (explicit tensors, so a checkpointed pass saves each once).
     ``deferred``: the step's collector for the decoder's Linear weight gradients (``None``: plain).
     """
     n_layers = config.num_hidden_layers
     with _attention_swapped(config) as inner, _linears_deferred(decoder, deferred):
-        layout = PackedLayout(bsz=shape[0], width=shape[1], span=shape[2], q_slots=q_slots, q_real=q_real,
-                              k_slots=k_slots, past=past, n_layers=n_layers, inner=inner)
+        layout = PackedLayout(bsz=shape[0], width=shape[1], span=shape[2], groups=shape[3], q_slots=q_slots,
+                              q_real=q_real, k_slots=k_slots, past=past, n_layers=n_layers, inner=inner)
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
                       ltscale_layout=layout)
     if len(layout.new_kv) != n_layers:

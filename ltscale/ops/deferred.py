@@ -24,6 +24,15 @@ How: a collector node sits between the weight and its uses.
 parameter's data is a partition outside the forward/backward of a module that gathered it, and the
 collector needs none of it. The token is created inside the module forward that reads the weight.
 
+Bounded memory: the stash holds each use's pieces (its input rows and output gradients) from that
+use's backward until the collector's, i.e. until pass 0's backward: it grows with the step's tokens.
+Once it would hold more bytes than the weight itself, it is folded into a weight-sized buffer (one
+GEMM over the stashed pairs, one ``index_add_`` of the stashed rows) and emptied, so a weight's
+deferred gradient never costs more than about twice the weight (buffer + stash; an fp32 buffer for
+a 16-bit weight whose stash holds rows). A step that never folds computes exactly what it did
+without the buffer; folding only regroups the same sums (tests/unit/test_deferred_grads.py states the
+tolerance).
+
 Lifetime: one ``DeferredWeightGrads`` per training forward (``LatentLM.forward`` makes it). The
 accumulators live in the autograd graph (the collector's and the uses' contexts), so a forward
 without a backward frees them with its graph; nothing carries over to the next step.
@@ -42,6 +51,8 @@ __all__ = [
     "deferred_gather_rows",
     "deferred_linear",
     "deferred_matmul",
+    "deferred_mixture",
+    "mixture_weight_grad",
 ]
 
 
@@ -57,7 +68,12 @@ class WeightGradAccumulator:
         self.device = weight.device
         self.dense: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.weight_bytes = weight.numel() * weight.element_size()
+        self.stash_bytes = 0  # what the stashed pieces hold
+        self.buffer: torch.Tensor | None = None  # the folded part of the gradient
         self.builds = 0  # how many V x d gradients this accumulator materialised (tests count them)
+        self.folds = 0  # how many times the stash was folded into the buffer
+        self.peak_stash_bytes = 0
 
     def add_dense(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """``dW[:a.shape[-1]] += a^T @ b`` for ``a`` (n, rows') and ``b`` (n, cols)."""
@@ -69,6 +85,7 @@ class WeightGradAccumulator:
                 f"of shape {self.shape}"
             )
         self.dense.append((a, b))
+        self._grew(a, b)
 
     def add_rows(self, index: torch.Tensor, values: torch.Tensor) -> None:
         """``dW[index[i]] += values[i]`` (repeated indices are summed)."""
@@ -80,15 +97,51 @@ class WeightGradAccumulator:
                 f"weight of shape {self.shape}"
             )
         self.rows.append((index, values))
+        self._grew(index, values)
+
+    def _grew(self, *parts: torch.Tensor) -> None:
+        self.stash_bytes += sum(t.numel() * t.element_size() for t in parts)
+        self.peak_stash_bytes = max(self.peak_stash_bytes, self.stash_bytes)
+        if self.stash_bytes > self.weight_bytes:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the stash into the buffer and empty it (bounded memory; see the module docstring)."""
+        dense, rows = self.dense, self.rows
+        self.dense, self.rows, self.stash_bytes = [], [], 0
+        if not dense and not rows:
+            return
+        self.folds += 1
+        if self.buffer is None:
+            self.buffer = self._sum(dense, rows, self.work_dtype if rows else self.dtype)
+            return
+        if rows and self.buffer.dtype != self.work_dtype:
+            self.buffer = self.buffer.to(self.work_dtype)  # rows are summed in fp32 (16-bit weights)
+        self._sum(dense, rows, self.buffer.dtype, into=self.buffer)
 
     def build(self) -> torch.Tensor | None:
         """The summed gradient (``None`` when no use stashed anything); empties the stash."""
+        if self.buffer is not None:
+            self.fold()
+            grad, self.buffer = self.buffer, None
+            self.builds += 1
+            return grad.to(self.dtype)
         dense, rows = self.dense, self.rows
-        self.dense, self.rows = [], []
+        self.dense, self.rows, self.stash_bytes = [], [], 0
         if not dense and not rows:
             return None
         self.builds += 1
-        dtype = self.work_dtype if rows else self.dtype
+        return self._sum(dense, rows, self.work_dtype if rows else self.dtype).to(self.dtype)
+
+    def _sum(
+        self,
+        dense: list[tuple[torch.Tensor, torch.Tensor]],
+        rows: list[tuple[torch.Tensor, torch.Tensor]],
+        dtype: torch.dtype,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``into`` (or a new tensor) ``+=`` the pieces, in ``dtype``: one GEMM per row-count of the
+        dense pairs, one ``index_add_`` of all rows."""
 
         def cat(parts: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat([t.to(dtype) for t in parts])
@@ -96,16 +149,18 @@ class WeightGradAccumulator:
         widths: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for a, b in dense:
             widths.setdefault(a.shape[1], []).append((a, b))
-        full = widths.pop(self.shape[0], None)
-        if full is not None:  # the GEMM writes every element: no zero fill of the V x d buffer
-            grad = torch.mm(cat([a for a, _ in full]).t(), cat([b for _, b in full]))
-        else:
-            grad = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        grad = into
+        if grad is None:
+            full = widths.pop(self.shape[0], None)
+            if full is not None:  # the GEMM writes every element: no zero fill of the V x d buffer
+                grad = torch.mm(cat([a for a, _ in full]).t(), cat([b for _, b in full]))
+            else:
+                grad = torch.zeros(self.shape, dtype=dtype, device=self.device)
         for width, pairs in widths.items():
             grad[:width].addmm_(cat([a for a, _ in pairs]).t(), cat([b for _, b in pairs]))
         if rows:
             grad.index_add_(0, torch.cat([i for i, _ in rows]), cat([v for _, v in rows]))
-        return grad.to(self.dtype)
+        return grad
 
 
 class _Collect(torch.autograd.Function):
@@ -225,3 +280,81 @@ def deferred_gather_rows(
         return weight[index]
     token, acc = deferred.slot(weight)
     return _GatherRows.apply(weight, index, token, acc)
+
+
+# ------------------------------------------------------------------------------- sparse mixtures
+def mixture_weight_grad(
+    acc: WeightGradAccumulator | None,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    coef: torch.Tensor,
+    g: torch.Tensor,
+    vocab: int,
+) -> torch.Tensor | None:
+    """``W``'s gradient of ``out[n] = sum_k coef[n, k] W[index[n, k]]`` given ``g = dL/dout``.
+
+    Either as rows (``dW[index[n, k]] += coef[n, k] g[n]``: ``N x K x d`` values) or as the dense pair
+    (``dW[:vocab] += C^T g`` with ``C`` the ``N x vocab`` scatter of ``coef``: ``N x (vocab + d)``),
+    whichever holds fewer numbers: rows while ``K * d <= vocab``. Into ``acc`` when given (returns
+    ``None``), else returned as a dense gradient. 16-bit weights: summed in fp32, rounded once.
+    """
+    n, k = index.shape
+    d = g.shape[-1]
+    work = (
+        acc.work_dtype
+        if acc is not None
+        else (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)
+    )
+    g = g.to(work)
+    coef = coef.to(work)
+    if k * d > vocab:
+        dense = torch.zeros((n, vocab), dtype=work, device=g.device).scatter_add_(1, index, coef)
+        if acc is not None:
+            acc.add_dense(dense, g)
+            return None
+        grad = torch.zeros(weight.shape, dtype=work, device=g.device)
+        grad[:vocab].addmm_(dense.t(), g)
+        return grad.to(weight.dtype)
+    values = coef[:, :, None] * g[:, None, :]
+    if acc is not None:
+        acc.add_rows(index, values)
+        return None
+    grad = torch.zeros(weight.shape, dtype=work, device=g.device)
+    return grad.index_add_(0, index.reshape(-1), values.reshape(-1, d)).to(weight.dtype)
+
+
+class _Mixture(torch.autograd.Function):
+    """``out[n] = sum_k w[n, k] W[index[n, k]]``; saves ``index`` and ``w`` only (the gathered
+    ``N x K x d`` rows are recomputed in backward, not kept), and returns ``W``'s gradient as rows or
+    the dense pair (``mixture_weight_grad``), deferred to ``acc`` when given."""
+
+    @staticmethod
+    def forward(ctx, weight, index, w, vocab, token, acc):
+        ctx.save_for_backward(weight, index, w)
+        ctx.vocab, ctx.acc = vocab, acc
+        return torch.einsum("nk,nkd->nd", w.to(weight.dtype), weight[index])
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, index, w = ctx.saved_tensors
+        grad_w = grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.einsum("nkd,nd->nk", weight[index], g).to(w.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_weight = mixture_weight_grad(ctx.acc, weight, index, w, g, ctx.vocab)
+        return grad_weight, None, grad_w, None, None, None
+
+
+def deferred_mixture(
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    w: torch.Tensor,
+    vocab: int,
+    deferred: DeferredWeightGrads | None,
+) -> torch.Tensor:
+    """``einsum("nk,nkd->nd", w, weight[index])`` (a sparse mixture of rows of ``weight``, ``index``
+    below ``vocab``) without keeping the ``N x K x d`` gathered rows for backward."""
+    token = acc = None
+    if deferred is not None and deferred.active_for(weight):
+        token, acc = deferred.slot(weight)
+    return _Mixture.apply(weight, index, w, vocab, token, acc)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ltscale.ops.deferred import DeferredWeightGrads, deferred_gather_rows, deferred_matmul
+from ltscale.ops.deferred import DeferredWeightGrads, deferred_matmul, deferred_mixture, mixture_weight_grad
 
 IMPLS = ("auto", "fused", "torch", "reference")
 
@@ -139,8 +139,12 @@ def fusion_sparse_torch(
     """Touch only the kept rows of ``E``: K = the largest kept-set size in the batch (dense
     product instead when K > V/4).
 
+    K is data: reading it is free for CPU tensors but a host sync on a device, so there (and on
+    ``meta``) the op takes the dense product, whose shapes do not depend on the data.
+
     ``deferred``: stash ``E``'s gradient (kept rows, or the dense product's pair) in the step's
-    accumulator instead of returning a ``V x d`` gradient per call (``deferred.py``)."""
+    accumulator instead of returning a ``V x d`` gradient per call (``deferred.py``). Neither path
+    keeps the ``N x K x d`` gathered rows for backward (``deferred.deferred_mixture``)."""
     _check_args(hidden, logits, embedding_weight, alpha, temperature, top_p, embed_scale)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -148,19 +152,19 @@ def fusion_sparse_torch(
     probs = masked_probs(l2, temperature=temperature, exclude_token_id=exclude_token_id)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep = top_p_keep_mask_sorted(sorted_probs.detach(), top_p)
-    k = int(keep.sum(dim=-1).max().item()) if keep.numel() else 1
+    vocab = l2.shape[-1]
+    k = (int(keep.sum(dim=-1).max()) if keep.numel() else 1) if keep.device.type == "cpu" else vocab
     top_probs = torch.where(keep[:, :k], sorted_probs[:, :k], torch.zeros_like(sorted_probs[:, :k]))
     weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    vocab = l2.shape[-1]
     if 4 * k > vocab:
         # Most of V kept (flat rows, top_p = 1): gathering (N, K, d) rows would cost more memory
         # and time than the dense product (at N=64, K=25k, d=2048: 13 GB), so do that instead.
         dense = torch.zeros_like(probs).scatter(-1, order[:, :k], weights)
         e_pred = deferred_matmul(dense.to(embedding_weight.dtype), embedding_weight, deferred)
     else:
-        # (N, K, d): the only reads of E
-        rows = deferred_gather_rows(embedding_weight, order[:, :k], deferred)
-        e_pred = torch.einsum("nk,nkd->nd", weights.to(rows.dtype), rows)
+        e_pred = deferred_mixture(
+            embedding_weight, order[:, :k], weights, vocab, deferred
+        )  # the only reads of E
     if embed_scale != 1.0:
         e_pred = e_pred * embed_scale
     out = alpha * h2 + (1.0 - alpha) * e_pred.to(h2.dtype)
@@ -237,8 +241,8 @@ class _FusedFusion(torch.autograd.Function):
     With an accumulator (``acc``, its ``token`` an input so the collector runs after this backward)
     the kernel is asked only for the hidden/logits gradients, and ``E``'s gradient goes to ``acc``
     as the kept rows ``dE[idx[n, k]] += (1 - alpha) * w[n, k] * g[n]`` (the kernel's own formula;
-    padding entries have ``w = 0``), or as the kernel's dense pair ``(1 - alpha) W^T g`` when the kept
-    sets cover more than a quarter of ``N x V`` (the kernel's own switch, on ``N x K_max``)."""
+    padding entries have ``w = 0``), or as the dense pair ``(1 - alpha) W^T g`` when that holds fewer
+    numbers (``K_max * d > V``: ``deferred.mixture_weight_grad``)."""
 
     @staticmethod
     def forward(ctx, hidden, logits, weight, alpha, temperature, top_p, exclude, token=None, acc=None):
@@ -282,14 +286,8 @@ def _stash_e_grad(
     acc, grad_out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, alpha: float, vocab: int
 ) -> None:
     """``E``'s gradient of one fused call (the kernel's formula) into the step's accumulator."""
-    n, k = idx.shape
-    g = grad_out.to(acc.work_dtype)
     coef = w.to(acc.work_dtype) * (1.0 - alpha)  # (N, K); padding entries are 0 (CUDA: w is fp32)
-    if 4 * k > vocab:  # wide kept sets: the dense pair costs less than N*K gathered rows
-        dense = torch.zeros((n, vocab), dtype=coef.dtype, device=coef.device).scatter_add_(1, idx, coef)
-        acc.add_dense(dense, g)
-    else:
-        acc.add_rows(idx, coef[:, :, None] * g[:, None, :])
+    mixture_weight_grad(acc, None, idx, coef, grad_out, vocab)
 
 
 def fusion_fused(

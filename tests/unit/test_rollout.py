@@ -173,12 +173,13 @@ def test_plan_counts_and_bad_layouts():
     ids, mask, _ = batch("mixed")
     assert count_passes(ids, mask, THINK) == 5
     plan = plan_rollout(ids, mask, THINK)
-    covered = torch.zeros_like(mask, dtype=torch.bool)
+    # every real token exactly once, pass by pass; each pass's tokens lie in its own segment
+    covered = torch.zeros(mask.numel(), dtype=torch.long).index_add_(0, plan.src, torch.ones_like(plan.src))
+    assert torch.equal(covered.view_as(mask), mask.long())
+    assert plan.n_tokens == int(mask.sum()) == sum(s.n for s in plan.passes)
+    segment = ((ids == THINK) & mask.bool()).long().cumsum(1).reshape(-1)
     for spec in plan.passes:
-        rows = torch.arange(4)[:, None].expand_as(spec.index)[spec.valid]
-        assert not covered[rows, spec.index[spec.valid]].any()
-        covered[rows, spec.index[spec.valid]] = True
-    assert torch.equal(covered, mask.bool())
+        assert torch.all(segment[plan.src[spec.start:spec.start + spec.n]] == spec.k)
     holes = mask.clone()
     holes[0, 3] = 0
     with pytest.raises(ValueError, match="holes"):
