@@ -217,6 +217,7 @@ def latent_rollout(
     # One embedding call and one LM-head call over the real tokens of all passes: per-pass calls
     # would each materialise a dense V x d weight gradient in backward (and run the head on padding).
     embeds_all = embed(plan.ids)
+    embeds_all = embeds_all.reshape(-1, embeds_all.shape[-1]).index_select(0, plan.src)  # plan order
     hiddens: list[torch.Tensor] = []
     keep_in_graph: list[torch.Tensor] = []
     for spec in plan.passes:

@@ -9,8 +9,8 @@ transfer (pinned, non-blocking on CUDA); the passes then only launch kernels. ``
 works too: a ``meta`` model runs a full rollout from a CPU plan (shape checks at 8B size).
 
 Token order: the plan numbers a batch's real tokens pass by pass, row-major inside a pass, by
-position inside a row. Pass ``k`` computes tokens ``start .. start + n`` of that order, so its input
-embeddings are a slice of one embedding call over all real tokens, its outputs are concatenated for
+position inside a row (``src``). Pass ``k`` computes tokens ``start .. start + n`` of that order, so
+its input embeddings are a slice of one embedding call's real rows, its outputs are concatenated for
 one LM-head call, and the packed K/V history is indexed by the same numbers.
 
 An empty pass (``min_passes`` beyond what the batch needs, so that every ZeRO-3 rank runs the same
@@ -66,7 +66,7 @@ class RolloutPlan:
     n_tokens: int  # real tokens of the batch
     n_targets: int  # labels that count in the loss
     passes: list[PassPlan]
-    ids: torch.Tensor  # (n_tokens,) input ids in plan order
+    ids: torch.Tensor  # (B, L) the input ids (the embedding call takes the batch's own shape)
     src: torch.Tensor  # (n_tokens,) row * length + column of each token in plan order
     targets: torch.Tensor | None  # (n_tokens,) next-token label of each token in plan order
     packed: bool
@@ -251,7 +251,7 @@ def plan_rollout(
         n_tokens=start,
         n_targets=n_targets,
         passes=passes,
-        ids=ids.reshape(-1)[src],
+        ids=ids,
         src=src,
         targets=targets,
         packed=packed,
