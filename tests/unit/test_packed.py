@@ -127,3 +127,55 @@ def test_packed_passes_build_one_weight_gradient_per_decoder_linear_per_step(mon
     assert all(f"base.{n}" in g for n, _ in lm.base.named_parameters() if "proj" in n)
     assert all(type(m).forward is torch.nn.Linear.forward and "forward" not in vars(m) for m in linears), \
         "the per-pass Linear override must be gone after the step"
+
+
+def _count_kv_repeats(monkeypatch) -> list[int]:
+    """Calls of transformers' ``repeat_kv`` that copy K/V up to the query head count (n_rep > 1)."""
+    import transformers.integrations.sdpa_attention as hf_sdpa
+    import transformers.models.llama.modeling_llama as hf_llama
+
+    seen: list[int] = []
+    for mod in (hf_sdpa, hf_llama):
+        real = mod.repeat_kv
+        monkeypatch.setattr(mod, "repeat_kv", lambda x, n, _real=real: (n > 1 and seen.append(n), _real(x, n))[1])
+    return seen
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
+def test_gqa_fold_equals_unfolded_and_reference_without_repeating_kv(attn, heads, kv_heads, monkeypatch):
+    """Folding the G query heads of a K/V head into the query length is exact (fp64, values and
+    every gradient) and never expands K/V to the query head count."""
+    from ltscale.model.reference import reference_forward
+    from tests.helpers import make_tiny_llama
+
+    base = make_tiny_llama(64, heads=heads, kv_heads=kv_heads, attn=attn, max_positions=2048, isolated_rng=False,
+                           record_dtype=False)
+    lm = LatentLM(base, THINK, mode="fusion", alpha=0.6, top_p=0.9).train()
+    ids, mask, labels = batch("mixed", "left")
+    repeats = _count_kv_repeats(monkeypatch)
+    results = {}
+    for fold in (True, False):
+        lm.zero_grad()
+        res = latent_rollout(decoder=lm.decoder(), config=lm.base.config, embed=lm.embed, lm_head=lm.lm_head,
+                             latent_input=lm.latent_input, input_ids=ids, attention_mask=mask, labels=labels,
+                             thinking_token_id=THINK, min_passes=6, packed=True, fold_gqa=fold)
+        (res.loss_sum / res.n_targets).backward()
+        results[fold] = (res.loss_sum / res.n_targets, res.logits, grads(lm), len(repeats))
+        repeats.clear()
+    assert results[True][3] == 0, "the folded passes must not repeat K/V"
+    assert results[False][3] > 0, "the unfolded reference repeats K/V (else this test proves nothing)"
+    lm.zero_grad()
+    ref = reference_forward(lm, ids, mask, labels)
+    ref.loss.backward()
+    g_ref = grads(lm)
+    valid = mask.bool()
+    # eager attention takes its softmax in fp32: fp64 agreement is ~1e-7 there (as in the tests above)
+    tol = 1e-10 if attn == "sdpa" else 1e-6
+    for fold in (True, False):
+        loss, logits, g, _ = results[fold]
+        torch.testing.assert_close(loss, ref.loss, rtol=tol, atol=0)
+        torch.testing.assert_close(logits[valid], ref.logits[valid], rtol=tol, atol=tol)
+        assert_grads_close(g, g_ref, rtol=1e-6 if attn == "sdpa" else 1e-5)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-12 if attn == "sdpa" else tol, atol=0)
+    assert_grads_close(results[True][2], results[False][2], rtol=1e-11 if attn == "sdpa" else 1e-5)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM
 
 from ltscale.model import LatentLM
 from ltscale.model.reference import reference_forward
-from ltscale.model.rollout import count_passes, plan_rollout
-from tests.helpers import make_tiny_llama
+from ltscale.model.rollout import count_passes, latent_rollout, plan_rollout
+from ltscale.ops.deferred import DeferredWeightGrads
+from tests.helpers import make_tiny_llama, require_fused
 
 VOCAB, THINK = 64, 63
 
@@ -188,3 +190,95 @@ def test_plan_counts_and_bad_layouts():
     first[1, 0] = THINK
     with pytest.raises(ValueError, match="first token"):
         plan_rollout(first, mask, THINK)
+
+
+# ------------------------------------------------------------------------------------ host syncs
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that make the host wait for a device value: scalar reads (``item``,
+    ``_local_scalar_dense``, ``is_nonzero``, ``equal``), ops whose output shape depends on the data
+    (``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave``
+    without ``output_size``), and the compiled fusion op, whose kernel reads its kept-set size
+    (``ltscale/ops/csrc``: one sync per call).
+
+    What it proves on CPU: no Python-visible op in the counted region needs a tensor's value on the
+    host. What it cannot: syncs hidden inside a kernel other than the compiled op (the CUDA caching
+    allocator, a C++ op copying to the host) and whether the stream really runs ahead (a GPU trace).
+    The ``meta``-device test below is a second proof: there any data-dependent op fails.
+    """
+
+    SCALAR = {"item", "_local_scalar_dense", "is_nonzero", "equal"}
+    DATA_SHAPED = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+            for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
+        )
+        if (name in self.SCALAR or name in self.DATA_SHAPED or bool_index
+                or (name == "repeat_interleave" and kwargs.get("output_size") is None)
+                or func.namespace == "ltscale" and name == "context_prediction_fusion_forward"):
+            self.ops.append(name)
+        return func(*args, **kwargs)
+
+
+def _rollout(lm: LatentLM, plan, ids, mask, labels, **kw):
+    return latent_rollout(decoder=lm.decoder(), config=lm.base.config, embed=lm.embed, lm_head=lm.lm_head,
+                          latent_input=lm.latent_input, input_ids=ids, attention_mask=mask, labels=labels,
+                          thinking_token_id=THINK, min_passes=len(plan.passes), packed=plan.packed, plan=plan, **kw)
+
+
+@pytest.mark.parametrize("mode,impl", [("hidden", "torch"), ("fusion", "torch"), ("fusion", "fused")])
+@pytest.mark.parametrize("packed", [True, False])
+def test_passes_do_not_sync_with_the_host(mode, impl, packed):
+    """Bound: 0 syncs per pass in forward and backward, except the fusion's kept-set size, read
+    once per latent pass (compiled op: its kernel; torch op: only for CPU tensors, on a device it
+    takes the dense product). Planning runs on CPU before the passes and is not counted."""
+    if impl == "fused":
+        require_fused()
+    lm = LatentLM(tiny_base(), THINK, mode=mode, fusion_impl=impl, gradient_checkpointing=True).train()
+    ids, mask, labels = batch("mixed")
+    plan = plan_rollout(ids, mask, THINK, 7, labels=labels, packed=packed)
+    lm._deferred = DeferredWeightGrads()
+    counter = SyncCounter()
+    with counter:
+        res = _rollout(lm, plan, ids, mask, labels, gradient_checkpointing=True, deferred=lm._deferred)
+        n_forward = len(counter.ops)
+        (res.loss_sum / res.n_targets).backward()
+    lm._deferred = None
+    latent_passes = len(plan.passes) - 1
+    allowed = latent_passes if mode == "fusion" else 0
+    assert n_forward <= allowed and len(counter.ops) == n_forward, counter.ops
+    assert res.n_passes == 7 and lm.base.model.embed_tokens.weight.grad is not None
+
+
+def test_the_old_rollout_would_be_counted():
+    """The counter sees what made the old passes sync: a scalar read and a boolean-mask index."""
+    x = torch.arange(6.0)
+    counter = SyncCounter()
+    with counter:
+        int(x.max().item())
+        x[x > 2].sum()
+        x.nonzero()
+    assert counter.ops == ["_local_scalar_dense", "index", "nonzero"], counter.ops
+
+
+@pytest.mark.parametrize("packed", ["auto", "off"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stage3_step_runs_on_a_meta_model_from_a_cpu_plan(packed, checkpointing):
+    """A stage-3 forward + backward on a ``meta`` model with the batch on CPU: the plan is made on
+    CPU and shipped; any pass that read a device value (``.item()``, ``nonzero``, a boolean index)
+    would fail here, as meta tensors hold no data."""
+    base = make_tiny_llama(VOCAB, kv_heads=2, dtype=torch.float32, max_positions=256).to("meta")
+    lm = LatentLM(base, THINK, mode="fusion", packed_passes=packed, gradient_checkpointing=checkpointing).train()
+    ids, mask, labels = batch("mixed")
+    out = lm(ids, mask, labels, min_passes=7)
+    out.loss.backward()
+    assert out.loss.device.type == "meta" and out.n_passes == 7 and out.logits.shape == (4, 16, VOCAB)
+    assert out.n_targets == int(((labels != -100) & mask.bool())[:, 1:].sum())
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in lm.parameters())
