@@ -397,3 +397,139 @@ def test_zero3_external_parameters_cover_both_heads_once():
         id(untied.base.get_output_embeddings().weight),
     }
     assert [p for _, p in tied.zero3_external_parameters()] == [tied.base.get_input_embeddings().weight]
+
+
+# ------------------------------------------------------------------------------------ bounded stash
+def test_stash_folds_into_a_buffer_once_it_outgrows_the_weight():
+    """Twelve uses whose pieces together hold ~3x the weight: the stash never holds more than the
+    weight plus one piece, the buffer takes the rest, and the gradient equals plain autograd's
+    (fp64: the fold only regroups the same sums, 1e-13)."""
+    g = torch.Generator().manual_seed(7)
+    V, d, n = 40, 16, 3
+    w0 = torch.randn(V, d, generator=g, dtype=torch.float64)
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(12)]
+    index = torch.randint(0, V, (n, 4), generator=g)
+
+    def loss_of(w, deferred):
+        outs = [D.deferred_linear(x, w, deferred).sin().sum() for x in xs]
+        outs.append(D.deferred_gather_rows(w, index, deferred).cos().sum())
+        return sum(outs) + (w**2).sum()
+
+    ref = w0.clone().requires_grad_()
+    loss_of(ref, None).backward()
+    w = w0.clone().requires_grad_()
+    deferred = D.DeferredWeightGrads()
+    loss = loss_of(w, deferred)
+    (acc,) = deferred.accumulators()
+    piece = n * (V + d) * 8
+    loss.backward()
+    assert acc.folds >= 2 and acc.builds == 1 and acc.buffer is None and acc.stash_bytes == 0
+    assert 12 * piece > 2 * acc.weight_bytes, "the unfolded stash would outgrow the weight"
+    assert acc.peak_stash_bytes <= acc.weight_bytes + piece
+    torch.testing.assert_close(w.grad, ref.grad, rtol=1e-13, atol=1e-13)
+
+
+def test_folded_16bit_rows_are_summed_in_fp32():
+    """A bf16 weight whose stash folds (three uses of 22 rows x 4, each bigger than the 64-byte
+    weight): rows are summed in an fp32 buffer and rounded once, as without folding. The values are
+    multiples of 1/8 (exact in bf16, summed exactly in fp32), so the result is bit-exact."""
+    g = torch.Generator().manual_seed(2)
+    w64 = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    index = torch.tensor([3] * 64 + [5, 1])
+    up = torch.randint(-8, 8, (66, 4), generator=g).double() / 8
+    w = w64.to(torch.bfloat16).requires_grad_()
+    deferred = D.DeferredWeightGrads()
+    parts = [slice(22 * p, 22 * p + 22) for p in range(3)]
+    loss = sum(
+        (D.deferred_gather_rows(w, index[s], deferred) * up[s].to(torch.bfloat16)).sum() for s in parts
+    )
+    loss.backward()
+    (acc,) = deferred.accumulators()
+    assert acc.folds >= 2
+    truth = torch.zeros_like(w64).index_add_(0, index, up)
+    assert w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(w.grad.double(), truth.to(torch.bfloat16).double(), rtol=0, atol=0)
+
+
+def test_latent_lm_step_folds_decoder_stashes_with_the_same_gradients(monkeypatch):
+    """Packed passes defer every decoder Linear: at this batch (54 tokens, 32 x 32 weights) their
+    stashes fold; gradients equal the plain per-pass path (fp64, 1e-12) and no stash ever held more
+    than its weight plus one pass's piece."""
+    accs: list[D.WeightGradAccumulator] = []
+    real_init = D.WeightGradAccumulator.__init__
+
+    def tracked_init(self, weight):
+        real_init(self, weight)
+        accs.append(self)
+
+    monkeypatch.setattr(D.WeightGradAccumulator, "__init__", tracked_init)
+    lm = LatentLM(tiny_base(), THINK, mode="hidden").train()
+    ids, mask, labels = batch("mixed")
+    loss_on, g_on = _step(lm, ids, mask, labels, defer=True)
+    folded = [a for a in accs if a.folds]
+    assert folded, "no stash outgrew its weight: the test would not exercise folding"
+    widest_piece = int(mask.sum()) * 2 * 64 * 8  # one pass's (n x (in + out)) fp64 pair, n <= all tokens
+    assert all(a.peak_stash_bytes <= a.weight_bytes + widest_piece for a in accs)
+    loss_off, g_off = _step(lm, ids, mask, labels, defer=False)
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-13, atol=0)
+    assert_grads_close(g_on, g_off, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ sparse mixtures
+@pytest.mark.parametrize("vocab,d", [(50, 4), (12, 6)])  # rows (K*d <= V), dense pair (K*d > V)
+@pytest.mark.parametrize("defer", [False, True])
+def test_mixture_equals_gather_einsum_in_both_gradient_forms(vocab, d, defer, events):
+    g = torch.Generator().manual_seed(11)
+    n, k = 5, 3
+    E0 = torch.randn(vocab + 2, d, generator=g, dtype=torch.float64)
+    index = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    w0 = torch.rand(n, k, generator=g, dtype=torch.float64)
+    up = torch.randn(n, d, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        E, w = E0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (fn(E, w) * up).sum().backward()
+        return E.grad, w.grad
+
+    want = run(lambda E, w: torch.einsum("nk,nkd->nd", w, E[index]))
+    deferred = D.DeferredWeightGrads() if defer else None
+    got = run(lambda E, w: D.deferred_mixture(E, index, w, vocab, deferred))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    kinds = [kind for _, kind in events]
+    if defer:
+        assert kinds == (["add_rows", "build"] if k * d <= vocab else ["add_dense", "build"])
+    assert torch.autograd.gradcheck(
+        lambda E, w: D.deferred_mixture(E, index, w, vocab, None),
+        (E0.clone().requires_grad_(), w0.clone().requires_grad_()),
+    )
+
+
+def test_torch_fusion_does_not_keep_the_gathered_rows_for_backward():
+    """Tensors one sparse fusion call saves for backward: the kept set (N x K), the probabilities
+    (N x V) and E itself, never the N x K x d gathered rows (here larger than anything else)."""
+    from ltscale.ops import fusion_sparse_torch, fusion_weights_dense
+
+    g = torch.Generator().manual_seed(5)
+    n, V, d = 4, 2000, 256
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = (2 * torch.randn(n, V, generator=g, dtype=torch.float64)).requires_grad_()
+    E = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = dict(alpha=0.6, temperature=1.0, top_p=0.9, exclude_token_id=None)
+    k = int(
+        (fusion_weights_dense(logits.detach(), **{x: kw[x] for x in kw if x != "alpha"}) > 0).sum(-1).max()
+    )
+    rows_bytes = n * k * d * 8
+    assert 4 * k <= V and rows_bytes > 4 * n * V * 8, f"K={k}: the test needs the gathered-rows path"
+    saved: list[int] = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() != E.untyped_storage().data_ptr():
+            saved.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fusion_sparse_torch(h, logits, E, **kw)
+    assert max(saved) < rows_bytes, (max(saved), rows_bytes)
+    out.sum().backward()
+    assert E.grad is not None and h.grad is not None and logits.grad is not None
