@@ -160,19 +160,28 @@ def _linear_forward(module: torch.nn.Linear, deferred: DeferredWeightGrads, x: t
     return out if module.bias is None else out + module.bias
 
 
+def _dummy_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return x[..., :1].expand(*x.shape[:-1], module.out_features) * 0.0
+
+
 @contextmanager
-def _linears_deferred(decoder: torch.nn.Module, deferred: DeferredWeightGrads | None):
-    """Route the decoder's ``nn.Linear`` calls through ``deferred_linear`` while the pass runs.
+def linears_routed(decoder: torch.nn.Module, deferred: DeferredWeightGrads | None, dummy: bool = False):
+    """Route the decoder's ``nn.Linear`` calls while a pass runs.
+
+    ``deferred``: through ``deferred_linear`` (one weight gradient per step). ``dummy`` (an empty
+    lockstep pass, whose one token is multiplied by 0): zeros of the output's shape, without reading
+    the weight. A Linear's weight read is most of a one-token pass; the module is still called, so
+    its hooks (ZeRO-3's gathers, in forward and in backward through the output) run as on every rank.
 
     An instance attribute shadows ``Linear.forward`` only for this call (and for its recompute under
-    checkpointing, which calls ``run_packed_pass`` again); module hooks (ZeRO-3's gathers) still run.
+    checkpointing, which calls the pass function again).
     """
-    if deferred is None or not torch.is_grad_enabled():
+    if not dummy and (deferred is None or not torch.is_grad_enabled()):
         yield
         return
     linears = [m for m in decoder.modules() if type(m) is torch.nn.Linear]
     for m in linears:
-        m.forward = partial(_linear_forward, m, deferred)
+        m.forward = partial(_dummy_linear_forward, m) if dummy else partial(_linear_forward, m, deferred)
     try:
         yield
     finally:
@@ -180,19 +189,20 @@ def _linears_deferred(decoder: torch.nn.Module, deferred: DeferredWeightGrads | 
             del m.forward
 
 
-def run_packed_pass(decoder: torch.nn.Module, config, deferred: DeferredWeightGrads | None, embeds: torch.Tensor,
-                    mask: torch.Tensor, position_ids: torch.Tensor, shape: tuple[int, int, int, int],
-                    q_slots: torch.Tensor, q_real: torch.Tensor, k_slots: torch.Tensor,
-                    *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def run_packed_pass(decoder: torch.nn.Module, config, deferred: DeferredWeightGrads | None, dummy: bool,
+                    embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                    shape: tuple[int, int, int, int], q_slots: torch.Tensor, q_real: torch.Tensor,
+                    k_slots: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One decoder call on a packed row; same contract as ``rollout.run_decoder_pass``.
 
     ``shape``: ``(B, W, T, G)``; ``mask``: ``folded_mask`` for that ``G``.
     Returns ``(last_hidden_state, new_k0, new_v0, ...)``: this pass's K/V chunks per layer, which the
     next passes get back as ``past`` (explicit tensors, so a checkpointed pass saves each once).
     ``deferred``: the step's collector for the decoder's Linear weight gradients (``None``: plain).
+    ``dummy``: an empty lockstep pass (``linears_routed``).
     """
     n_layers = config.num_hidden_layers
-    with _attention_swapped(config) as inner, _linears_deferred(decoder, deferred):
+    with _attention_swapped(config) as inner, linears_routed(decoder, deferred, dummy):
         layout = PackedLayout(bsz=shape[0], width=shape[1], span=shape[2], groups=shape[3], q_slots=q_slots,
                               q_real=q_real, k_slots=k_slots, past=past, n_layers=n_layers, inner=inner)
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,

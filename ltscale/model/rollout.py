@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from ltscale.model.packed import folded_mask, gqa_groups, run_packed_pass
+from ltscale.model.packed import folded_mask, gqa_groups, linears_routed, run_packed_pass
 from ltscale.model.rollout_plan import IGNORE_INDEX, PassPlan, RolloutPlan, count_passes, plan_rollout
 from ltscale.ops.deferred import DeferredWeightGrads
 
@@ -63,12 +63,13 @@ def additive_mask(key_valid: torch.Tensor, key_pos: torch.Tensor, query_valid: t
     return mask[:, None]
 
 
-def run_decoder_pass(decoder: torch.nn.Module, config, embeds: torch.Tensor, mask: torch.Tensor,
+def run_decoder_pass(decoder: torch.nn.Module, config, dummy: bool, embeds: torch.Tensor, mask: torch.Tensor,
                      position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One decoder call on top of an explicit K/V list ``(k0, v0, k1, v1, ...)`` (chunks per pass).
 
     Returns ``(last_hidden_state, new_k0, new_v0, ...)`` holding only this pass's keys, so callers
-    keep per-pass chunks and a checkpointed pass saves each chunk once.
+    keep per-pass chunks and a checkpointed pass saves each chunk once. ``dummy``: an empty lockstep
+    pass, whose Linear layers skip their weights (``packed.linears_routed``).
     """
     n_layers = config.num_hidden_layers
     cache = DynamicCache(config=config)
@@ -82,7 +83,9 @@ def run_decoder_pass(decoder: torch.nn.Module, config, embeds: torch.Tensor, mas
             v = values[0] if len(values) == 1 else torch.cat(values, dim=-2)
             cache.update(k, v, layer)
             past_len = k.shape[-2]
-    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+    with linears_routed(decoder, None, dummy):
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=cache,
+                      use_cache=True)
     new_kv: list[torch.Tensor] = []
     for layer in out.cache.layers[:n_layers]:
         new_kv.append(layer.keys[..., past_len:, :])
@@ -134,7 +137,7 @@ class _PaddedPasses:
             self.key_pos.append(spec.pos2d)
             key_valid, key_pos, past = torch.cat(self.key_valid, 1), torch.cat(self.key_pos, 1), self.chunks
         mask = additive_mask(key_valid, key_pos, spec.valid, spec.pos2d, padded.dtype)
-        args = (self.decoder, self.config, padded, mask, spec.pos2d, *past)
+        args = (self.decoder, self.config, spec.empty, padded, mask, spec.pos2d, *past)
         outs = checkpoint(run_decoder_pass, *args, use_reentrant=False) if self.checkpointed else run_decoder_pass(*args)
         self.hidden = outs[0]
         if not spec.empty:
@@ -164,7 +167,7 @@ class _PackedPasses:
         pos2d = spec.positions.new_zeros(spec.bsz * spec.width).index_copy(0, spec.q_real, spec.positions)
         mask = folded_mask(pos2d.view(spec.bsz, spec.width), spec.span, self.groups, embeds.dtype)
         past = () if spec.empty else self.chunks  # an empty pass's dummy attends to itself only
-        args = (self.decoder, self.config, self.deferred, embeds[None], mask, spec.positions[None],
+        args = (self.decoder, self.config, self.deferred, spec.empty, embeds[None], mask, spec.positions[None],
                 (spec.bsz, spec.width, spec.span, self.groups), spec.q_slots, spec.q_real, spec.k_slots, *past)
         outs = checkpoint(run_packed_pass, *args, use_reentrant=False) if self.checkpointed else run_packed_pass(*args)
         self.hidden = outs[0][0]
