@@ -12,9 +12,13 @@ Extension policy, chosen by ``_extensions()``:
   ``csrc/*.cu`` when the installed torch is a CUDA build and ``$CUDA_HOME/bin/nvcc`` exists (no
   GPU needed), else a ``CppExtension``, with a printed reason.  A CPU torch always takes the C++
   branch (torch then reports ``CUDA_HOME=None`` whatever the environment says).
-  ``TORCH_CUDA_ARCH_LIST`` defaults to ``"8.0;9.0"`` (Ampere + Hopper); ``FORCE_CUDA=1`` makes a
-  missing CUDA torch or nvcc an error instead of a fallback (the CI compile proof uses it).  On
-  machines whose ``nvcc`` on PATH is a wrapper, set ``CUDA_HOME`` to the real toolkit.
+  ``TORCH_CUDA_ARCH_LIST`` defaults to ``"8.0;9.0+PTX"``: Ampere and Hopper machine code, plus
+  Hopper PTX that the driver compiles for any newer GPU (without it, a GPU newer than the build
+  has no kernel). The build records what it holds (``LTSCALE_CUDA_ARCHS``, ``arch_tag``) and
+  ``ltscale.ops`` checks a device's compute capability against it before dispatch.
+  ``FORCE_CUDA=1`` makes a missing CUDA torch or nvcc an error instead of a fallback (the CI
+  compile proof uses it).  On machines whose ``nvcc`` on PATH is a wrapper, set ``CUDA_HOME`` to
+  the real toolkit.
 
 torch is imported lazily, inside ``_extensions()``, and only when there is something to build:
 the project is installed with ``pip install --no-build-isolation`` against the venv's pinned
@@ -49,7 +53,23 @@ def _sources(pattern: str, root: Path = ROOT) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in (root / CSRC).glob(pattern))
 
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0"  # Ampere (A100) and Hopper (H100/H200)
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # Ampere (A100) and Hopper (H100/H200) cubins; Hopper PTX for newer GPUs
+
+
+def arch_tag(archs: str) -> str:
+    """What a ``TORCH_CUDA_ARCH_LIST`` builds, as one identifier: ``"8.0;9.0+PTX"`` ->
+    ``"sm_80_sm_90_ptx_90"`` (a cubin per entry, PTX for ``+PTX`` entries). ``ltscale.ops`` reads it
+    back (``fused_build_info``) to check a device's compute capability."""
+    parts = []
+    for entry in archs.replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        name = "".join(ch for ch in entry.split("+")[0].replace(".", "") if ch.isalnum())
+        parts.append(f"sm_{name}")
+        if entry.upper().endswith("+PTX"):
+            parts.append(f"ptx_{name}")
+    return "_".join(parts)
 
 
 def _say(msg: str) -> None:
@@ -109,10 +129,7 @@ def _extensions(root: Path = ROOT) -> list:
         # torch reads the variable itself when it writes the nvcc command line; without it (and
         # without a GPU to ask) it fails with an IndexError.
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        tag = "_".join(
-            "sm_" + a.strip().replace(".", "") for a in archs.replace(" ", ";").split(";") if a.strip()
-        )
-        tag = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in tag)  # "+PTX" -> "_PTX"
+        tag = arch_tag(archs)
         _say(f"building {EXT_NAME}: C++ CPU kernel + CUDA kernel for TORCH_CUDA_ARCH_LIST={archs!r} ({why})")
         return [
             cpp_extension.CUDAExtension(

@@ -104,8 +104,8 @@ def batch_stats(batch: dict[str, torch.Tensor], think: int) -> dict[str, float]:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     real = int(mask.sum())
     plan = plan_rollout(ids, mask, think)
-    ours_slots = sum(p.index.numel() for p in plan.passes)
-    linear_rows = sum(max(int(p.valid.sum()), 1) for p in plan.passes)
+    ours_slots = sum(p.bsz * p.width for p in plan.passes)
+    linear_rows = sum(p.n_run for p in plan.passes)
     a_ids, a_mask, _, _ = align_first_latent(ids, mask, batch["labels"], think)
     return {
         "ours": len(plan.passes),

@@ -5,7 +5,9 @@ Each variant runs in its own process (a freed allocation is not returned to the 
 process would only ever show the largest variant). A child builds the model, records its RSS, runs
 one forward + backward and reports ``ru_maxrss``; "step" = peak - RSS before the step, i.e. the
 activations, gradients and temporaries of the step (weights excluded). RSS is not timing-noisy,
-so each variant runs once (raise ``REPS`` to keep the smallest of several).
+so each variant runs once (raise ``REPS`` to keep the smallest of several). The child also reports
+the bytes autograd saved for backward in that forward (``activation_memory.saved_bytes``): exact,
+unlike RSS, which the allocator's reuse of freed pages blurs.
 
 Model: SmolLM2-135M's shape (random init), 2 x ~64 tokens, 8 latents per row (P1's smol case).
 Run: ``.venv/bin/python bench/memory.py [--size full|smoke]``
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+from activation_memory import saved_bytes
 from common import build_lm, emit, make_batch, md_table, spec
 
 HERE = Path(__file__).resolve().parent
@@ -38,8 +41,7 @@ def child(model: str, mode: str, ckpt: bool, batch: int, length: int, n: int) ->
     lm = build_lm(ms, mode, gradient_checkpointing=ckpt).train()
     b = make_batch(ms, batch, length, n, seed=n)
     before = rss_mb()
-    loss = lm(**b, return_logits=False).loss
-    loss.backward()
+    saved = saved_bytes(lm, b)  # one forward + backward
     # The kernel updates the high-water mark lazily, so it can trail the current RSS by a few pages.
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mb())
     return {
@@ -48,6 +50,7 @@ def child(model: str, mode: str, ckpt: bool, batch: int, length: int, n: int) ->
         "rss_before_mb": before,
         "peak_mb": peak,
         "step_mb": peak - before,
+        "saved_mb": saved / 2**20,
     }
 
 
@@ -82,11 +85,20 @@ def run(size: str = "full") -> dict:
             best[(m, c)]["peak_mb"],
             best[(m, c)]["step_mb"],
             f"{best[(m, c)]['step_mb'] / base:.2f}x",
+            best[(m, c)]["saved_mb"],
         ]
         for m, c in variants
     ]
     table = md_table(
-        ["mode", "grad ckpt", "peak RSS MB", "step MB (peak - before)", "step / CoT no-ckpt"], rows
+        [
+            "mode",
+            "grad ckpt",
+            "peak RSS MB",
+            "step MB (peak - before)",
+            "step / CoT no-ckpt",
+            "saved for backward MB",
+        ],
+        rows,
     )
     print(table)
     res = {

@@ -352,6 +352,11 @@ def validate(cfg: RunConfig, *, confidence_insertion: bool) -> None:
         raise ConfigError("model.tokenizer: required when model.name_or_path is not set ('sentencepiece' trains one)")
     if cfg.model.adapter and cfg.model.adapter_hidden < 1:
         raise ConfigError("model.adapter_hidden: must be >= 1")
+    from ltscale.model.families import KERNELS  # noqa: PLC0415 - the kernels the rollout computes exactly
+
+    if cfg.model.attn_implementation not in KERNELS:
+        raise ConfigError(f"model.attn_implementation: {cfg.model.attn_implementation!r} is not supported by the "
+                          f"latent rollout (its 4D masks); use one of {', '.join(KERNELS)}")
 
 
 def _check_precision(cfg: RunConfig) -> None:

@@ -26,7 +26,7 @@ from ltscale.model.families import attach, real_rows_per_pass
 from ltscale.model.generation import DecodeRule, GenerationOutput, generate_batched, generate_many
 from ltscale.model.packed import packing_supported
 from ltscale.model.rollout import count_passes, latent_rollout, plan_rollout
-from ltscale.ops import context_prediction_fusion, fused_available
+from ltscale.ops import context_prediction_fusion, fused_device_problem
 from ltscale.ops.deferred import DeferredWeightGrads, deferred_linear
 
 MODES = LATENT_MODES
@@ -102,17 +102,15 @@ class LatentLM(nn.Module):
                  adapter_hidden: int = 1024, gradient_checkpointing: bool = False, fusion_impl: str = "auto",
                  packed_passes: str = "auto"):
         super().__init__()
-        self.family = attach(base_model)  # refuses a model family that has not been checked (families.py)
+        self.family = attach(base_model)  # refuses a model family or kernel that has not been checked (families.py)
         self.base = base_model
         self.thinking_token_id = int(thinking_token_id)
         self.fusion = FusionHead(self)
         dim = base_model.get_input_embeddings().embedding_dim  # also when ZeRO-3 partitioned the weight
         self.adapter = LatentAdapter(dim, adapter_hidden) if adapter else None
         self.gradient_checkpointing = gradient_checkpointing
-        if fusion_impl == "fused" and not fused_available():  # engine.fused=on: fail now, not in stage 3
-            raise RuntimeError("engine.fused=on but the ltscale._C extension is not built (see `ltscale env`; "
-                               "rebuild with `make install`, or set engine.fused=auto to fall back to torch)")
         self.fusion_impl = fusion_impl
+        self._check_fused_kernel()
         if packed_passes not in ("auto", "off"):
             raise ValueError(f"packed_passes={packed_passes!r} not in auto|off")
         self.packed_passes = packed_passes
@@ -121,6 +119,26 @@ class LatentLM(nn.Module):
         self.set_latent_mode(mode, alpha=alpha, temperature=temperature, top_p=top_p)
 
     # ------------------------------------------------------------------ configuration
+    def _check_fused_kernel(self) -> None:
+        """``engine.fused=on``: fail at construction and at every placement (``.to(device)``), not
+        when stage 3 first calls the op: the kernel must exist for where the model is and, on a
+        machine with a GPU, for the current GPU (where DeepSpeed will put it)."""
+        if self.fusion_impl != "fused":
+            return
+        devices = {self.base.get_input_embeddings().weight.device}
+        if torch.cuda.is_available():
+            devices.add(torch.device("cuda", torch.cuda.current_device()))
+        for device in devices:
+            why = fused_device_problem(device)
+            if why is not None:
+                raise RuntimeError(f"engine.fused=on but the compiled fusion op cannot run on {device}: {why} "
+                                   "(set engine.fused=auto to fall back to torch; see `ltscale env`)")
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._check_fused_kernel()
+        return out
+
     def set_latent_mode(self, mode: str, *, alpha: float | None = None, temperature: float | None = None,
                         top_p: float | None = None) -> None:
         if mode not in MODES:

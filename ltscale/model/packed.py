@@ -39,15 +39,15 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ltscale.model.families import KERNELS
 from ltscale.ops.deferred import DeferredWeightGrads, deferred_linear
 
 PACKED_ATTENTION = "ltscale_packed"
-_INNER_KERNELS = ("sdpa", "eager")
 
 
 def packing_supported(config) -> bool:
     """Whether packed passes compute exactly what the model's own attention would."""
-    return config._attn_implementation in _INNER_KERNELS and not getattr(config, "attn_logit_softcapping", None)
+    return config._attn_implementation in KERNELS and not getattr(config, "attn_logit_softcapping", None)
 
 
 def gqa_groups(config) -> int:

@@ -27,6 +27,8 @@ config maps ``on``/``auto``/``off`` to ``fused``/``auto``/``torch``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ltscale.ops.deferred import DeferredWeightGrads, deferred_matmul, deferred_mixture, mixture_weight_grad
@@ -186,19 +188,78 @@ def fused_available() -> bool:
 
 
 def fused_build_info() -> dict:
-    """What the installed extension holds: ``built``, ``cpu``, ``cuda``, ``cuda_archs`` (for ``ltscale env``)."""
+    """What the installed extension holds: ``built``, ``cpu``, ``cuda``, ``cuda_archs`` (cubins,
+    ``sm_XY``) and ``cuda_ptx`` (``compute_XY``), from setup.py's ``arch_tag`` (for ``ltscale env``
+    and the capability check)."""
     mod = _native()
     if mod is None or not fused_available():
-        return {"built": False, "cpu": False, "cuda": False, "cuda_archs": []}
+        return {"built": False, "cpu": False, "cuda": False, "cuda_archs": [], "cuda_ptx": []}
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     name = "ltscale::context_prediction_fusion_forward"
-    archs = [a for a in str(getattr(mod, "cuda_archs", "")).split("_") if a and a != "sm"]
+    tokens = str(getattr(mod, "cuda_archs", "")).split("_")  # "sm_80_sm_90_ptx_90"
+    pairs = list(zip(tokens[::2], tokens[1::2]))
     return {
         "built": True,
         "cpu": bool(has_kernel(name, "CPU")),
         "cuda": bool(has_kernel(name, "CUDA")),
-        "cuda_archs": [f"sm_{a}" if a.isdigit() else a for a in archs],
+        "cuda_archs": [f"sm_{v}" for k, v in pairs if k == "sm"],
+        "cuda_ptx": [f"compute_{v}" for k, v in pairs if k == "ptx"],
     }
+
+
+def _arch(name: str) -> tuple[int, int, bool]:
+    """``"sm_86"`` -> ``(8, 6, False)``; ``"sm_90a"`` -> ``(9, 0, True)`` (arch-specific)."""
+    digits = name.split("_", 1)[1]
+    specific = digits.endswith("a")
+    digits = digits.rstrip("a")
+    return int(digits[:-1]), int(digits[-1]), specific
+
+
+def kernel_runs_on(capability: tuple[int, int], cuda_archs: list[str], cuda_ptx: list[str]) -> bool:
+    """Whether a build with these cubins / PTX has code for a GPU of ``capability``.
+
+    A cubin runs on its own major version at the same or a later minor (``sm_80`` on an 8.6 GPU;
+    an arch-specific ``sm_90a`` only on 9.0); PTX is compiled by the driver for its own or any later
+    capability (``compute_90`` on a 10.0 GPU).
+    """
+    major, minor = capability
+    for a in cuda_archs:
+        m, n, specific = _arch(a)
+        if m == major and (n == minor if specific else n <= minor):
+            return True
+    return any(not s and (m, n) <= (major, minor) for m, n, s in map(_arch, cuda_ptx))
+
+
+@functools.cache
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fused_device_problem(device: torch.device | str) -> str | None:
+    """Why the compiled op has no kernel for ``device`` (``None``: it has one)."""
+    device = torch.device(device)
+    if not fused_available():
+        return (
+            "the ltscale._C extension is not built (reinstall with a C++ compiler and torch available: "
+            "`make install` / `pip install --no-build-isolation -e .`; see `ltscale env`)"
+        )
+    info = fused_build_info()
+    if device.type == "cpu":
+        return None if info["cpu"] else "ltscale._C was built without its CPU kernel"
+    if device.type != "cuda":
+        return f"no compiled kernel for device {device.type!r}"
+    if not info["cuda"]:
+        return "ltscale._C was built without its CUDA kernel (torch or nvcc lacked CUDA at install time)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _device_capability(index)
+    if not kernel_runs_on(capability, info["cuda_archs"], info["cuda_ptx"]):
+        built = ", ".join(info["cuda_archs"] + info["cuda_ptx"]) or "nothing"
+        return (
+            f"ltscale._C holds CUDA code for {built}, none of which runs on cuda:{index} (compute "
+            f"capability {capability[0]}.{capability[1]}); rebuild with TORCH_CUDA_ARCH_LIST including "
+            f"{capability[0]}.{capability[1]} (setup.py)"
+        )
+    return None
 
 
 # dtypes each compiled kernel takes (hidden, logits and E must share one)
@@ -212,16 +273,10 @@ def fused_unsupported_reason(
     hidden: torch.Tensor, logits: torch.Tensor, embedding_weight: torch.Tensor
 ) -> str | None:
     """Why the compiled op cannot take these inputs (``None``: it can)."""
-    if not fused_available():
-        return (
-            "the ltscale._C extension is not built (reinstall with a C++ compiler and torch available: "
-            "`make install` / `pip install --no-build-isolation -e .`; see `ltscale env`)"
-        )
+    why = fused_device_problem(hidden.device)
+    if why is not None:
+        return why
     dev = hidden.device.type
-    if dev not in _FUSED_DTYPES:
-        return f"no compiled kernel for device {dev!r}"
-    if dev == "cuda" and not fused_build_info()["cuda"]:
-        return "ltscale._C was built without its CUDA kernel (torch or nvcc lacked CUDA at install time)"
     if not (hidden.dtype == logits.dtype == embedding_weight.dtype):
         return (
             f"hidden/logits/embedding dtypes differ ({hidden.dtype}, {logits.dtype}, "

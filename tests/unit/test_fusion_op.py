@@ -182,3 +182,85 @@ def test_setup_py_cuda_plan(repo_root, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="FORCE_CUDA=1 but .*not a CUDA build"):
         setup_py._cuda_plan(cpu_torch, no_toolkit, True, "auto")
     assert setup_py._cuda_plan(cuda_torch, toolkit, True, "auto")[0] is True
+
+
+# ------------------------------------------------------------------------------------ kernel archs
+def test_setup_py_embeds_ptx_for_the_newest_arch_and_records_it(repo_root, monkeypatch):
+    """The default build holds sm_80 / sm_90 cubins and compute_90 PTX; the tag it compiles in
+    is what ``fused_build_info`` reads back."""
+    from ltscale.ops import fusion as F
+
+    setup_py = _load_setup_py(repo_root)
+    assert setup_py.DEFAULT_CUDA_ARCHS.endswith("+PTX")
+    tag = setup_py.arch_tag(setup_py.DEFAULT_CUDA_ARCHS)
+    assert tag == "sm_80_sm_90_ptx_90"
+    assert setup_py.arch_tag("8.0 8.6;9.0a+PTX") == "sm_80_sm_86_sm_90a_ptx_90a"
+    monkeypatch.setattr(F, "_native", lambda: SimpleNamespace(cuda_archs=tag))
+    monkeypatch.setattr(F, "fused_available", lambda: True)
+    info = F.fused_build_info()
+    assert info["cuda_archs"] == ["sm_80", "sm_90"] and info["cuda_ptx"] == ["compute_90"]
+
+
+@pytest.mark.parametrize(
+    "capability,archs,ptx,runs",
+    [
+        ((8, 0), ["sm_80", "sm_90"], [], True),
+        ((8, 6), ["sm_80", "sm_90"], [], True),  # a cubin runs on later minors of its major
+        ((8, 9), ["sm_90"], [], False),
+        ((9, 0), ["sm_80", "sm_90"], [], True),
+        ((10, 0), ["sm_80", "sm_90"], [], False),  # a newer GPU: no machine code ...
+        ((10, 0), ["sm_80", "sm_90"], ["compute_90"], True),  # ... but the PTX is JIT-compiled
+        ((12, 0), ["sm_80"], ["compute_90"], True),
+        ((8, 0), ["sm_90"], ["compute_90"], False),  # PTX never runs on an older GPU
+        ((9, 0), ["sm_90a"], [], True),
+        ((10, 0), ["sm_90a"], ["compute_90a"], False),  # arch-specific code: only its own GPU
+        ((7, 5), [], [], False),
+    ],
+)
+def test_kernel_runs_on_capability(capability, archs, ptx, runs):
+    from ltscale.ops.fusion import kernel_runs_on
+
+    assert kernel_runs_on(capability, archs, ptx) is runs
+
+
+def _stub_cuda_build(monkeypatch, capability, archs, ptx):
+    """A build with a CUDA kernel for ``archs``/``ptx`` and one visible GPU of ``capability``. What
+    this proves without a GPU: the decision and where it is taken; what it cannot: that the driver
+    really loads the code (tests/gpu does, on a GPU)."""
+    from ltscale.ops import fusion as F
+
+    info = {"built": True, "cpu": True, "cuda": True, "cuda_archs": archs, "cuda_ptx": ptx}
+    monkeypatch.setattr(F, "fused_available", lambda: True)
+    monkeypatch.setattr(F, "fused_build_info", lambda: dict(info))
+    monkeypatch.setattr(F, "_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_a_gpu_without_code_is_a_clear_error_for_fused_and_a_fallback_for_auto(monkeypatch):
+    from ltscale.ops import fusion as F
+
+    _stub_cuda_build(monkeypatch, (10, 0), ["sm_80", "sm_90"], [])
+    why = F.fused_device_problem("cuda:0")
+    assert "compute capability 10.0" in why and "sm_80, sm_90" in why and "TORCH_CUDA_ARCH_LIST" in why
+    assert F.fused_device_problem("cpu") is None
+    _stub_cuda_build(monkeypatch, (10, 0), ["sm_80", "sm_90"], ["compute_90"])
+    assert F.fused_device_problem("cuda:0") is None
+
+
+def test_engine_fused_on_fails_at_construction_not_at_stage_3(monkeypatch):
+    """``LatentLM(fusion_impl="fused")`` (``engine.fused: on``) on a machine whose GPU the build has
+    no code for: refused when the model is built, in its first (cot) stage; ``auto`` is accepted
+    (it falls back to the torch op at dispatch)."""
+    from ltscale.model import LatentLM
+    from tests.helpers import make_tiny_llama
+
+    _stub_cuda_build(monkeypatch, (10, 0), ["sm_80", "sm_90"], [])
+    with pytest.raises(RuntimeError, match=r"engine.fused=on .*cuda:0.*compute capability 10\.0"):
+        LatentLM(make_tiny_llama(), 63, mode="cot", fusion_impl="fused")
+    LatentLM(make_tiny_llama(), 63, mode="cot", fusion_impl="auto")
+    _stub_cuda_build(monkeypatch, (9, 0), ["sm_80", "sm_90"], [])
+    lm = LatentLM(make_tiny_llama(), 63, mode="cot", fusion_impl="fused")
+    # model placement re-checks: a device with no kernel at all
+    with pytest.raises(RuntimeError, match=r"engine.fused=on .*meta"):
+        lm.to("meta")

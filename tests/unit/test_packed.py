@@ -179,3 +179,20 @@ def test_gqa_fold_equals_unfolded_and_reference_without_repeating_kv(attn, heads
         assert_grads_close(g, g_ref, rtol=1e-6 if attn == "sdpa" else 1e-5)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-12 if attn == "sdpa" else tol, atol=0)
     assert_grads_close(results[True][2], results[False][2], rtol=1e-11 if attn == "sdpa" else 1e-5)
+
+
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention", "sdpa_paged"])
+def test_unsupported_attention_is_refused_at_config_validation_and_construction(impl):
+    from ltscale.config import ConfigError, load_config
+    from ltscale.model.families import KERNELS
+
+    assert KERNELS == ("sdpa", "eager")
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation: .*not supported.*sdpa, eager"):
+        load_config(None, [f"model.attn_implementation={impl}"])
+    base = tiny_base()
+    base.config._attn_implementation = impl  # what a base loaded with that kernel reports
+    with pytest.raises(ValueError, match=r"model\.attn_implementation: .*sdpa, eager"):
+        LatentLM(base, THINK, mode="fusion")
+    for ok in KERNELS:
+        load_config(None, [f"model.attn_implementation={ok}"])
+        LatentLM(tiny_base(attn=ok), THINK, mode="fusion")
