@@ -11,8 +11,9 @@
 #   2. a copy of the tracked sources (never the checkout itself: an in-tree build would overwrite
 #      the CPU venv's ltscale/_C*.so and share build/ objects) built with FORCE_CUDA=1, i.e. a
 #      missing nvcc or CPU torch is an error, not a silent C++-only build;
-#   3. cuobjdump --list-elf: a cubin for every arch of TORCH_CUDA_ARCH_LIST (default "8.0;9.0")
-#      must be inside the .so (cuobjdump: PATH, $CUDA_HOME/bin, or the copy triton ships);
+#   3. cuobjdump --list-elf: a cubin for every arch of TORCH_CUDA_ARCH_LIST (default setup.py's
+#      "8.0;9.0+PTX") must be inside the .so, and cuobjdump --list-ptx the PTX of every "+PTX"
+#      arch (what a GPU newer than the build runs; cuobjdump: PATH, $CUDA_HOME/bin, or triton's copy);
 #   4. import the installed .so on this GPU-less machine: CUDA kernel registered, CPU path equals
 #      the torch reference (values + fp64 gradcheck).
 # Every step runs under `timeout`. Needs nvcc (CUDA_HOME, default /usr/local/cuda, whose major
@@ -23,7 +24,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$(pwd)
 VENV=${LTSCALE_CUDA_VENV:-/tmp/ltscale-cuda-venv}
 TORCH_SPEC=${LTSCALE_CUDA_TORCH:-torch==2.14.1}
-ARCHS=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+ARCHS=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 T0=$(date +%s)
 
@@ -96,15 +97,22 @@ CUOBJDUMP=$(command -v cuobjdump || true)
 [ -n "$CUOBJDUMP" ] || die "no cuobjdump (PATH, \$CUDA_HOME/bin, triton's copy) to inspect the .so"
 elfs=$(timeout 120 "$CUOBJDUMP" --list-elf "$SO") || die "cuobjdump --list-elf $SO"
 echo "$elfs"
+ptxs=$(timeout 120 "$CUOBJDUMP" --list-ptx "$SO") || die "cuobjdump --list-ptx $SO"
+echo "$ptxs"
 for a in ${ARCHS//;/ }; do
   sm="sm_$(echo "${a%+PTX}" | tr -d '.')"
   echo "$elfs" | grep -q "\.${sm}\.cubin" || die "no ${sm} cubin in $SO (TORCH_CUDA_ARCH_LIST=$ARCHS)"
+  if [ "${a%+PTX}" != "$a" ]; then
+    echo "$ptxs" | grep -q "\.${sm}\.ptx" || die "no ${sm} PTX in $SO (TORCH_CUDA_ARCH_LIST=$ARCHS asks for it)"
+  fi
 done
 timeout 120 "$CUOBJDUMP" --dump-resource-usage "$SO" | grep -E "Function|REG" | head -8 || true
-say "cubins present for: $ARCHS (checked with $CUOBJDUMP)"
+say "cubins and PTX present for: $ARCHS (checked with $CUOBJDUMP)"
 
 # ---- 4. import on this GPU-less machine, run the CPU path -----------------------------------------
+case "$ARCHS" in *+PTX*) export LTSCALE_WANT_PTX=1 ;; *) export LTSCALE_WANT_PTX=0 ;; esac
 (cd "$WORK" && timeout 300 "$PY" - <<'EOF'
+import os
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -116,6 +124,8 @@ from ltscale.ops import fusion as F
 info = F.fused_build_info()
 print("ltscale._C:", C.__file__, info)
 assert info["cpu"] and info["cuda"], f"kernels missing from the dispatcher: {info}"
+if os.environ.get("LTSCALE_WANT_PTX") == "1":
+    assert info["cuda_ptx"], f"the build records no PTX: {info}"
 g = torch.Generator().manual_seed(0)
 h, l, E = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 8), (5, 40), (40, 8)))
 kw = dict(alpha=0.6, temperature=0.8, top_p=0.9, exclude_token_id=3)
