@@ -142,17 +142,52 @@ def _eager():
     return eager_attention_forward
 
 
+def folded_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     ltscale_inner: str | None = None, **kwargs):
+    """``AttentionInterface`` function for the padded passes: the model's kernel with the query
+    groups folded into the query length (``(B, H, Q, hd)`` -> ``(B, H_kv, G * Q, hd)``, the
+    ``(B, 1, Q, K)`` mask repeated ``G`` times along ``Q``) instead of K/V repeated ``G`` times."""
+    if ltscale_inner is None:
+        raise RuntimeError(
+            f"{type(module).__name__}: folded attention called without its inner kernel; this model's decoder "
+            "does not pass attention kwargs through")
+    kernel = ALL_ATTENTION_FUNCTIONS[ltscale_inner] if ltscale_inner != "eager" else _eager()
+    bsz, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    if groups == 1 or attention_mask is None or attention_mask.shape[1] != 1:
+        return kernel(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    q = query.reshape(bsz, kv_heads, groups * q_len, head_dim)  # head h = kv_head * G + g
+    mask = attention_mask.repeat(1, 1, groups, 1)
+    out, _ = kernel(_OneGroup(module), q, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = out.view(bsz, groups, q_len, kv_heads, head_dim).permute(0, 2, 3, 1, 4)
+    return out.reshape(bsz, q_len, heads, head_dim), None
+
+
+FOLDED_ATTENTION = "ltscale_folded"
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+AttentionInterface.register(FOLDED_ATTENTION, folded_attention)
 
 
 @contextmanager
-def _attention_swapped(config):
+def _attention_swapped(config, name: str = PACKED_ATTENTION):
     original = config._attn_implementation
-    config._attn_implementation = PACKED_ATTENTION
+    config._attn_implementation = name
     try:
         yield original
     finally:
         config._attn_implementation = original
+
+
+@contextmanager
+def gqa_folded(config, fold: bool):
+    """Decoder calls under this use ``folded_attention`` (``fold`` and grouped-query attention on a
+    plain kernel, ``packing_supported``); yields the kwargs to pass the decoder."""
+    if not (fold and gqa_groups(config) > 1 and packing_supported(config)):
+        yield {}
+        return
+    with _attention_swapped(config, FOLDED_ATTENTION) as inner:
+        yield {"ltscale_inner": inner}
 
 
 def _linear_forward(module: torch.nn.Linear, deferred: DeferredWeightGrads, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from ltscale.model.packed import folded_mask, gqa_groups, linears_routed, run_packed_pass
+from ltscale.model.packed import folded_mask, gqa_folded, gqa_groups, linears_routed, run_packed_pass
 from ltscale.model.rollout_plan import IGNORE_INDEX, PassPlan, RolloutPlan, count_passes, plan_rollout
 from ltscale.ops.deferred import DeferredWeightGrads
 
@@ -63,13 +63,14 @@ def additive_mask(key_valid: torch.Tensor, key_pos: torch.Tensor, query_valid: t
     return mask[:, None]
 
 
-def run_decoder_pass(decoder: torch.nn.Module, config, dummy: bool, embeds: torch.Tensor, mask: torch.Tensor,
-                     position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def run_decoder_pass(decoder: torch.nn.Module, config, dummy: bool, fold_gqa: bool, embeds: torch.Tensor,
+                     mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One decoder call on top of an explicit K/V list ``(k0, v0, k1, v1, ...)`` (chunks per pass).
 
     Returns ``(last_hidden_state, new_k0, new_v0, ...)`` holding only this pass's keys, so callers
     keep per-pass chunks and a checkpointed pass saves each chunk once. ``dummy``: an empty lockstep
-    pass, whose Linear layers skip their weights (``packed.linears_routed``).
+    pass, whose Linear layers skip their weights (``packed.linears_routed``). ``fold_gqa``: query
+    groups folded into the query length where the kernel allows it (``packed.gqa_folded``).
     """
     n_layers = config.num_hidden_layers
     cache = DynamicCache(config=config)
@@ -83,9 +84,9 @@ def run_decoder_pass(decoder: torch.nn.Module, config, dummy: bool, embeds: torc
             v = values[0] if len(values) == 1 else torch.cat(values, dim=-2)
             cache.update(k, v, layer)
             past_len = k.shape[-2]
-    with linears_routed(decoder, None, dummy):
+    with linears_routed(decoder, None, dummy), gqa_folded(config, fold_gqa) as kwargs:
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=cache,
-                      use_cache=True)
+                      use_cache=True, **kwargs)
     new_kv: list[torch.Tensor] = []
     for layer in out.cache.layers[:n_layers]:
         new_kv.append(layer.keys[..., past_len:, :])
@@ -112,10 +113,11 @@ def _with_latents(embeds: torch.Tensor, spec: PassPlan, latent: torch.Tensor | N
 
 class _PaddedPasses:
     """Pass ``k`` as a ``(B, W_k)`` batch over a padded per-pass K/V cache (any HF decoder); plain
-    per-pass weight gradients (the reference shape for the packed passes)."""
+    per-pass weight gradients (the reference shape for the packed passes). ``fold_gqa``: as the
+    packed passes (``packed.gqa_folded``)."""
 
-    def __init__(self, decoder, config, checkpointed: bool):
-        self.decoder, self.config, self.checkpointed = decoder, config, checkpointed
+    def __init__(self, decoder, config, checkpointed: bool, fold_gqa: bool = True):
+        self.decoder, self.config, self.checkpointed, self.fold_gqa = decoder, config, checkpointed, fold_gqa
         self.chunks: list[torch.Tensor] = []
         self.key_valid: list[torch.Tensor] = []
         self.key_pos: list[torch.Tensor] = []
@@ -137,7 +139,7 @@ class _PaddedPasses:
             self.key_pos.append(spec.pos2d)
             key_valid, key_pos, past = torch.cat(self.key_valid, 1), torch.cat(self.key_pos, 1), self.chunks
         mask = additive_mask(key_valid, key_pos, spec.valid, spec.pos2d, padded.dtype)
-        args = (self.decoder, self.config, spec.empty, padded, mask, spec.pos2d, *past)
+        args = (self.decoder, self.config, spec.empty, self.fold_gqa, padded, mask, spec.pos2d, *past)
         outs = checkpoint(run_decoder_pass, *args, use_reentrant=False) if self.checkpointed else run_decoder_pass(*args)
         self.hidden = outs[0]
         if not spec.empty:
@@ -216,7 +218,7 @@ def latent_rollout(
     if packed:
         runner = _PackedPasses(decoder, config, checkpointed, deferred, fold_gqa)
     else:
-        runner = _PaddedPasses(decoder, config, checkpointed)
+        runner = _PaddedPasses(decoder, config, checkpointed, fold_gqa)
     # One embedding call and one LM-head call over the real tokens of all passes: per-pass calls
     # would each materialise a dense V x d weight gradient in backward (and run the head on padding).
     embeds_all = embed(plan.ids)

@@ -141,11 +141,12 @@ def _count_kv_repeats(monkeypatch) -> list[int]:
     return seen
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
-def test_gqa_fold_equals_unfolded_and_reference_without_repeating_kv(attn, heads, kv_heads, monkeypatch):
+def test_gqa_fold_equals_unfolded_and_reference_without_repeating_kv(attn, heads, kv_heads, packed, monkeypatch):
     """Folding the G query heads of a K/V head into the query length is exact (fp64, values and
-    every gradient) and never expands K/V to the query head count."""
+    every gradient) and never expands K/V to the query head count, in packed and padded passes."""
     from ltscale.model.reference import reference_forward
     from tests.helpers import make_tiny_llama
 
@@ -159,7 +160,7 @@ def test_gqa_fold_equals_unfolded_and_reference_without_repeating_kv(attn, heads
         lm.zero_grad()
         res = latent_rollout(decoder=lm.decoder(), config=lm.base.config, embed=lm.embed, lm_head=lm.lm_head,
                              latent_input=lm.latent_input, input_ids=ids, attention_mask=mask, labels=labels,
-                             thinking_token_id=THINK, min_passes=6, packed=True, fold_gqa=fold)
+                             thinking_token_id=THINK, min_passes=6, packed=packed, fold_gqa=fold)
         (res.loss_sum / res.n_targets).backward()
         results[fold] = (res.loss_sum / res.n_targets, res.logits, grads(lm), len(repeats))
         repeats.clear()
