@@ -56,7 +56,9 @@ def test_interleaved_and_paired_ratio():
     assert common.paired_ratio({"x": [2.0, 4.0], "y": [1.0, 1.0]}, "x", "y") == 3.0
 
 
-@pytest.mark.parametrize("name", ["train_overhead", "forward_calls", "decoding", "lockstep_passes"])
+@pytest.mark.parametrize(
+    "name", ["train_overhead", "forward_calls", "decoding", "lockstep_passes", "host_syncs"]
+)
 def test_bench_runs_at_smoke_size(name):
     mod = __import__(name)
     res = mod.run("smoke")

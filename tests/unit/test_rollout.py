@@ -7,9 +7,11 @@ check is per parameter: max |g_fast - g_ref| <= 1e-6 * max |g_ref|.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM
 
 from ltscale.model import LatentLM
@@ -17,6 +19,9 @@ from ltscale.model.reference import reference_forward
 from ltscale.model.rollout import count_passes, latent_rollout, plan_rollout
 from ltscale.ops.deferred import DeferredWeightGrads
 from tests.helpers import make_tiny_llama, require_fused
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from host_syncs import SyncCounter  # noqa: E402  (one counter for this test and the bench)
 
 VOCAB, THINK = 64, 63
 
@@ -193,40 +198,6 @@ def test_plan_counts_and_bad_layouts():
 
 
 # ------------------------------------------------------------------------------------ host syncs
-class SyncCounter(TorchDispatchMode):
-    """Counts ops that make the host wait for a device value: scalar reads (``item``,
-    ``_local_scalar_dense``, ``is_nonzero``, ``equal``), ops whose output shape depends on the data
-    (``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave``
-    without ``output_size``), and the compiled fusion op, whose kernel reads its kept-set size
-    (``ltscale/ops/csrc``: one sync per call).
-
-    What it proves on CPU: no Python-visible op in the counted region needs a tensor's value on the
-    host. What it cannot: syncs hidden inside a kernel other than the compiled op (the CUDA caching
-    allocator, a C++ op copying to the host) and whether the stream really runs ahead (a GPU trace).
-    The ``meta``-device test below is a second proof: there any data-dependent op fails.
-    """
-
-    SCALAR = {"item", "_local_scalar_dense", "is_nonzero", "equal"}
-    DATA_SHAPED = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive"}
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
-            for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
-        )
-        if (name in self.SCALAR or name in self.DATA_SHAPED or bool_index
-                or (name == "repeat_interleave" and kwargs.get("output_size") is None)
-                or func.namespace == "ltscale" and name == "context_prediction_fusion_forward"):
-            self.ops.append(name)
-        return func(*args, **kwargs)
-
-
 def _rollout(lm: LatentLM, plan, ids, mask, labels, **kw):
     return latent_rollout(decoder=lm.decoder(), config=lm.base.config, embed=lm.embed, lm_head=lm.lm_head,
                           latent_input=lm.latent_input, input_ids=ids, attention_mask=mask, labels=labels,
