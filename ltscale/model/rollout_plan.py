@@ -121,6 +121,16 @@ def count_passes(input_ids: torch.Tensor, attention_mask: torch.Tensor, thinking
     return 1 + int(latent.sum(dim=1).max()) if latent.numel() else 1
 
 
+def _on_cpu(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The batch tensors on CPU; from a device in one copy (one sync), not one per tensor."""
+    present = [t.detach() for t in tensors if t is not None]
+    if all(t.device.type == "cpu" for t in present):
+        moved = iter(present)
+    else:
+        moved = iter(torch.stack([t.long() for t in present]).cpu().unbind(0))
+    return [next(moved) if t is not None else None for t in tensors]
+
+
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return x.cumsum(0) - x
 
@@ -136,11 +146,11 @@ def plan_rollout(
 ) -> RolloutPlan:
     """Split each row into causal segments at its latent slots; pad passes up to ``min_passes``.
 
-    Reads its inputs on CPU (ids handed over on the device cost one copy back). ``packed`` selects
+    Reads its inputs on CPU (a batch handed over on the device costs one copy back). ``packed`` selects
     which runner's indices are built (``packed.py``'s packed passes, or the padded fallback).
     """
-    ids = input_ids.detach().cpu()
-    valid = attention_mask.detach().cpu().bool()
+    ids, valid, lab = _on_cpu(input_ids, attention_mask, labels)
+    valid = valid.bool()
     bsz, length = ids.shape
     check_contiguous(valid)
     if not bool(valid.any()):
@@ -239,7 +249,6 @@ def plan_rollout(
     targets, n_targets = None, 0
     if labels is not None:
         # The target of the token at column l is the label of column l + 1 (rows are contiguous).
-        lab = labels.detach().cpu()
         next_labels = torch.full_like(lab, IGNORE_INDEX)
         next_labels[:, :-1] = lab[:, 1:]
         next_labels = next_labels.masked_fill(~valid, IGNORE_INDEX)
