@@ -151,6 +151,63 @@ def test_cuda_matches_cpu_kernel_and_auto_takes_it():
     assert F.fused_unsupported_reason(hc, lc, Ec) is None  # auto takes the CUDA kernel for bf16
 
 
+def test_the_build_has_code_for_this_gpu():
+    """The capability check (``kernel_runs_on``) agrees with the driver: this GPU runs the kernel."""
+    info = F.fused_build_info()
+    capability = torch.cuda.get_device_capability()
+    assert F.kernel_runs_on(capability, info["cuda_archs"], info["cuda_ptx"]), (capability, info)
+    assert F.fused_device_problem(torch.device("cuda")) is None
+
+
+def _cuda_syncs(fn) -> list[str]:
+    """The synchronizing CUDA operations ``fn`` runs (CUDA's sync debug mode, as warnings)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message)[:120] for w in seen if "synchroniz" in str(w.message)]
+
+
+def test_rollout_passes_do_not_sync_the_stream():
+    """What the CPU sync counter cannot prove: on a real stream, a training step whose batch is on
+    CPU (planned there, shipped in one copy) adds no synchronizing operation per pass, forward or
+    backward: the same count at 5 and at 9 passes (the extra ones empty lockstep passes; what a step
+    does once, e.g. an embedding backward, may sync). ``fusion`` on the torch op (the compiled kernel
+    reads its kept-set size, one sync per call by design) and ``hidden``; packed and padded passes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ltscale.model import LatentLM
+
+    think = 511
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (4, 32), generator=g)
+    ids[0, 5], ids[1, 7], ids[1, 8], ids[3, 20] = think, think, think, think
+    mask = torch.ones_like(ids)
+    mask[2, 25:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    for mode in ("fusion", "hidden"):
+        for packed in ("auto", "off"):
+            torch.manual_seed(0)
+            base = LlamaForCausalLM(cfg).cuda()
+            lm = LatentLM(base, think, mode=mode, fusion_impl="torch", packed_passes=packed).train()
+
+            def step(passes, lm=lm):
+                lm.zero_grad(set_to_none=True)
+                lm(ids, mask, labels, min_passes=passes).loss.backward()
+
+            step(9)  # warm-up: cuBLAS handles, allocator pools
+            counts = {p: _cuda_syncs(lambda p=p: step(p)) for p in (5, 9)}
+            assert len(counts[5]) == len(counts[9]) <= 4, (mode, packed, counts)
+
+
 if __name__ == "__main__":  # plain runner for machines without pytest
     if WHY_NOT is not None:
         print(f"FAILED: {WHY_NOT}")
