@@ -276,17 +276,16 @@ class ModelFamily:
 def real_rows_per_pass(plan, packed: bool) -> list[torch.Tensor | None]:
     """For :meth:`RouterAuxLoss.loss`: which rows of each pass's decoder call are real tokens.
 
-    A padded pass routes its ``(B, W_k)`` slots row-major, padding included; a packed pass routes
-    exactly its real tokens, or one dummy when it is an empty lockstep pass (``rollout.py``).
+    A padded pass routes its ``(B, W_k)`` slots row-major, padding included (its real ones: the
+    plan's ``q_real``, ascending); a packed pass routes exactly its real tokens; an empty lockstep
+    pass routes one dummy, no real row (``rollout_plan.py``). Indices, not masks: no device sync.
     """
     rows: list[torch.Tensor | None] = []
     for spec in plan.passes:
-        if not packed:
-            rows.append(spec.valid.reshape(-1))
+        if spec.empty:
+            rows.append(spec.q_real[:0])
         else:
-            rows.append(
-                None if bool(spec.valid.any()) else torch.zeros(1, dtype=torch.bool, device=spec.valid.device)
-            )
+            rows.append(None if packed else spec.q_real)
     return rows
 
 

@@ -25,7 +25,7 @@ from ltscale.config import LATENT_MODES, check_alpha, check_top_p
 from ltscale.model.families import attach, real_rows_per_pass
 from ltscale.model.generation import DecodeRule, GenerationOutput, generate_batched, generate_many
 from ltscale.model.packed import packing_supported
-from ltscale.model.rollout import count_passes, latent_rollout, plan_rollout
+from ltscale.model.rollout import count_passes, latent_rollout
 from ltscale.ops import context_prediction_fusion, fused_device_problem
 from ltscale.ops.deferred import DeferredWeightGrads, deferred_linear
 
@@ -238,10 +238,7 @@ class LatentLM(nn.Module):
         if labels is not None:
             loss = res.loss_sum / max(res.n_targets, 1)
         if router_aux is not None:  # one load-balancing loss over the real tokens of all passes
-            plan = plan_rollout(input_ids, attention_mask, self.thinking_token_id if rollout else -1,
-                                min_passes if rollout else 1)
-            packed = self.packed_passes == "auto" and packing_supported(self.base.config)
-            aux = router_aux.loss(router_aux.end(), real_rows_per_pass(plan, packed))
+            aux = router_aux.loss(router_aux.end(), real_rows_per_pass(res.plan, res.plan.packed))
             loss = loss + aux
         return LatentLMOutput(loss=loss, logits=res.logits, n_passes=res.n_passes, n_targets=res.n_targets,
                               aux_loss=aux)

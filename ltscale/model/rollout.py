@@ -100,6 +100,7 @@ class RolloutResult:
     n_targets: int
     logits: torch.Tensor | None  # (B, L, V) in original order when requested
     n_passes: int
+    plan: RolloutPlan  # what ran (on the model's device)
 
 
 def _with_latents(embeds: torch.Tensor, spec: PassPlan, latent: torch.Tensor | None) -> torch.Tensor:
@@ -244,4 +245,5 @@ def latent_rollout(
     if return_logits:
         flat = logits.new_zeros(plan.bsz * plan.length, logits.shape[-1]).index_copy(0, plan.src, logits)
         logits_out = flat.view(plan.bsz, plan.length, -1)
-    return RolloutResult(loss_sum=loss_sum, n_targets=plan.n_targets, logits=logits_out, n_passes=len(plan.passes))
+    return RolloutResult(loss_sum=loss_sum, n_targets=plan.n_targets, logits=logits_out, n_passes=len(plan.passes),
+                         plan=plan)
