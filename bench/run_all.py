@@ -26,6 +26,9 @@ BENCHES = [
     ("forward_calls.py", None),
     ("decoding.py", None),
     ("memory.py", None),
+    ("activation_memory.py", None),
+    ("host_syncs.py", None),
+    ("lockstep_passes.py", None),
     ("scaling.py", None),
 ]
 
@@ -37,6 +40,9 @@ HEADLINES = {
     "forward_calls.py": ("headline", "fewer calls than per-column"),
     "decoding.py": ("headline", ">= 0.8x HF, >= 10x batch-1 loop"),
     "memory.py": ("headline", "report"),
+    "activation_memory.py": ("headline", "formula within 1% per layer"),
+    "host_syncs.py": ("headline", "0 per pass (fusion: its kept-set read)"),
+    "lockstep_passes.py": ("headline", "report"),
     "scaling.py": ("ratio_2_over_1", ">= 1.6x"),
 }
 
