@@ -184,8 +184,9 @@ def test_gqa_fold_equals_unfolded_and_reference_without_repeating_kv(attn, heads
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention", "sdpa_paged"])
 def test_unsupported_attention_is_refused_at_config_validation_and_construction(impl):
-    from ltscale.config import ConfigError, load_config
+    from ltscale.config import ConfigError
     from ltscale.model.families import KERNELS
+    from ltscale.run_config import load_config
 
     assert KERNELS == ("sdpa", "eager")
     with pytest.raises(ConfigError, match=r"model\.attn_implementation: .*not supported.*sdpa, eager"):
