@@ -37,6 +37,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ltscale.launch_env import rank_env
+
 log = logging.getLogger(__name__)
 
 ENV = "LTSCALE_FAULT"
@@ -126,7 +128,7 @@ def check(point: str, *, stage: int | None = None) -> float | None:
         st.text, st.specs, st.hits = text, parse(text), {}
     names = (point,) if stage is None else (point, f"{point}.s{stage}")
     fired: float | None = None
-    rank = int(os.environ.get("RANK", "0"))
+    rank = rank_env().rank
     for name in names:
         st.hits[name] = hit = st.hits.get(name, 0) + 1
         for spec in st.specs:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from ltscale.eval.analysis import run_analysis
 from ltscale.eval.evaluate import evaluate, format_table, merge_results, summarize, write_results
 from ltscale.fsutil import atomic_write_text
 from ltscale.inference import load_for_inference
+from ltscale.launch_env import rank_env
 from ltscale.methods import StageContext, get_method
 from ltscale.model.device import to_device
 from ltscale.model.io import save_latent_model
@@ -422,7 +422,7 @@ def train(cfg: RunConfig, stage: str = "all") -> dict[int, dict]:
     # Fail on stage ordering before paying for data, model and engine set-up on every rank.
     stages = select_stages(cfg, Path(cfg.run_dir), stage)
     if not stages:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank_env().rank == 0:  # also a launcher-less srun step (ltscale.launch_env)
             print_results_table(cfg, Path(cfg.run_dir), finished_results(cfg, Path(cfg.run_dir)))
         return finished_results(cfg, Path(cfg.run_dir))
     try:

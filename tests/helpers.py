@@ -6,7 +6,8 @@ can import them too).
 * ``DIST_ENV`` / ``launch_env`` / ``free_port`` / ``popen_group`` / ``communicate_group``: how a
   test starts a multi-rank job: a clean environment (no leaked ``RANK``/``MASTER_*``), a fresh
   port, a process group of its own that is killed as a whole on a timeout or an interrupt.
-* ``skip_or_fail``: the one way a test skips for something missing on this machine.
+* ``skip_or_fail``: the one way a test skips for something missing on this machine (``require_fused``,
+  ``require_lm_eval`` build on it).
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ def require_fused(*, module_level: bool = False) -> None:
 
     if not fused_available():
         skip_or_fail("ltscale._C is not built (run `make install`)", module_level=module_level)
+
+
+def require_lm_eval() -> None:
+    """lm-evaluation-harness (the ``[eval]`` extra, which ``make install`` installs), else
+    :func:`skip_or_fail`."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        skip_or_fail("lm-eval is not installed (pip install -e '.[eval]')")
 
 
 def zero3_latent_step(lm, batch: dict, world_size: int):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.test_lmeval import require_lm_eval
+from tests.helpers import require_lm_eval
 
 pytestmark = [pytest.mark.e2e]
 

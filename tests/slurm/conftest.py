@@ -3,7 +3,8 @@
 The session fixture ``slurm`` starts the cluster (or reuses one that is already up with >= 2
 nodes, and then leaves it running) and always stops what it started, also when a test or the
 start itself fails. Without Slurm (``sbatch`` missing) or without root the tier skips with the
-reason, except under ``CI=true`` (``.ci/run``), where that is a failure: CI installs Slurm.
+reason, except under ``CI=true`` (``.ci/run``), where that is a failure: CI installs Slurm
+(``tests.helpers.skip_or_fail``).
 
 ``slurm`` is a :class:`Slurm` helper: ``sbatch``, ``pipeline``, job state via ``scontrol show
 job`` (the local cluster has no accounting, so no ``sacct``; finished jobs stay visible for
@@ -23,6 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
@@ -134,9 +137,7 @@ def slurm() -> Iterator[Slurm]:
     elif os.geteuid() != 0:
         reason = "the local Slurm cluster (slurm/local-cluster.sh) needs root"
     if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so this is an error rather than a skip")
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
     env = {**os.environ, "LTSCALE_SLURM_DIR": str(SLURM_DIR), "LTSCALE_SLURM_NODES": str(NODES),
            "LTSCALE_SLURM_ETC": "0", "LTSCALE_SLURM_INSTALL": "0"}  # fmt: skip

@@ -22,21 +22,13 @@ from hypothesis import strategies as st
 from ltscale.data.formatting import plain_prompt_text, prompt_ids
 from ltscale.lmeval.decode import context_ids, cut_at_stops, greedy_settings
 from ltscale.lmeval.tasks import PLAIN_TEXT, write_tasks
-from tests.helpers import skip_or_fail
+from tests.helpers import require_lm_eval
 
 SMALL = [
     "model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
     "model.init.tie_word_embeddings=false", "model.tokenizer_vocab_size=120",
     "data.synthetic.n_train=64", "data.synthetic.n_test=8",
 ]  # fmt: skip
-
-
-def require_lm_eval() -> None:
-    """The ``[eval]`` extra (``make install`` installs it), else :func:`skip_or_fail`."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        skip_or_fail("lm-eval is not installed (pip install -e '.[eval]')")
 
 
 @pytest.fixture(scope="module")
