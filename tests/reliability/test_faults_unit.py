@@ -23,7 +23,8 @@ def test_unset_is_a_no_op():
 
 def test_hits_ranges_stages_and_ranks(monkeypatch):
     monkeypatch.setenv(faults.ENV, "nan:loss.s2:2-3,inf:grad:2-@1")
-    monkeypatch.setenv("RANK", "0")
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(k, v)
     got = [faults.check("loss", stage=s) for s in (1, 2, 2, 2, 2)]
     assert [g is not None and math.isnan(g) for g in got] == [False, False, True, True, False]
     assert [faults.check("grad") for _ in range(3)] == [None, None, None]  # rank 0: not for me

@@ -10,6 +10,7 @@ is written from Hydra's documented variables (MPICH is not installed here).
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -149,3 +150,33 @@ def test_module_is_torch_free() -> None:
     code = "import sys, launcher, ltscale.logging_setup; print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_rank_zero_only_callers_read_an_srun_steps_task(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    """``srun python ltscale/train.py ...`` (no launcher inside the step): task 3 neither prints the
+    trainer's nothing-to-do table nor misses a fault aimed at rank 3; task 0 prints the table."""
+    from ltscale import faults, rundir, trainer
+    from ltscale.run_config import load_config
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in _rec(STEP_NONE_3).items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    for k in range(1, len(cfg.stages) + 1):
+        rundir.stage_dir(tmp_path, k).mkdir()
+        rundir.complete_file(tmp_path, k).write_text("{}")
+        (rundir.stage_dir(tmp_path, k) / rundir.EVAL_FILE).write_text('{"n": 4, "accuracy_official": 0.5}')
+    assert set(trainer.train(cfg, "all")) == {1, 2, 3} and capsys.readouterr().out == ""
+
+    monkeypatch.setenv(faults.ENV, "nan:loss:1@3")
+    faults.reset()
+    assert math.isnan(faults.check("loss"))
+
+    for k, v in (("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0"), ("SLURM_NODEID", "0")):
+        monkeypatch.setenv(k, v)
+    faults.reset()
+    assert faults.check("loss") is None
+    faults.reset()
+    trainer.train(cfg, "all")
+    assert "| stage" in capsys.readouterr().out
