@@ -152,7 +152,9 @@ def test_module_is_torch_free() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_rank_zero_only_callers_read_an_srun_steps_task(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+def test_rank_zero_only_callers_read_an_srun_steps_task(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys
+) -> None:
     """``srun python ltscale/train.py ...`` (no launcher inside the step): task 3 neither prints the
     trainer's nothing-to-do table nor misses a fault aimed at rank 3; task 0 prints the table."""
     from ltscale import faults, rundir, trainer
