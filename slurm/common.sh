@@ -12,9 +12,9 @@
 # What a stage job does, in order (each step says why in its function):
 #   1. read and check its inputs (LTSCALE_RUN_DIR, LTSCALE_CONFIG, ...) -> exit 2 with one clear
 #      line in the job log on bad input, before any rank starts;
-#   2. stage bookkeeping: stage N already COMPLETE -> no-op, exit 0; stage N-1 not COMPLETE ->
-#      exit 2 naming RUN_DIR/stage{N-1}/COMPLETE (the trainer has the same checks; doing them here
-#      fails the job in a second instead of after every rank has imported torch);
+#   2. stage bookkeeping, asked of ltscale/rundir.py (the trainer's own rule, torch-free): stage N
+#      already complete -> no-op, exit 0; stage N-1 not complete -> exit 2 naming its COMPLETE
+#      marker, in a second instead of after every rank has imported torch;
 #   3. `python -m launcher` (launcher/) turns the allocation into a DeepSpeed hostfile and, on each
 #      node, a `deepspeed --no_ssh --node_rank R ...` (or torchrun) command -- no ssh, no pdsh;
 #   4. `srun --ntasks-per-node=1` runs that command once per node, in the background, so the batch
@@ -23,16 +23,8 @@
 #      are forwarded to the step as SIGUSR1 via srun, which hands them to every process of the
 #      step.  Launchers ignore SIGUSR1/SIGTERM (the node wrapper starts them with both ignored), so
 #      only the training ranks react: they agree at the next step boundary, checkpoint, exit 143;
-#   6. how the step ended is read from the code each node's launcher exited with (srun's own code
-#      mixes in the nodes it had to kill after the first one ended), then:
-#      - 143 after a SIGUSR1 -> `scontrol requeue $SLURM_JOB_ID` (bounded by LTSCALE_MAX_RESTARTS);
-#        the requeued job keeps its id (afterok dependents keep waiting) and resumes exactly;
-#      - 4, a lost rank (ltscale/train.py: a peer died, hung or became unreachable; see
-#        docs/RELIABILITY.md) -> requeue the same way, the run is resumable by design; but not
-#        twice at the same checkpoint: a failure that recurs before any progress is not transient;
-#      - after a SIGTERM Slurm itself decides (preemption requeues the job; scancel or the time
-#        limit end it), so the script never requeues then: `scancel` must stay a way to stop a job;
-#      - any other non-zero exit fails the job: a crash must not loop.
+#   6. the code each node's launcher exited with decides: complete, requeue (a stop signal, a lost
+#      rank) or fail (slurm/requeue.sh).
 #
 # Environment read by a stage job (sbatch exports the submitting shell's; README.md, section
 # "Slurm", documents each for users): LTSCALE_RUN_DIR and LTSCALE_CONFIG (required), LTSCALE_ARGS,
@@ -59,6 +51,9 @@ ltscale_die() {  # ltscale_die CODE MESSAGE
   exit "$1"
 }
 
+# shellcheck source=slurm/requeue.sh
+source "$(dirname "${BASH_SOURCE[0]}")/requeue.sh"
+
 # ------------------------------------------------------------------------------------- inputs
 
 ltscale_python() {
@@ -77,6 +72,11 @@ ltscale_launcher() {  # python -m launcher ..., run from the repo
   # From the repo, not the submit dir: `python -m` puts the working dir first on sys.path, and a
   # launcher.py or launcher/ next to the user's job files would shadow ours.
   (cd "$LTSCALE_REPO" && "$PY" -m launcher "$@")
+}
+
+ltscale_ask() {  # ltscale_ask QUERY ARG...: `python -m ltscale.rundir`, the run dir layout's owner
+  # Paths and stage state are asked, not spelled here, so the shell and the trainer cannot drift.
+  (cd "$LTSCALE_REPO" && "$PY" -m ltscale.rundir "$@")
 }
 
 ltscale_abspath() {  # relative paths are relative to the job's working dir (the submit dir)
@@ -179,16 +179,20 @@ ltscale_flush_log() {
 
 # ------------------------------------------------------------------------------------- stages
 
-ltscale_check_stage_order() {  # exit 0 if done, exit 2 if the previous stage is missing
-  local stage=$1
-  if [ -f "$RUN_DIR/stage$stage/COMPLETE" ]; then
-    ltscale_log "stage $stage is already complete ($RUN_DIR/stage$stage/COMPLETE); nothing to do"
-    exit 0
-  fi
-  if [ "$stage" -gt 1 ] && [ ! -f "$RUN_DIR/stage$((stage - 1))/COMPLETE" ]; then
-    ltscale_die "$LTSCALE_EXIT_USAGE" "stage $stage starts from stage $((stage - 1))'s final checkpoint, but $RUN_DIR/stage$((stage - 1))/COMPLETE does not exist; run --stage $((stage - 1)) first (sbatch slurm/stage$((stage - 1)).sh, or slurm/pipeline.sh which chains the stages with afterok)"
-  fi
-  return 0
+ltscale_check_stage_order() {  # exit 0 if stage N is complete, exit 2 if stage N-1 is not
+  local stage=$1 state rc=0
+  state=$(ltscale_ask check-stage "$RUN_DIR" "$stage" 2>&1) || rc=$?
+  case "$rc $state" in
+    "0 ready") ;;
+    "0 complete")
+      ltscale_log "stage $stage is already complete ($(ltscale_ask complete-file "$RUN_DIR" "$stage")); nothing to do"
+      exit 0
+      ;;
+    "$LTSCALE_EXIT_USAGE stage "*)
+      ltscale_die "$LTSCALE_EXIT_USAGE" "$state (sbatch slurm/stage$((stage - 1)).sh, or slurm/pipeline.sh which chains the stages with afterok)"
+      ;;
+    *) ltscale_die "$LTSCALE_EXIT_USAGE" "python -m ltscale.rundir check-stage $RUN_DIR $stage failed (exit $rc): $state" ;;
+  esac
 }
 
 # ------------------------------------------------------------------------------------- launch
@@ -346,79 +350,11 @@ ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCAL
   [ "$LTSCALE_STEP_RC" = "$srun_rc" ] || ltscale_log "srun exited with $srun_rc; the nodes' launchers with ${codes[*]}"
 }
 
-ltscale_step_code() {  # ltscale_step_code SRUN_RC [NODE_RC ...]: the one code that says how the step ended
-  # The nodes' own codes beat srun's. Among them: a trainer error (1..127 except 4: a crash, bad
-  # input, too many skipped steps) names the cause; else a lost rank (4), whose neighbours report
-  # the signal that ended them (>= 128: killed by srun, the OOM killer, a crashed rank); else a
-  # stop (143); else the largest. All 0 (or none reported) leaves srun's code.
-  local srun_rc=$1 c want max=0
-  shift
-  for c in "$@"; do
-    if ((c > 0 && c < 128 && c != 4)); then
-      echo "$c"
-      return
-    fi
-    if ((c > max)); then max=$c; fi
-  done
-  for want in 4 143; do
-    for c in "$@"; do
-      if ((c == want)); then
-        echo "$c"
-        return
-      fi
-    done
-  done
-  if ((max > 0)); then echo "$max"; else echo "$srun_rc"; fi
-}
-
-ltscale_latest_checkpoint() {  # the stage's newest complete checkpoint tag, or "none"
-  cat "$RUN_DIR/stage$1/ckpt/latest" 2>/dev/null || echo none
-}
-
 ltscale_log_time_limit() {  # one line that explains a later lead-time signal
   local limits
   limits=$(squeue -h -j "$SLURM_JOB_ID" -o '%l %L' 2>/dev/null || true)
   [ -n "$limits" ] && ltscale_log "time limit ${limits% *}, left ${limits#* } (the --signal lead must be shorter than what is left)"
   return 0
-}
-
-ltscale_check_progress() {  # ltscale_check_progress N TAG_BEFORE: refuse a requeue that gains nothing
-  # A stop signal that arrives before this incarnation has checkpointed past where it started
-  # means the next incarnation would be signalled just as early: typically the --signal lead
-  # (B:USR1@N, default 600 s) is not shorter than --time. Requeueing would loop forever.
-  local after
-  after=$(ltscale_latest_checkpoint "$1")
-  if [ "$after" = "$2" ]; then
-    ltscale_die "$LTSCALE_EXIT_STOPPED" "stopped by SIGUSR1 before this job got past its last checkpoint ($2): not requeueing, the next start would be signalled as early. Is the --signal lead (#SBATCH --signal=B:USR1@<seconds>) shorter than --time? Resubmit with a longer --time or a shorter lead"
-  fi
-}
-
-ltscale_requeue() {  # ltscale_requeue CODE: requeue this job, or exit CODE saying why not
-  local code=$1 restarts=${SLURM_RESTART_COUNT:-0} max=${LTSCALE_MAX_RESTARTS:-20}
-  if [ "$restarts" -ge "$max" ]; then
-    ltscale_die "$code" "this job was already restarted $restarts times (LTSCALE_MAX_RESTARTS=$max): not requeueing again; resubmit to continue from the checkpoint"
-  fi
-  ltscale_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max); it resumes from the last checkpoint"
-  local out
-  if ! out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
-    ltscale_die "$code" "scontrol requeue $SLURM_JOB_ID failed: $out (was the job submitted with --requeue, and is JobRequeue allowed?); resubmit to continue from the checkpoint"
-  fi
-  exit 0  # the job is PENDING again; Slurm ends this incarnation
-}
-
-ltscale_requeue_lost_rank() {  # ltscale_requeue_lost_rank N: after exit 4, requeue once per checkpoint
-  # A rank that died, hung or became unreachable (node trouble, a network blip, a collective
-  # timeout) costs at most the steps since the last checkpoint, so the job requeues. A loss that
-  # comes back before the job got past that checkpoint is not transient (an OOM, a rank that
-  # always hangs): then it fails instead of looping up to LTSCALE_MAX_RESTARTS times.
-  local tag seen=$RUN_DIR/logs/exit-codes/$SLURM_JOB_ID.lost-at
-  tag=$(ltscale_latest_checkpoint "$1")
-  if grep -qxF "$tag" "$seen" 2>/dev/null; then
-    ltscale_die 4 "a rank was lost again before this job got past checkpoint $tag: not requeueing (a loss that recurs is not transient); see the ranks' errors above, fix the cause, then resubmit to resume from $tag"
-  fi
-  echo "$tag" >>"$seen"
-  ltscale_log "a rank was lost (exit 4: a peer died, hung or became unreachable); the run is resumable from checkpoint $tag"
-  ltscale_requeue 4
 }
 
 # ------------------------------------------------------------------------------------- main
@@ -442,37 +378,10 @@ ltscale_stage_main() {  # ltscale_stage_main N [override ...]
   ltscale_log_time_limit
 
   local latest_before
-  latest_before=$(ltscale_latest_checkpoint "$stage")
+  latest_before=$(ltscale_latest_checkpoint "$stage" 1) || exit
   ltscale_run_step
-  local rc=$LTSCALE_STEP_RC
-  ltscale_log "training step ended with exit code $rc${LTSCALE_STOP:+ (after SIG$LTSCALE_STOP)}"
-  if [ "$rc" -eq 0 ]; then
-    # The deepspeed runner reports 0 when launch.py dies from a signal, so trust the marker only.
-    [ -f "$RUN_DIR/stage$stage/COMPLETE" ] ||
-      ltscale_die 1 "the launcher exited 0 but $RUN_DIR/stage$stage/COMPLETE was not written; see the rank output above"
-    ltscale_log "stage $stage complete: $RUN_DIR/stage$stage/COMPLETE"
-    exit 0
-  fi
-  if [ "$rc" -eq "$LTSCALE_EXIT_STOPPED" ] && [ "${LTSCALE_STOP:-}" != TERM ]; then
-    # The ranks stopped on a SIGUSR1: the lead warning via this shell, or one sent straight to
-    # the step (--signal=USR1@lead without B:, scancel --signal=USR1).
-    ltscale_check_progress "$stage" "$latest_before"
-    ltscale_log "checkpoint written"
-    ltscale_requeue "$LTSCALE_EXIT_STOPPED"
-  fi
-  if [ "${LTSCALE_STOP:-}" = TERM ]; then
-    # Slurm sent the TERM because it is ending this incarnation. If it is requeueing the job
-    # (preemption, `scontrol requeue`), its restart counter is already ahead of ours.
-    local restarts
-    restarts=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2 || true)
-    if [ -n "$restarts" ] && [ "$restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]; then
-      ltscale_log "stopped by SIGTERM: Slurm is requeueing job $SLURM_JOB_ID (preemption or scontrol requeue); the restart resumes from the last checkpoint"
-      exit "$rc"
-    fi
-    ltscale_die "$rc" "stopped by SIGTERM (scancel, time limit or node failure): resubmit this stage to resume from the last checkpoint"
-  fi
-  [ "$rc" -eq "$LTSCALE_EXIT_LOST_RANK" ] && ltscale_requeue_lost_rank "$stage"
-  ltscale_die "$rc" "stage $stage failed (exit code $rc); not requeueing"
+  ltscale_log "training step ended with exit code $LTSCALE_STEP_RC${LTSCALE_STOP:+ (after SIG$LTSCALE_STOP)}"
+  ltscale_end_job "$stage" "$LTSCALE_STEP_RC" "$latest_before"
 }
 
 # Run as a script: a stage job's batch shell (exec'd by slurm/stage{1,2,3}.sh) or, inside srun, the

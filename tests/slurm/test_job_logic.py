@@ -6,6 +6,9 @@
   ranks exit 4 (tests/slurm/test_slurm_stages.py runs the lost-rank case for real).
 * ``ltscale_requeue_lost_rank``: after a 4 the job requeues, but not twice at the same checkpoint
   and not past LTSCALE_MAX_RESTARTS; ``scontrol`` is a stub that records its arguments.
+* ``ltscale_check_stage_order``: the stage order as ``python -m ltscale.rundir`` (the trainer's
+  rule) answers it: a complete stage is a no-op, a missing previous stage an exit 2 naming its
+  marker.
 * the stage scripts are thin: outside Slurm ``slurm/stage1.sh`` reaches common.sh's input checks.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +26,9 @@ COMMON = REPO / "slurm" / "common.sh"
 
 
 def sh(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``script`` in bash after sourcing common.sh (which defines functions only)."""
+    """Run ``script`` in bash after sourcing common.sh (which defines functions only), with this
+    checkout and interpreter for its ``python -m ltscale.rundir`` questions."""
+    env = {"LTSCALE_REPO": str(REPO), "PY": sys.executable, **(os.environ if env is None else env)}
     return subprocess.run(["bash", "-c", f'source "{COMMON}"\n{script}'], env=env, capture_output=True,
                           text=True, timeout=30)  # fmt: skip
 
@@ -52,7 +58,7 @@ def test_step_code(srun_rc: int, nodes: list[int], want: int) -> None:
 @pytest.fixture
 def job(tmp_path: Path) -> dict[str, str]:
     """A run dir whose stage 1 has checkpoint step-000004, and a scontrol stub."""
-    (tmp_path / "run" / "stage1" / "ckpt").mkdir(parents=True)
+    (tmp_path / "run" / "stage1" / "ckpt" / "step-000004").mkdir(parents=True)
     (tmp_path / "run" / "stage1" / "ckpt" / "latest").write_text("step-000004")
     (tmp_path / "run" / "logs" / "exit-codes").mkdir(parents=True)
     stub = tmp_path / "bin" / "scontrol"
@@ -78,7 +84,8 @@ def test_lost_rank_requeues_once_per_checkpoint(job: dict[str, str], tmp_path: P
     assert "lost again before this job got past checkpoint step-000004: not requeueing" in again.stderr
     assert calls.read_text() == "requeue 77\n"  # no second requeue
 
-    (tmp_path / "run" / "stage1" / "ckpt" / "latest").write_text("step-000006")  # progress since
+    (tmp_path / "run" / "stage1" / "ckpt" / "step-000006").mkdir()  # progress since
+    (tmp_path / "run" / "stage1" / "ckpt" / "latest").write_text("step-000006")
     assert sh("ltscale_requeue_lost_rank 1", {**job, "SLURM_RESTART_COUNT": "1"}).returncode == 0
     assert calls.read_text() == "requeue 77\nrequeue 77\n"
 
@@ -89,7 +96,27 @@ def test_lost_rank_respects_max_restarts_and_a_failing_scontrol(job: dict[str, s
     (tmp_path / "run" / "logs" / "exit-codes" / "77.lost-at").unlink()  # a fresh job
     refused = sh("ltscale_requeue_lost_rank 1", {**job, "SCONTROL_RC": "1"})
     assert refused.returncode == 4 and "scontrol requeue 77 failed" in refused.stderr
-    assert not (tmp_path / "run" / "stage1" / "ckpt" / "step-000004").exists()  # nothing touched the run
+    stage = tmp_path / "run" / "stage1"
+    touched = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
+    assert touched == ["ckpt", "ckpt/latest", "ckpt/step-000004"]  # nothing touched the run
+
+
+def test_stage_order_is_the_trainers_rule(job: dict[str, str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ready = sh("ltscale_check_stage_order 1 && echo go", job)
+    assert ready.returncode == 0 and ready.stdout.strip() == "go", ready
+    early = sh("ltscale_check_stage_order 2", job)
+    assert early.returncode == 2, early
+    marker = run / "stage1" / "COMPLETE"
+    want = f"{marker} does not exist; run --stage 1 first (sbatch slurm/stage1.sh"
+    assert want in early.stderr, early.stderr
+    marker.write_text("{}")
+    done = sh("ltscale_check_stage_order 1; echo not reached", job)
+    assert done.returncode == 0 and "not reached" not in done.stdout, done
+    assert f"stage 1 is already complete ({marker}); nothing to do" in done.stdout
+    assert sh("ltscale_check_stage_order 2 && echo go", job).stdout.strip() == "go"
+    broken = sh("ltscale_check_stage_order 2", {**job, "PY": "/bin/false"})
+    assert broken.returncode == 2 and "python -m ltscale.rundir check-stage" in broken.stderr, broken
 
 
 def test_stage_script_is_a_thin_wrapper_of_common_sh(tmp_path: Path) -> None:
