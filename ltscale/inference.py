@@ -67,12 +67,14 @@ class Inference:
         pad_token_id: int | None = None,
         without_thinking: bool = False,
         on_finish: Callable[[int], None] | None = None,
+        stop: Callable[[int, list[int]], bool] | None = None,
     ) -> GenerationOutput:
         """Decode ``prompts`` (unpadded ids, e.g. from :meth:`prompt_ids`) with the method's rule and
         at most ``slots`` rows in flight; outputs in prompt order, on the CPU.
 
         ``without_thinking``: free decoding never chooses ``<thinking>`` (pure explicit decoding).
-        ``pad_token_id`` (after EOS): the tokenizer's pad, else EOS.
+        ``pad_token_id`` (after EOS): the tokenizer's pad, else EOS. ``stop``: ends a row early
+        (``ltscale.model.generation.generate_many``).
         """
         if pad_token_id is None:
             pad_token_id = self.tokenizer.pad_token_id
@@ -93,6 +95,7 @@ class Inference:
                 pad_token_id=pad_token_id,
                 rule=rule,
                 on_finish=on_finish,
+                stop=stop,
             )
         finally:
             self.model.train(was_training)

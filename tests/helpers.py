@@ -6,6 +6,7 @@ can import them too).
 * ``DIST_ENV`` / ``launch_env`` / ``free_port`` / ``popen_group`` / ``communicate_group``: how a
   test starts a multi-rank job: a clean environment (no leaked ``RANK``/``MASTER_*``), a fresh
   port, a process group of its own that is killed as a whole on a timeout or an interrupt.
+* ``HostToDevice``: which of ltscale's calls copy host data to a device without ``to_device``.
 * ``skip_or_fail``: the one way a test skips for something missing on this machine (``require_fused``,
   ``require_lm_eval`` build on it).
 """
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from torch.overrides import TorchFunctionMode
+
+import ltscale
 
 # Variables describing a distributed job; stripped from the environment of launched ranks so the
 # launcher alone decides them.
@@ -116,6 +120,38 @@ def require_lm_eval() -> None:
         import lm_eval  # noqa: F401
     except ImportError:
         skip_or_fail("lm-eval is not installed (pip install -e '.[eval]')")
+
+
+_PACKAGE = Path(ltscale.__file__).resolve().parent
+
+
+class HostToDevice(TorchFunctionMode):
+    """Inside ``with HostToDevice() as moves:``, ``moves.found`` lists every call in ltscale's own
+    code (``file:line function``) that puts data on a device other than through
+    ``ltscale.model.device.to_device``: ``torch.tensor``/``as_tensor`` with a device, ``Tensor.to``
+    or ``.cuda`` with one. The call is what counts, so a CPU run shows what a GPU run would copy;
+    factories that only fill (``zeros``, ``full``, ``arange``) on a device are not copies."""
+
+    _COPIES = ("tensor", "as_tensor", "asarray", "to", "cuda")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self._COPIES and (
+            kwargs.get("device") is not None
+            or func.__name__ == "cuda"
+            or any(isinstance(a, (torch.device, str)) for a in args[1:])
+        ):
+            frame = sys._getframe(1)
+            while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+                frame = frame.f_back
+            where = Path(frame.f_code.co_filename if frame is not None else "?").resolve()
+            if where.is_relative_to(_PACKAGE) and where != _PACKAGE / "model" / "device.py":
+                self.found.append(f"{where.relative_to(_PACKAGE)}:{frame.f_lineno} {frame.f_code.co_name}")
+        return func(*args, **kwargs)
 
 
 def zero3_latent_step(lm, batch: dict, world_size: int):

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ltscale.data import formatting
+from ltscale.model.device import to_device
 
 __all__ = [
     "AnalysisResult",
@@ -204,9 +205,9 @@ def _trace(lm, prompt_ids, max_new_tokens, eos_token_id, attention, force_latent
     think = lm.thinking_token_id
     decoder = lm.decoder()
     cache = DynamicCache(config=lm.base.config)
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    if ids.shape[1] == 0:
+    if not len(prompt_ids):
         raise ValueError("trace_generation: empty prompt")
+    ids = to_device(torch.tensor([list(prompt_ids)], dtype=torch.long), device)
     pos = torch.arange(ids.shape[1], device=device)[None]
     out = decoder(
         inputs_embeds=lm.embed(ids),
@@ -235,14 +236,18 @@ def _trace(lm, prompt_ids, max_new_tokens, eos_token_id, attention, force_latent
             break
         if step == max_new_tokens - 1:
             break
-        embed = lm.embed(torch.tensor([nxt], device=device))
+        # The step's host values (token, latent flag, position) reach the device together.
+        step_id, step_latent, step_pos = to_device(
+            (torch.tensor([nxt]), torch.tensor([latent]), torch.tensor([[next_pos]])), device
+        )
+        embed = lm.embed(step_id)
         if latent and lm.uses_rollout:
             embed = lm.latent_input(hidden, logits).to(embed.dtype)
             trace.latent_inputs.append(embed[0].detach().float().cpu())
-        latent_keys = torch.cat([latent_keys, torch.tensor([latent], device=device)])
+        latent_keys = torch.cat([latent_keys, step_latent])
         out = decoder(
             inputs_embeds=embed[:, None],
-            position_ids=torch.tensor([[next_pos]], device=device),
+            position_ids=step_pos,
             cache=cache,
             use_cache=True,
             output_attentions=attention,

@@ -8,7 +8,8 @@ Requests and what they mean for a latent model (docs/lm-eval notes live in READM
 with lm-evaluation-harness"):
 
 * ``generate_until``: greedy decoding with the checkpoint's method, ``batch_size`` rows in flight,
-  each request's ``until`` and ``max_gen_toks`` honoured (``ltscale.lmeval.decode``). The returned
+  each request's ``until`` and ``max_gen_toks`` honoured (``ltscale.lmeval.decode``): a row stops
+  decoding at its stop string, and its slot goes to the next request. The returned
   text shows latent steps as ``<thinking>``, so lm-eval's logged samples show where the model
   thought. The number of latent steps per sample cannot travel in the returned string, so the
   backend keeps one record per request (task, doc_id, repeat, latent steps, generated tokens,
@@ -46,6 +47,7 @@ from ltscale.lmeval.decode import (
     greedy_settings,
     load,
 )
+from ltscale.model.device import to_device
 
 __all__ = ["MODEL_ARGS", "LTScaleLM", "ModelArgsError", "check_model_args"]
 
@@ -293,6 +295,7 @@ class LTScaleLM(TemplateLM):
                 raise ModelArgsError(str(e)) from None
             prompts.append(self._prompt(context))
         eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else ""
+        stops = [until if eos_text in until else [*until, eos_text] for until, _ in settings]
         texts: list[str] = [""] * len(requests)
         groups: dict[int, list[int]] = {}
         for i, (_, max_gen) in enumerate(settings):
@@ -306,10 +309,10 @@ class LTScaleLM(TemplateLM):
                     max_new_tokens=max_gen,
                     slots=self.batch_size,
                     on_finish=bar.update,
+                    stops=[stops[i] for i in idx],
                 )
                 for i, gen in zip(idx, gens, strict=True):
-                    until = settings[i][0]
-                    texts[i] = cut_at_stops(gen.text, [*until, eos_text] if eos_text not in until else until)
+                    texts[i] = cut_at_stops(gen.text, stops[i])
                     self._record(requests[i], gen, texts[i])
                     self.cache_hook.add_partial("generate_until", requests[i].args, texts[i])
         self._publish()
@@ -380,7 +383,7 @@ class LTScaleLM(TemplateLM):
             for r, i in enumerate(batch):
                 ids[r, : len(rows[i][0])] = torch.tensor(rows[i][0], dtype=torch.long)
             with torch.no_grad():  # right padding under a causal mask: real positions never see it
-                logp = torch.log_softmax(base(input_ids=ids.to(self._device)).logits, dim=-1).cpu()
+                logp = torch.log_softmax(base(input_ids=to_device(ids, self._device)).logits, dim=-1).cpu()
             for r, i in enumerate(batch):
                 inp, cont = rows[i]
                 target = torch.tensor(cont, dtype=torch.long)

@@ -13,11 +13,12 @@ Decisions (and why):
 * **Greedy only.** Latent steps are a deterministic function of the hidden state, and ltscale's
   decoders (and the paper's protocol) are greedy; a request with ``do_sample=True`` or a positive
   temperature is rejected naming its task, rather than silently decoded greedily.
-* **Stop strings.** A row decodes until EOS or ``max_gen_toks``; its text (latent steps rendered
-  as ``<thinking>``, the final EOS dropped, as ``ltscale eval`` writes ``generated_text``) is then
-  cut with lm-eval's own rule (:func:`cut_at_stops`). The decode loop has no per-row stop-string
-  hook, so a stop string ends the text, not the decode: free for ltscale-trained checkpoints (they
-  end with EOS), up to ``max_gen_toks`` per problem for a checkpoint that runs on.
+* **Stop strings.** A row's text (latent steps rendered as ``<thinking>``, the final EOS dropped,
+  as ``ltscale eval`` writes ``generated_text``) is cut with lm-eval's own rule
+  (:func:`cut_at_stops`). The decode loop's per-row ``stop`` ends the row as soon as no further
+  token can change that cut (:func:`stop_settled`), so a checkpoint that never emits EOS stops at
+  its stop string instead of running to ``max_gen_toks``, and the answer is the one the full
+  decode would give.
 * **Encoding.** An lm-eval context is encoded as ltscale encodes a prompt (:func:`context_ids`):
   ltscale's own prompt for a question goes through ``ltscale.data.formatting.prompt_ids``; any
   other text gets the same treatment (bos when the tokenizer has one, text without added special
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ltscale.config import ConfigError
-from ltscale.eval.evaluate import generated_text
+from ltscale.eval.evaluate import decode_generated, generated_text
 
 if TYPE_CHECKING:
     from ltscale.inference import Inference
@@ -48,6 +49,7 @@ __all__ = [
     "generate",
     "greedy_settings",
     "load",
+    "stop_settled",
 ]
 
 #: Rows in flight when neither ``--batch_size`` nor ``batch_size=`` says otherwise (= ``ltscale eval``).
@@ -157,6 +159,29 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text
 
 
+def stop_settled(text: str, stops: Sequence[str]) -> bool:
+    """Whether every continuation of ``text`` has the same :func:`cut_at_stops` as ``text``, so a
+    row can stop decoding.
+
+    The cut is sequential: take the first stop string (in ``stops`` order) that occurs in ``text``;
+    its first occurrence is final. An earlier stop string that does not occur yet could still start
+    inside ``text`` and end in a later token, cutting before the found one: so the text after the
+    found occurrence must be at least as long as each earlier stop string minus one character.
+    ``text`` must be a prefix of every later decode of the row (trailing U+FFFD, an incomplete
+    UTF-8 character, is left out).
+    """
+    text = text.rstrip("\ufffd")
+    longest = 0
+    for stop in stops:
+        if not stop:
+            continue
+        at = text.find(stop)
+        if at >= 0:
+            return len(text) - (at + len(stop)) >= longest - 1
+        longest = max(longest, len(stop))
+    return False
+
+
 def greedy_settings(gen_kwargs: dict[str, Any], *, default_max: int, where: str) -> tuple[list[str], int]:
     """``(until, max_gen_toks)`` of a request's generation kwargs; anything but greedy is an error.
 
@@ -205,13 +230,24 @@ def generate(
     max_new_tokens: int,
     slots: int,
     on_finish: Callable[[int], None] | None = None,
+    stops: Sequence[Sequence[str]] | None = None,
 ) -> list[Generation]:
-    """Decode ``prompts`` (ids, suffix included) with ``slots`` rows in flight; results in input order."""
+    """Decode ``prompts`` (ids, suffix included) with ``slots`` rows in flight; results in input order.
+
+    ``stops``: each prompt's stop strings in cutting order; its row ends once :func:`stop_settled`.
+    """
     if not prompts:
         return []
     inf = loaded.inference
     order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))  # ltscale eval's order
     eos = inf.tokenizer.eos_token_id
+    stop = None
+    if stops is not None and any(any(s) for s in stops):
+
+        def stop(b: int, ids: list[int]) -> bool:
+            text = decode_generated(inf.tokenizer, ids, inf.thinking_token_id)
+            return stop_settled(text, stops[order[b]])
+
     out = inf.generate_many(
         [list(prompts[j]) for j in order],
         max_new_tokens,
@@ -219,6 +255,7 @@ def generate(
         eos_token_id=eos,
         without_thinking=loaded.without_thinking,
         on_finish=on_finish,
+        stop=stop,
     )
     done: dict[int, Generation] = {}
     for b, j in enumerate(order):

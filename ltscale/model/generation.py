@@ -18,6 +18,12 @@ next token is chosen, whether that step is latent and what the next input is, wh
 embeddings are at prefill (SoftCoT's soft thoughts), and per-row state that follows its row through
 the batch (Soft-Thinking's Cold Stop counter). :class:`Greedy` is LT-Tuning's rule, and Coconut's
 with a forced schedule.
+
+Prompts are host data: each prefill's padded ids and mask, and the rule's own tensors (Coconut's
+schedule) once per call, reach the model's device through ``ltscale.model.device.to_device``. A
+caller's ``stop`` condition (lm-eval's stop strings) ends a row like EOS does; it needs the row's
+ids on the host, so with it the step's tokens are copied there once per step, which is also the
+one host sync the loop makes per step without it (deciding whether any row ended).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ltscale.model.device import to_device
 from ltscale.model.rollout import additive_mask
 
 
@@ -172,7 +179,7 @@ class Greedy(DecodeRule):
             scores[:, lm.thinking_token_id] = float("-inf")
         nxt = scores.argmax(dim=-1)
         if self.forced is not None and self.forced.numel():
-            forced = self.forced.reshape(-1).to(nxt.device)
+            forced = self.forced.reshape(-1)  # on the model's device: generate_many moved the rule
             in_schedule = rows.steps < forced.numel()
             nxt = torch.where(in_schedule, forced[rows.steps.clamp(max=forced.numel() - 1)], nxt)
         return nxt, nxt == lm.thinking_token_id
@@ -191,7 +198,7 @@ class Greedy(DecodeRule):
 def _prefill(
     lm: LatentDecoder, rule: DecodeRule, prompts: Sequence[torch.Tensor], index: torch.Tensor
 ) -> Rows:
-    ids, mask = left_pad(prompts, device=index.device)
+    ids, mask = to_device(left_pad(prompts), index.device)
     valid = mask.bool()
     pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = DynamicCache(config=lm.base.config)
@@ -229,12 +236,16 @@ def generate_many(
     forced: torch.Tensor | None = None,
     rule: DecodeRule | None = None,
     on_finish: Callable[[int], None] | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
 ) -> GenerationOutput:
     """Decode every prompt (unpadded id lists) with at most ``slots`` rows in flight.
 
     ``rule``: the method's decoding (default :class:`Greedy` with ``without_thinking`` and ``forced``,
     which a given rule carries itself). ``on_finish(n)``: called with the number of prompts that
-    just finished (progress bars). Outputs are in prompt order.
+    just finished (progress bars). ``stop(i, ids)``: asked after every step of prompt ``i``'s row
+    that did not end by EOS or ``max_new_tokens``, with the ids it generated so far (latent steps
+    as the ``<thinking>`` id); True ends the row there, its slot going to the next prompt.
+    Outputs are in prompt order.
     """
     if slots < 1:
         raise ValueError(f"generate: slots={slots} must be >= 1")
@@ -243,7 +254,8 @@ def generate_many(
     elif without_thinking or forced is not None:
         raise ValueError("generate: without_thinking and forced are settings of the rule; pass them to it")
     device = lm.base.get_input_embeddings().weight.device
-    prompts = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in prompts]
+    rule = to_device(rule, device)
+    prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1).cpu() for p in prompts]
     empty = [i for i, p in enumerate(prompts) if p.numel() == 0]
     if empty:
         raise ValueError(f"generate: every prompt needs at least one real token (prompt {empty[0]} has none)")
@@ -252,6 +264,7 @@ def generate_many(
     seqs = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     n_latent = torch.full((n,), rule.prompt_latents, dtype=torch.long, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
+    generated: list[list[int]] = [[] for _ in range(n if stop is not None else 0)]
     rows: Rows | None = None
     waiting = 0  # prompts[waiting:] have not started
     while True:
@@ -276,9 +289,13 @@ def generate_many(
         done = rows.steps >= max_new_tokens
         if eos_token_id is not None:
             done |= nxt == eos_token_id
-        if bool(done.any()):
+        if stop is None:
+            n_done = int(done.sum())
+        else:
+            done, n_done = _stopped(stop, generated, rows.prompt, nxt, done)
+        if n_done:
             if on_finish is not None:
-                on_finish(int(done.sum()))
+                on_finish(n_done)
             keep = (~done).nonzero().flatten()
             if keep.numel() == 0:
                 rows = None
@@ -301,6 +318,22 @@ def generate_many(
         rows.logits = lm.lm_head(rows.hidden)
         rows.next_pos = rows.next_pos + 1
     return GenerationOutput(sequences=seqs, num_latent=n_latent, lengths=lengths)
+
+
+def _stopped(
+    stop: Callable[[int, list[int]], bool],
+    generated: list[list[int]],
+    prompt: torch.Tensor,
+    tokens: torch.Tensor,
+    done: torch.Tensor,
+) -> tuple[torch.Tensor, int]:
+    """``done`` plus the rows ``stop`` ends after this step, and how many rows end; appends the
+    step's tokens to ``generated`` (one copy to the host for the whole step)."""
+    flags = []
+    for i, token, ended in zip(*torch.stack([prompt, tokens, done.long()]).tolist(), strict=True):
+        generated[i].append(token)
+        flags.append(bool(ended) or bool(stop(i, generated[i])))
+    return to_device(torch.tensor(flags), done.device), sum(flags)
 
 
 @torch.no_grad()

@@ -4,10 +4,20 @@ On CPU the CUDA branch of ``to_device`` (pin, then an asynchronous copy) cannot 
 checked here is that it is the branch taken for a CUDA target (``pin_memory`` and the
 ``non_blocking`` copy are called, recorded by a tensor subclass), and that every other move is a
 plain ``.to`` that leaves tensors already in place untouched. tests/gpu runs the real copy.
+
+Decoding paths (generate, eval, the analyses' instrumented decoder; the lm-eval backend's scoring
+in tests/unit/test_lmeval.py): ``to_device`` is replaced by a spy that records the device it was
+asked for and hands out fresh tensors, and a forward hook checks that the prompt batches the
+model's embedding receives are those tensors; ``tests.helpers.HostToDevice`` checks that no other
+call in ltscale copies host data to a device on the way. On CPU the device asked for is the CPU
+and what these tests cannot show is a real transfer: that the copies overlap with compute, and that
+nothing outside ltscale (transformers' own modules) moves data per step (tests/gpu runs a decode
+on a GPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import namedtuple
 from dataclasses import dataclass
 
@@ -18,6 +28,7 @@ from ltscale.config import ConfigError
 from ltscale.model.device import model_device, resolve_precision, to_device
 from ltscale.precision import precision_names
 from ltscale.run_config import load_config
+from tests.helpers import HostToDevice
 
 
 @dataclass
@@ -119,3 +130,97 @@ def test_a_contradiction_is_a_config_error_naming_both_keys(model_dtype, precisi
 def test_unknown_dtype_names_the_key():
     with pytest.raises(ConfigError, match="model.dtype: 'float32' not in auto"):
         load_config(None, ["model.dtype=float32"])
+
+
+# -------------------------------------------------------------------------------- decoding paths
+
+
+class Spy:
+    """Stands in for ``to_device`` in one module: records the device and what it was given, and
+    returns fresh copies whose ids it keeps (the tensors that came through it)."""
+
+    def __init__(self) -> None:
+        self.devices: list[torch.device] = []
+        self.given: list[object] = []
+        self.moved: dict[int, torch.Tensor] = {}
+
+    def __call__(self, batch, device):
+        self.devices.append(torch.device(device))
+        self.given.append(batch)
+        return self._fresh(batch)
+
+    def _fresh(self, obj):
+        if isinstance(obj, torch.Tensor):
+            out = obj.clone()
+            self.moved[id(out)] = out
+            return out
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._fresh(v) for v in obj)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return dataclasses.replace(
+                obj, **{f.name: self._fresh(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            )
+        return obj
+
+
+def watch_embedding(lm) -> list[bool]:
+    """Per call of ``lm``'s input embedding with a batch of prompts (2-D ids): whether the ids
+    came out of the spy (set ``watch_embedding.spy``) -- filled in as the model runs."""
+    seen: list[bool] = []
+
+    def hook(module, args):
+        if args[0].dim() == 2:
+            seen.append(id(args[0]) in watch_embedding.spy.moved)
+
+    lm.base.get_input_embeddings().register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_generate_moves_each_prefill_and_the_rule_through_to_device(monkeypatch, forced):
+    from ltscale.model import generation
+    from tests.unit.test_generation import EOS, THINK, many_prompts, model
+
+    lm = model("fusion", think_bias=0.35)
+    spy = watch_embedding.spy = Spy()
+    monkeypatch.setattr(generation, "to_device", spy)
+    prefills = watch_embedding(lm)
+    rule = generation.Greedy(forced=torch.tensor([THINK, THINK, 7]) if forced else None)
+    with HostToDevice() as moves:
+        out = generation.generate_many(lm, many_prompts(7), 12, slots=3, eos_token_id=EOS, rule=rule)
+    assert moves.found == []
+    assert set(spy.devices) == {model_device(lm)}
+    assert len(prefills) >= 3 and all(prefills), "a prompt batch reached the model without to_device"
+    assert any(isinstance(g, generation.Greedy) for g in spy.given), "the rule's tensors did not move"
+    if forced:
+        assert torch.equal(out.sequences[:, :3], torch.tensor([THINK, THINK, 7]).expand(7, 3))
+
+
+def test_eval_and_the_analysis_decoder_reach_the_device_through_to_device(monkeypatch):
+    from ltscale.eval import analysis
+    from ltscale.eval.evaluate import evaluate
+    from ltscale.inference import inference_for
+    from ltscale.model import generation
+    from tests.unit.test_evaluate import make_records, make_tokenizer, real_lm
+
+    lm = real_lm()
+    spy = watch_embedding.spy = Spy()
+    monkeypatch.setattr(generation, "to_device", spy)
+    prefills = watch_embedding(lm)
+    with HostToDevice() as moves:
+        _, examples = evaluate(inference_for(lm, make_tokenizer()), make_records(5), batch_size=2,
+                               max_new_tokens=6, progress=False)  # fmt: skip
+    assert moves.found == [] and len(examples) == 5
+    assert set(spy.devices) == {model_device(lm)} and len(prefills) >= 3 and all(prefills)
+
+    spy = Spy()
+    monkeypatch.setattr(analysis, "to_device", spy)
+    fed: list[bool] = []
+    lm.base.get_input_embeddings().register_forward_pre_hook(
+        lambda m, args: fed.append(id(args[0]) in spy.moved)
+    )
+    with HostToDevice() as moves:
+        trace = analysis.trace_generation(lm, [4, 8, 9, 10], 6, attention=True)
+    assert moves.found == []
+    assert set(spy.devices) == {model_device(lm)}
+    assert len(fed) == len(trace.tokens) and all(fed), "every step's ids came through to_device"

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ltscale.data.formatting import plain_prompt_text, prompt_ids
-from ltscale.lmeval.decode import context_ids, cut_at_stops, greedy_settings
+from ltscale.lmeval.decode import context_ids, cut_at_stops, greedy_settings, stop_settled
 from ltscale.lmeval.tasks import PLAIN_TEXT, write_tasks
 from tests.helpers import require_lm_eval
 
@@ -99,6 +99,37 @@ def test_cut_at_stops_equals_lm_eval_on_random_strings(text, stops) -> None:
     from lm_eval.models.utils import postprocess_generated_text
 
     assert cut_at_stops(text, stops) == postprocess_generated_text(text, list(stops), None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet="ab\n#", max_size=20),
+    stops=st.lists(st.text(alphabet="ab\n#", max_size=3), max_size=4),
+)
+def test_a_settled_prefix_is_cut_as_every_continuation(text, stops) -> None:
+    """Decoding may stop at the first prefix that is settled: its cut is the full text's."""
+    for n in range(len(text) + 1):
+        if stop_settled(text[:n], stops):
+            assert cut_at_stops(text[:n], stops) == cut_at_stops(text, stops), n
+    first = next((s for s in stops if s), None)
+    if first is not None:  # the first stop string in order settles as soon as it occurs
+        assert all(stop_settled(text[:n], stops) == (first in text[:n]) for n in range(len(text) + 1)
+                   if not any(s and s in text[:n] for s in stops if s != first))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "settled"),
+    [
+        ("abc", ["cd", "bc"], False),  # 'cd' may still start at the 'c' and cut before 'bc'
+        ("abcd", ["cd", "bc"], True),
+        ("abcx", ["cd", "bc"], True),  # 'cd' can no longer start before 'bc' ends
+        ("ab", ["b"], True),
+        ("ab", ["", "x"], False),
+        ("a\ufffd", ["\ufffd"], False),  # an incomplete UTF-8 character is not text yet
+    ],
+)
+def test_stop_settled_cases(text, stops, settled) -> None:
+    assert stop_settled(text, stops) is settled
 
 
 # ------------------------------------------------------------------------------ generation settings
@@ -331,40 +362,66 @@ class _Req:
         self.args, self.task_name, self.doc_id, self.repeats = args, task, doc_id, repeats
 
 
-def test_generate_until_cuts_logs_and_keeps_padded_copies_once(checkpoint, tokenizer, tmp_path) -> None:
-    """A random model never stops, so every row runs to max_gen_toks: the cut is lm-eval's, the
-    sample log holds one record per (doc, repeat) even when lm-eval pads a rank with a copy."""
+def test_generate_until_stops_at_the_stop_string_cuts_logs_and_keeps_padded_copies_once(
+    checkpoint, tokenizer, tmp_path, lm_eval_utils
+) -> None:
+    """A random model never emits EOS. Request 0's stop string ends its row at the first token whose
+    text contains it, and its slot (2 rows in flight) goes to request 2 while request 1 runs on to
+    max_gen_toks; every answer is lm-eval's cut of the full decode. The sample log holds one record
+    per (doc, repeat) even when lm-eval pads a rank with a copy."""
+    from ltscale.eval.evaluate import decode_generated
     from ltscale.lmeval.decode import generate
 
     log = tmp_path / "latents.jsonl"
     lm = _backend(checkpoint, batch_size=2, latent_log=str(log))
     questions = ["Tom has 3 apples. How many?", "Ann has 5 pens and loses 2. How many?", "x?"]
-    kwargs = {"until": ["</s>"], "max_gen_toks": 6}
+    kwargs = {"until": ["</s>"], "max_gen_toks": 12}
     reqs = [_Req((plain_prompt_text(q), kwargs), doc_id=i) for i, q in enumerate(questions)]
     reqs.append(reqs[-1])  # lm-eval's rank padding repeats the last request
-    full = generate(lm._loaded, [prompt_ids(tokenizer, q) for q in questions], max_new_tokens=6, slots=2)
-    stop = full[0].text[2:4] if len(full[0].text) > 4 else "\x00"
+    prompts = [prompt_ids(tokenizer, q) for q in questions]
+    full = generate(lm._loaded, prompts, max_new_tokens=12, slots=1)
+    inf = lm._loaded.inference
+    ids = inf.generate_many(prompts[:1], 12, slots=1, eos_token_id=None).sequences[0].tolist()
+    texts = [decode_generated(tokenizer, ids[:n], inf.thinking_token_id) for n in range(13)]
+    assert texts[-1] == full[0].text
+    stop = full[0].text[len(texts[3]) - 2 : len(texts[3])]  # completed by the 3rd token
+    assert stop and stop not in texts[2], "pick a stop string the 3rd token completes"
     reqs[0].args = (reqs[0].args[0], {**kwargs, "until": [stop]})
     out = lm.generate_until(reqs)
-    assert (
-        out[0] == full[0].text.split(stop)[0] and out[1:3] == [g.text for g in full[1:]] and out[3] == out[2]
-    )
+    want = [lm_eval_utils.postprocess_generated_text(g.text, [stop if i == 0 else "</s>", "</s>"], None)
+            for i, g in enumerate(full)]  # fmt: skip
+    assert out[:3] == want and out[3] == out[2] and out[0] != full[0].text
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert [(r["task"], r["doc_id"], r["repeat"]) for r in rows] == [("t", 0, 0), ("t", 1, 0), ("t", 2, 0)]
-    assert [r["num_generated"] for r in rows] == [g.num_generated for g in full]
-    assert [r["generated_text"] for r in rows] == [g.text for g in full] and rows[0]["response"] == out[0]
+    assert [r["num_generated"] for r in rows] == [3, 12, 12] and not rows[0]["truncated"]
+    assert [r["generated_text"] for r in rows] == [texts[3], full[1].text, full[2].text]
+    assert rows[0]["response"] == out[0]
 
 
-def test_loglikelihood_is_explicit_mode_scoring_equal_to_lm_evals_hf_model(checkpoint) -> None:
+def test_loglikelihood_is_explicit_mode_scoring_equal_to_lm_evals_hf_model(checkpoint, monkeypatch) -> None:
+    """Also: every batch reaches the model through ``to_device`` (tests/unit/test_device.py says
+    what that can and cannot show on CPU)."""
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
+
+    from ltscale.lmeval import backend
+    from tests.helpers import HostToDevice
+    from tests.unit.test_device import Spy
 
     ours = _backend(checkpoint, batch_size=3)
     hf = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=2, dtype="float32")
     pairs = [("Question: Tom has 3 apples.\nAnswer:\n", "## Step 1: 3+1=4"), ("", "plain text"),
              ("Ann has", " 5 pens"), ("a " * 40, "b b b")]  # fmt: skip
     reqs = [_Req(p) for p in pairs]
-    got, want = ours.loglikelihood(reqs), hf.loglikelihood(reqs)
+    spy, fed = Spy(), []
+    monkeypatch.setattr(backend, "to_device", spy)
+    ours._loaded.lm.base.register_forward_pre_hook(
+        lambda m, a, kw: fed.append(id(kw["input_ids"]) in spy.moved), with_kwargs=True
+    )
+    with HostToDevice() as moves:
+        got = ours.loglikelihood(reqs)
+    assert moves.found == [] and fed == [True, True] and set(spy.devices) == {ours.device}
+    want = hf.loglikelihood(reqs)
     for (g, gg), (w, wg) in zip(got, want, strict=True):
         assert g == pytest.approx(w, rel=1e-5, abs=1e-4) and gg == wg
     rolling = [_Req(("The final answer is:\n### 18 " * 3,))]
