@@ -106,11 +106,16 @@ def write_hf_weights(
     state: dict[str, torch.Tensor],
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    eos_token_id: int | None = None,
 ) -> list[Path]:
     """Write ``state`` (the base model's state dict, HF names) plus configs into ``out_dir``.
 
-    Raises ``RuntimeError`` naming every missing, unexpected or misshapen tensor. Returns the
-    weight files written.
+    ``eos_token_id``: the tokenizer's EOS, which ``config.json`` and ``generation_config.json`` then
+    name. It differs from the base model's own when the tokenizer's EOS was moved to the chat
+    template's end-of-turn token (``ltscale.data.formatting.align_eos_with_chat_template``): the
+    model was trained to end its answers with that token, so ``generate`` of plain transformers
+    has to stop there too. Raises ``RuntimeError`` naming every missing, unexpected or misshapen
+    tensor. Returns the weight files written.
     """
     out_dir = Path(out_dir)
     shapes, tied = expected_weights(config)
@@ -128,6 +133,8 @@ def write_hf_weights(
     if floating:
         config.dtype = floating[0]
     config.architectures = config.architectures or [_model_class(config).__name__]
+    if eos_token_id is not None:
+        config.eos_token_id = int(eos_token_id)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
 

@@ -43,7 +43,7 @@ def save_latent_model(out_dir: str | Path, *, config, latent_state: dict[str, to
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     base_state, adapter_state = split_state_dict(latent_state)
-    write_hf_weights(tmp, config, base_state, max_shard_bytes=max_shard_bytes)
+    write_hf_weights(tmp, config, base_state, max_shard_bytes=max_shard_bytes, eos_token_id=tokenizer.eos_token_id)
     tokenizer.save_pretrained(tmp)
     if adapter_state:
         save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(tmp / rundir.ADAPTER_FILE))

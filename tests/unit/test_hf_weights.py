@@ -112,3 +112,27 @@ def test_the_export_builds_no_model_to_hold_the_weights(tmp_path):
         load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"].dtype
         == torch.bfloat16
     )
+
+
+def test_the_export_stops_generation_at_the_tokenizers_eos(tmp_path):
+    """Qwen2.5's base tokenizer ends chat turns with ``<|im_end|>`` but ships EOS ``<|endoftext|>``,
+    as its model config does; ltscale moves the tokenizer's EOS to ``<|im_end|>`` and trains on it,
+    so the export's configs name ``<|im_end|>`` as well (offline stand-in tokenizer)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from ltscale.data import load_tokenizer
+    from ltscale.model import LatentLM
+    from tests.fixtures.chat_tokenizers import build
+
+    tok = load_tokenizer(str(build("qwen2.5-base", tmp_path / "tok")))
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tok.eos_token_id == im_end != endoftext
+    base = make_tiny_llama(vocab_size=len(tok) + 2)
+    base.config.eos_token_id = base.generation_config.eos_token_id = endoftext
+    lm = LatentLM(base, len(tok), mode="fusion")
+    hf = save_latent_model(tmp_path / "hf", config=base.config, latent_state=lm.state_dict(), tokenizer=tok,
+                           latent_config=lm.latent_config())  # fmt: skip
+    assert GenerationConfig.from_pretrained(hf).eos_token_id == im_end
+    assert json.loads((hf / "config.json").read_text())["eos_token_id"] == im_end
+    assert AutoTokenizer.from_pretrained(hf).eos_token_id == im_end
+    assert base.config.eos_token_id == endoftext  # the live model's config is not changed
