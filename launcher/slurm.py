@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import product
 
-from ltscale.launch_env import parse_tasks_per_node
+from ltscale.launch_env import parse_int, parse_tasks_per_node
 
 __all__ = [
     "MAX_HOSTS",
@@ -200,19 +200,9 @@ def _first(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
     return None
 
 
-def _nonneg_int(var: str, value: str, *, minimum: int = 0) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{var}={value!r} is not an integer") from None
-    if n < minimum:
-        raise ValueError(f"{var}={value!r} must be >= {minimum}")
-    return n
-
-
 def _optional_int(env: Mapping[str, str], var: str, default: int | None, *, minimum: int = 0) -> int | None:
     found = _first(env, var)
-    return default if found is None else _nonneg_int(var, found[1], minimum=minimum)
+    return default if found is None else parse_int(var, found[1], minimum=minimum)
 
 
 # --------------------------------------------------------------------------- the context
@@ -273,7 +263,7 @@ def _node_rank(env: Mapping[str, str], nodes: list[str]) -> int:
     """
     found = _first(env, "SLURM_NODEID")
     if found is not None:
-        rank = _nonneg_int(*found)
+        rank = parse_int(*found)
         if rank >= len(nodes):
             raise ValueError(f"SLURM_NODEID={rank} but the job has only {len(nodes)} nodes")
         return rank
@@ -306,7 +296,7 @@ def _tasks_per_node(env: Mapping[str, str], num_nodes: int) -> list[int]:
 def _gpus_per_node(env: Mapping[str, str]) -> int:
     found = _first(env, "SLURM_GPUS_ON_NODE")
     if found is not None:
-        return _nonneg_int(*found)
+        return parse_int(*found)
     found = _first(env, "SLURM_GPUS_PER_NODE")
     if found is not None:
         return parse_gpu_count(found[1], var=found[0])
@@ -336,7 +326,7 @@ def slurm_context(env: Mapping[str, str]) -> SlurmContext:
     if dupes:
         raise ValueError(f"{found[0]}={found[1]!r} names {', '.join(dupes)} more than once")
     declared = _first(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
-    if declared is not None and _nonneg_int(*declared) != len(nodes):
+    if declared is not None and parse_int(*declared) != len(nodes):
         raise ValueError(f"{declared[0]}={declared[1]} but {found[0]}={found[1]!r} has {len(nodes)} hosts")
     return SlurmContext(
         job_id=job_id,

@@ -33,7 +33,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["SOURCES", "LaunchEnvError", "RankEnv", "parse_tasks_per_node", "rank_env", "rank_label"]
+__all__ = [
+    "SOURCES",
+    "LaunchEnvError",
+    "RankEnv",
+    "parse_int",
+    "parse_tasks_per_node",
+    "rank_env",
+    "rank_label",
+]
 
 SOURCES = ("env", "openmpi", "pmi", "srun", "single")
 """``RankEnv.source`` values: torch-style variables (torchrun, deepspeed, ltscale's scripts), Open
@@ -82,8 +90,8 @@ def parse_tasks_per_node(spec: str, *, var: str = "SLURM_TASKS_PER_NODE") -> lis
 # --------------------------------------------------------------------------- small readers
 
 
-def _int(env: Mapping[str, str], var: str, *, minimum: int = 0) -> int:
-    value = env[var]
+def parse_int(var: str, value: str, *, minimum: int = 0) -> int:
+    """Variable ``var``'s ``value`` as an integer >= ``minimum``; LaunchEnvError naming both if not."""
     try:
         n = int(value)
     except ValueError:
@@ -91,6 +99,10 @@ def _int(env: Mapping[str, str], var: str, *, minimum: int = 0) -> int:
     if n < minimum:
         raise LaunchEnvError(f"{var}={value!r} must be >= {minimum}")
     return n
+
+
+def _int(env: Mapping[str, str], var: str, *, minimum: int = 0) -> int:
+    return parse_int(var, env[var], minimum=minimum)
 
 
 def _opt(env: Mapping[str, str], var: str, *, minimum: int = 0) -> int | None:

@@ -31,7 +31,7 @@ from ltscale.model import LatentLM
 from ltscale.model.families import FAMILIES, UnsupportedModelError, check_config, embedding_scale
 from ltscale.model.packed import packing_supported
 from ltscale.model.reference import reference_forward, reference_generate
-from tests.unit.test_rollout import THINK, VOCAB, assert_grads_close, batch, grads
+from tests.unit.test_rollout import THINK, VOCAB, assert_grads_close, batch, grads, run_both
 
 EOS = 5
 _COMMON = dict(
@@ -118,14 +118,7 @@ def test_rollout_matches_reference(family, kernel, mode, packed):
     lm = LatentLM(base, THINK, mode=mode, alpha=0.6, top_p=0.9, packed_passes=packed)
     # padding side alternates with the pass layout; test_rollout.py covers both sides for each on Llama
     ids, mask, labels = batch("mixed", "left" if packed == "auto" else "right")
-    lm.zero_grad()
-    fast = lm(ids, mask, labels)
-    fast.loss.backward()
-    g_fast = grads(lm)
-    lm.zero_grad()
-    ref = reference_forward(lm, ids, mask, labels)
-    ref.loss.backward()
-    g_ref = grads(lm)
+    fast, ref, g_fast, g_ref = run_both(lm, ids, mask, labels)
     tol = tolerances(family, kernel)
     torch.testing.assert_close(fast.loss, ref.loss, rtol=tol["loss"], atol=0)
     valid = mask.bool()
