@@ -110,6 +110,28 @@ def test_continuous_batching_follows_the_forced_schedule_per_row():
     assert torch.all(fast.num_latent >= 2)
 
 
+def test_a_stop_condition_ends_its_row_and_frees_the_slot():
+    """Row i stops after 2 + i % 4 steps unless EOS came first; 2 slots for 7 prompts, so stopped rows
+    make room for waiting ones. Every row equals the reference's decode cut where it stopped."""
+    from ltscale.model.generation import generate_many
+
+    lm = model("fusion", think_bias=0.35)
+    ps = many_prompts()
+    seqs, _, lengths = one_at_a_time(lm, ps, 14)
+    want = [min(int(lengths[i]), 2 + i % 4) for i in range(len(ps))]
+
+    def stop(i: int, ids: list[int]) -> bool:
+        assert ids == seqs[i, : len(ids)].tolist() and ids[-1] != EOS
+        return len(ids) >= 2 + i % 4
+
+    fast = generate_many(lm, ps, 14, slots=2, eos_token_id=EOS, pad_token_id=0, stop=stop)
+    assert fast.lengths.tolist() == want and max(want) < int(lengths.max())
+    for i, n in enumerate(want):
+        assert fast.sequences[i, :n].tolist() == seqs[i, :n].tolist() and not fast.sequences[i, n:].any()
+        assert int(fast.num_latent[i]) == int((seqs[i, :n] == THINK).sum())
+    assert int(fast.num_latent.sum()) > 0, "test is vacuous: no latent step was taken"
+
+
 def test_generate_many_rejects_bad_input():
     from ltscale.model.generation import generate_many
 
