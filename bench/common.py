@@ -8,6 +8,7 @@ ratios are meant to be read.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -197,6 +198,17 @@ def emit(result: dict) -> dict:
     if out:
         Path(out).write_text(text)
     return result
+
+
+def main(run: Callable[[str], dict], *, one_thread: bool = True) -> None:
+    """A benchmark script's entry point: ``--size full|smoke`` (``run``'s argument), the result through
+    :func:`emit`. ``one_thread``: one intra-op thread, as the ratios in RESULTS.md were measured."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="full", choices=["full", "smoke"])
+    size = p.parse_args().size
+    if one_thread:
+        torch.set_num_threads(1)
+    emit(run(size))
 
 
 def md_table(header: list[str], rows: list[list[object]]) -> str:

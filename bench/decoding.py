@@ -29,10 +29,8 @@ Run: ``.venv/bin/python bench/decoding.py``
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import ROOT, build_lm, emit, interleaved, md_table, median, paired_ratio, spec
+from common import ROOT, build_lm, interleaved, main, md_table, median, paired_ratio, spec
 from transformers import DynamicCache
 
 from ltscale.data import encode_records, synthetic_splits
@@ -299,7 +297,4 @@ def run(size: str = "full") -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", default="full", choices=["full", "smoke"])
-    torch.set_num_threads(1)
-    emit(run(p.parse_args().size))
+    main(run)

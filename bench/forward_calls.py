@@ -25,7 +25,6 @@ Run: ``.venv/bin/python bench/forward_calls.py``
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -33,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, emit, md_table
+from common import ROOT, main, md_table
 from paper_schedules import align_first_latent, latent_columns
 
 from ltscale.data import (
@@ -200,7 +199,4 @@ def run(size: str = "full") -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", default="full", choices=["full", "smoke"])
-    torch.set_num_threads(1)
-    emit(run(p.parse_args().size))
+    main(run)

@@ -11,10 +11,8 @@ Run: ``.venv/bin/python bench/host_syncs.py``
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import emit, md_table
+from common import main, md_table
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -116,6 +114,4 @@ def run(size: str = "full") -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", default="full", choices=["full", "smoke"])
-    emit(run(p.parse_args().size))
+    main(run, one_thread=False)

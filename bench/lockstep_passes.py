@@ -14,10 +14,7 @@ Run: ``.venv/bin/python bench/lockstep_passes.py [--size full|smoke]``
 
 from __future__ import annotations
 
-import argparse
-
-import torch
-from common import build_lm, emit, interleaved, make_batch, md_table, median, paired_ratio, spec
+from common import build_lm, interleaved, main, make_batch, md_table, median, paired_ratio, spec
 
 
 def run(size: str = "full") -> dict:
@@ -63,7 +60,4 @@ def run(size: str = "full") -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", default="full", choices=["full", "smoke"])
-    torch.set_num_threads(1)
-    emit(run(p.parse_args().size))
+    main(run)

@@ -21,10 +21,8 @@ Run: ``.venv/bin/python bench/train_overhead.py [--size full|smoke]``
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import build_lm, emit, interleaved, make_batch, md_table, median, paired_ratio, spec
+from common import build_lm, interleaved, main, make_batch, md_table, median, paired_ratio, spec
 from paper_schedules import SCHEDULES, per_column_calls
 
 TOL = 1e-4  # relative loss agreement in fp32 (the fp64 agreement is ~1e-15, see tests)
@@ -169,7 +167,4 @@ def run(size: str = "full") -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", default="full", choices=["full", "smoke"])
-    torch.set_num_threads(1)
-    emit(run(p.parse_args().size))
+    main(run)
