@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -63,7 +64,13 @@ class StopSignal:
 
     The handler only sets a flag: the loop checks it at step boundaries, all ranks agree through
     one all-reduce (a rank that missed the signal still stops with the others), save, and exit.
+    A signal that reached the process before the handler existed (still importing) is lost, so
+    the Slurm job also leaves a file at ``LTSCALE_STOP_FILE`` when it asks for a stop; finding it
+    on entry counts as the signal.  Without it, a re-sent signal can land only after the run has
+    checkpointed past where it started, and the job mistakes the stop for progress.
     """
+
+    FILE_ENV = "LTSCALE_STOP_FILE"
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -74,6 +81,11 @@ class StopSignal:
     def __enter__(self) -> StopSignal:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        requested = os.environ.get(self.FILE_ENV)
+        if requested and Path(requested).is_file():
+            self.received = signal.SIGUSR1
+            log.warning("a stop was requested before this rank took signals (%s): will checkpoint and stop "
+                        "at the next step boundary", requested)
         return self
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002

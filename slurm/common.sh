@@ -285,7 +285,16 @@ ltscale_on_signal() {  # trap handler in the batch shell: remember, forward, kee
   LTSCALE_STOP=${LTSCALE_STOP:-$1}
   [ "$1" = TERM ] && LTSCALE_STOP=TERM  # a TERM (preemption, scancel, time limit) overrides USR1
   ltscale_log "received SIG$1: asking every rank to checkpoint at the next step boundary"
+  ltscale_request_stop_file
   ltscale_forward_stop
+}
+
+ltscale_request_stop_file() {
+  # A rank still importing cannot take the signal yet; the trainer reads this file when it installs
+  # its handler (ltscale/trainer.py StopSignal), so an early stop is not missed.
+  if [ -n "${LTSCALE_STOP:-}" ] && [ -n "${LTSCALE_STOP_FILE:-}" ] && [ -d "$(dirname "$LTSCALE_STOP_FILE")" ]; then
+    : >"$LTSCALE_STOP_FILE"
+  fi
 }
 
 ltscale_forward_stop() {
@@ -315,6 +324,8 @@ ltscale_run_step() {  # srun the per-node wrapper in the background; sets LTSCAL
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && defaults+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
   export LTSCALE_EXIT_DIR=$RUN_DIR/logs/exit-codes/$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}
   rm -rf "$LTSCALE_EXIT_DIR" && mkdir -p "$LTSCALE_EXIT_DIR"
+  export LTSCALE_STOP_FILE=$LTSCALE_EXIT_DIR/stop-requested
+  ltscale_request_stop_file
   # --wait: once one node's launcher has ended, the others get LTSCALE_NODE_GRACE_S to end too and
   # report their own code (a dead peer is seen within seconds; a stop ends every node together),
   # then srun kills them (SIGKILL), so a rank hanging in a collective cannot hold the job. Not
