@@ -232,8 +232,9 @@ class Trainer:
             ok, before = True, (window["loss"], window["n"])  # ok: every loss of this step finite on this rank
             for a in range(cfg.train.grad_accum):
                 host = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
-                batch = to_device(host, self.engine.device)  # DeepSpeed does not move inputs
-                out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                # The batch goes in on the host: LatentLM plans the rollout there and ships the plan
+                # in one copy (rollout_plan.py); ids moved first would be read back for the plan.
+                out = self.engine(host["input_ids"], attention_mask=host["attention_mask"], labels=host["labels"],
                                   min_passes=passes, return_logits=False)
                 loss = faults.poison_loss(out.loss, stage=k)
                 ok = ok and bool(torch.isfinite(loss.detach()))
@@ -246,7 +247,7 @@ class Trainer:
                     ok = False
                 window["loss"] += float(loss.detach())
                 window["n"] += 1
-                window["tokens"] += int(host["attention_mask"].sum())  # the host copy: no device sync
+                window["tokens"] += int(host["attention_mask"].sum())  # on the host: no device sync
                 window["latent"] += int((host["input_ids"] == self.data.thinking_id).sum())
                 window["samples"] += host["input_ids"].shape[0]
             if not ok:  # skipped on every rank: its losses are not logged (a window of only those: NaN)

@@ -37,6 +37,7 @@ from ltscale.data.formatting import IGNORE_INDEX, Encoded
 from ltscale.methods import Checkpoint, Decoding, Method, StageContext
 from ltscale.methods.lt_tuning import rewrite_stages
 from ltscale.model.builder import _mark_dequantized, build_base_model, resolve_pretrained_source
+from ltscale.model.device import to_device
 from ltscale.model.generation import GenerationOutput, Greedy, left_pad
 from ltscale.model.latent_lm import LatentLM
 
@@ -148,12 +149,13 @@ class SoftCoTLM(LatentLM):
         self.cache.update(zip(todo, saved["states"]))
 
     def thoughts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, N, d_a) assistant states for each row's prompt (the ids before its first slot)."""
+        """(B, N, d_a) assistant states for each row's prompt (the ids before its first slot), on the
+        projection's device: the training step hands the ids over on the host."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompts = [self.prompt_of(row[m.bool()]) for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
         self.fill_cache(prompts)  # eval prompts; training prompts are already cached
-        return torch.stack([self.cache[p] for p in prompts]).to(input_ids.device)
+        return to_device(torch.stack([self.cache[p] for p in prompts]), self.projection.weight.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         out = super().embed(ids)

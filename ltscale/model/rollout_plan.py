@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ltscale.data.formatting import IGNORE_INDEX
+from ltscale.model.device import to_device
 
 
 @dataclass
@@ -73,7 +74,9 @@ class RolloutPlan:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def to(self, device: torch.device | str) -> RolloutPlan:
-        """The plan with every tensor on ``device``: one host-to-device copy of one int64 buffer."""
+        """The plan with every tensor on ``device``: one host-to-device copy of one int64 buffer,
+        made by :func:`ltscale.model.device.to_device` (pinned and asynchronous on CUDA), the one
+        helper through which batches reach a device."""
         device = torch.device(device)
         if device == self.device:
             return self
@@ -83,9 +86,7 @@ class RolloutPlan:
             if slots
             else torch.zeros(0, dtype=torch.long)
         )
-        if device.type == "cuda":
-            flat = flat.pin_memory()
-        shipped = flat.to(device, non_blocking=True)
+        shipped = to_device(flat, device)
         parts = shipped.split([t.numel() for _, _, t in slots])
         for (owner, name, t), part in zip(slots, parts):
             part = part.view(t.shape)

@@ -1,11 +1,16 @@
 """Process for tests/e2e/test_bf16_curriculum.py: two shrunk 3-stage curricula through the real
 ``Trainer`` in one process (ZeRO-3 on one CPU rank), written as JSON to ``--out``.
 
-* ``fp32``: the engine is wrapped to claim the device ``meta`` (a stand-in for a GPU: any device
-  other than the batches' CPU), and ``ltscale.trainer.to_device`` is spied on. Every tensor the
-  training step hands to the engine and every tensor the confidence-scoring forward hands to the
-  base model is checked to be one that came out of ``to_device(..., engine.device)``. The spy
-  returns CPU copies (a ``meta`` tensor holds no data to compute with), so the run goes on.
+* ``fp32``: the engine and the model claim the device ``meta`` (a stand-in for a GPU: any device
+  other than the batches' CPU): the engine wrapped to say so, the rollout called with it as the
+  model's device. ``to_device`` is spied on where the trainer (the confidence-scoring forward) and
+  the rollout plan (``RolloutPlan.to``) call it; the spy records the device asked for and returns
+  CPU copies (a ``meta`` tensor holds no data to compute with), so the run goes on. Recorded: whether
+  every tensor the training step hands to the engine is one ``collate`` made (a host batch, not a
+  moved one); whether every tensor of the rollout's plan, the ids the embedding reads and the
+  positions the decoder reads share storage with a copy ``to_device`` returned; whether the
+  scoring forward's inputs came out of ``to_device``; and every call in ltscale that puts data on
+  a device some other way during a training forward (``tests.helpers.HostToDevice``).
 * ``bf16``: the same curriculum with ``engine.precision=bf16`` (the model built, trained, exported
   and evaluated in bf16), plain engine, evaluation after each stage.
 """
@@ -13,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,10 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+import ltscale.model.latent_lm as latent_lm_mod  # noqa: E402
+import ltscale.model.rollout_plan as rollout_plan_mod  # noqa: E402
 import ltscale.trainer as trainer_mod  # noqa: E402
 from ltscale.engine import dist  # noqa: E402
 from ltscale.monitor import read_scalars  # noqa: E402
 from ltscale.run_config import load_config  # noqa: E402
+from tests.helpers import HostToDevice  # noqa: E402
 
 SMALL = [
     "model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
@@ -46,14 +55,34 @@ def leaves(obj) -> list[torch.Tensor]:
     return []
 
 
+def plan_tensors(plan) -> list[torch.Tensor]:
+    """Every tensor a ``RolloutPlan`` and its passes hold."""
+    return [
+        value
+        for owner in (plan, *plan.passes)
+        for f in dataclasses.fields(owner)
+        if isinstance(value := getattr(owner, f.name), torch.Tensor)
+    ]
+
+
 class Record:
     def __init__(self) -> None:
-        self.moved: set[int] = set()  # ids of tensors that to_device returned
-        self.keep: list[torch.Tensor] = []  # keeps them alive, so their ids stay unique
+        # storage address -> a tensor to_device returned (kept alive, so no other storage reuses it)
+        self.moved: dict[int, torch.Tensor] = {}
+        self.collated: dict[int, torch.Tensor] = {}  # id -> a tensor collate made (kept alive)
         self.devices: list[str] = []
-        self.engine: list[bool] = []  # per tensor handed to the engine: did it come from to_device?
-        self.score: list[bool] = []  # same for the scoring forward's tensors
+        self.engine: list[bool] = []  # per tensor handed to the engine: one collate made on the host?
+        self.plans: list[bool] = []  # per training forward: every plan tensor came out of to_device?
+        self.embedded: list[bool] = []  # per ids the embedding read in a training forward: same
+        self.positions: list[bool] = []  # per position ids the decoder read in a training forward: same
+        self.score: list[bool] = []  # per tensor the scoring forward handed to the base model: same
+        self.host_to_device: list[str] = []  # other calls that put data on a device in a training forward
         self.in_engine = False
+
+    def came_through(self, t: torch.Tensor) -> bool:
+        """``t`` is a copy ``to_device`` returned, or a view of one (a plan's index tensors are views of
+        its one shipped buffer)."""
+        return t.untyped_storage().data_ptr() in self.moved
 
     def to_device(self, batch, device):
         self.devices.append(str(device))
@@ -61,8 +90,7 @@ class Record:
         def copy(obj):
             if isinstance(obj, torch.Tensor):
                 out = obj.clone()
-                self.moved.add(id(out))
-                self.keep.append(out)
+                self.moved[out.untyped_storage().data_ptr()] = out
                 return out
             if isinstance(obj, dict):
                 return type(obj)({k: copy(v) for k, v in obj.items()})
@@ -71,6 +99,24 @@ class Record:
             return obj
 
         return copy(batch)
+
+    def collate(self, real):
+        def collate(*args, **kwargs):
+            batch = real(*args, **kwargs)
+            self.collated.update({id(t): t for t in leaves(batch)})
+            return batch
+
+        return collate
+
+    def rollout(self, real):
+        """``latent_rollout`` as if the model's weights were on ``FAKE_DEVICE``."""
+
+        def rollout(**kwargs):
+            res = real(**{**kwargs, "device": FAKE_DEVICE})
+            self.plans.append(all(self.came_through(t) for t in plan_tensors(res.plan)))
+            return res
+
+        return rollout
 
 
 class OnAnotherDevice:
@@ -90,12 +136,17 @@ class OnAnotherDevice:
 
     def __call__(self, *args, **kwargs):
         rec = self._record
-        rec.engine += [id(t) in rec.moved for t in leaves((args, kwargs))]
+        rec.engine += [
+            rec.collated.get(id(t)) is t and t.device.type == "cpu" and not rec.came_through(t)
+            for t in leaves((args, kwargs))
+        ]
         rec.in_engine = True
         try:
-            return self._real(*args, **kwargs)
+            with HostToDevice() as moves:
+                return self._real(*args, **kwargs)
         finally:
             rec.in_engine = False
+            rec.host_to_device += moves.found
 
 
 def run(precision: str, workdir: Path, record: Record | None) -> dict:
@@ -104,26 +155,42 @@ def run(precision: str, workdir: Path, record: Record | None) -> dict:
     if record is not None:  # the engine's fake device cannot hold the evaluation model
         extra.append("eval.after_each_stage=false")
     cfg = load_config(None, SMALL + extra)
-    real_build, real_to_device = trainer_mod.build_engine, trainer_mod.to_device
+    real = (trainer_mod.build_engine, trainer_mod.to_device, trainer_mod.collate, rollout_plan_mod.to_device,
+            latent_lm_mod.latent_rollout)  # fmt: skip
     if record is not None:
-        trainer_mod.build_engine = lambda *a, **k: OnAnotherDevice(real_build(*a, **k), record)
-        trainer_mod.to_device = record.to_device
+        trainer_mod.build_engine = lambda *a, **k: OnAnotherDevice(real[0](*a, **k), record)
+        trainer_mod.to_device = rollout_plan_mod.to_device = record.to_device
+        trainer_mod.collate = record.collate(real[2])
+        latent_lm_mod.latent_rollout = record.rollout(real[4])
     try:
         trainer = trainer_mod.Trainer(cfg)
         if record is not None:
+            base = trainer.engine.module.base
 
-            def scoring_inputs(module, args, kwargs):
+            def base_inputs(module, args, kwargs):
                 if not record.in_engine:  # the scoring forward calls the base model directly
-                    record.score += [id(t) in record.moved for t in leaves((args, kwargs))]
+                    record.score += [record.came_through(t) for t in leaves((args, kwargs))]
 
-            trainer.engine.module.base.register_forward_pre_hook(scoring_inputs, with_kwargs=True)
+            def embedded(module, args):
+                if record.in_engine:
+                    record.embedded += [record.came_through(t) for t in leaves(args)]
+
+            def positions(module, args, kwargs):
+                if record.in_engine:
+                    record.positions.append(record.came_through(kwargs["position_ids"]))
+
+            base.register_forward_pre_hook(base_inputs, with_kwargs=True)
+            base.get_input_embeddings().register_forward_pre_hook(embedded)
+            base.get_decoder().register_forward_pre_hook(positions, with_kwargs=True)
         trainer.train([1, 2, 3])
     finally:
-        trainer_mod.build_engine, trainer_mod.to_device = real_build, real_to_device
+        (trainer_mod.build_engine, trainer_mod.to_device, trainer_mod.collate, rollout_plan_mod.to_device,
+         latent_lm_mod.latent_rollout) = real  # fmt: skip
     out = {"losses": [v for _, v in read_scalars(run_dir / "tb")["train/loss"]], "run_dir": str(run_dir)}
     if record is not None:
-        out.update(devices=sorted(set(record.devices)), engine=record.engine, score=record.score,
-                   engine_device=str(FAKE_DEVICE))  # fmt: skip
+        out.update(devices=sorted(set(record.devices)), engine_device=str(FAKE_DEVICE), engine=record.engine,
+                   plans=record.plans, embedded=record.embedded, positions=record.positions, score=record.score,
+                   host_to_device=record.host_to_device)  # fmt: skip
     return out
 
 

@@ -6,12 +6,18 @@ What this proves on CPU:
   safetensors hold bf16 tensors and ``config.json`` says bfloat16, the evaluation after each stage
   ran, and loading an export for ``ltscale eval`` gives a bf16 model; the logged losses stay within
   1% (relative) of the same fp32 run at every step (measured: <= 0.05%).
-* every tensor the training step hands to the engine, and every tensor the confidence-scoring
-  forward hands to the base model, came out of ``to_device(batch, engine.device)``, with the
-  engine claiming another device than the batches' (``meta``).
+* the training step hands the engine the host batch itself (every tensor is one ``collate`` made,
+  on CPU, not moved), and what the model reads on its device came out of ``to_device(..., model
+  device)``: every tensor of each forward's rollout plan, the ids the embedding reads and the
+  positions the decoder reads are views of the plan's one shipped copy; no other call in ltscale
+  puts data on a device during a training forward; every tensor the confidence-scoring forward
+  hands to the base model came out of ``to_device(batch, engine.device)``. Engine and model claim
+  another device than the batches' (``meta``).
 What it cannot prove without a GPU: that the copy to a real CUDA device is pinned and
 asynchronous (``tests/unit/test_device.py`` checks the call on a pinned-capable path, the GPU
-script runs it for real), nor bf16 kernels' numerics on a GPU.
+script runs it for real), that DeepSpeed's engine passes CPU inputs through untouched on CUDA as it
+does here, nor bf16 kernels' numerics on a GPU. That the forward from host ids reads nothing back
+from the device is tests/unit/test_host_batch.py's.
 """
 
 from __future__ import annotations
@@ -36,13 +42,27 @@ def result(tmp_path_factory, repo_root, run_ranks):
     return json.loads(out.read_text())
 
 
-def test_training_and_scoring_batches_reach_the_engine_device(result):
+def test_training_forward_gets_host_batches_and_the_model_reads_them_through_to_device(result):
     r = result["fp32"]
-    assert r["devices"] == [r["engine_device"]], "to_device was called with another device than the engine's"
-    assert len(r["engine"]) >= 3 * 12 and all(r["engine"]), (
-        "the engine got tensors that to_device did not move"
+    assert r["devices"] == [r["engine_device"]], "to_device was called with another device than the model's"
+    steps = 3 * 4  # 3 stages of 32 examples in micro-batches of 8
+    assert len(r["engine"]) == 3 * steps and all(r["engine"]), (
+        "the engine got tensors other than the host batch collate made"
     )
-    assert r["score"] and all(r["score"]), (
+    assert len(r["plans"]) == steps and all(r["plans"]), (
+        "a rollout plan holds tensors that to_device did not ship"
+    )
+    assert len(r["embedded"]) == steps and all(r["embedded"]), (
+        "the embedding read ids that to_device did not ship"
+    )
+    assert len(r["positions"]) >= steps and all(r["positions"]), (
+        "the decoder read positions that to_device did not ship"
+    )
+    assert r["host_to_device"] == [], f"ltscale put data on a device without to_device: {r['host_to_device']}"
+
+
+def test_scoring_batches_reach_the_engine_device_through_to_device(result):
+    assert result["fp32"]["score"] and all(result["fp32"]["score"]), (
         "the confidence-scoring forward got tensors that to_device did not move"
     )
 
