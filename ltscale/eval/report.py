@@ -1,4 +1,5 @@
-"""``ltscale report RUN_DIR...``: one Markdown table of method x benchmark from eval JSON files.
+"""``ltscale report RUN_DIR...``: one Markdown table of method x benchmark from eval JSON files
+(``ltscale compare`` results have their own report: ``ltscale.eval.compare_results``).
 
 What a run dir contributes (all optional, found by content, not by name):
 
@@ -49,7 +50,7 @@ class RunResult:
     sources: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -98,7 +99,7 @@ def collect_run(run: Path | str, *, metric: str = "official") -> RunResult:
         (p / rundir.EVAL_FILE for p in reversed(stages) if (p / rundir.EVAL_FILE).is_file()), None
     )
     if top_eval is not None:
-        summary = _read_json(top_eval)
+        summary = read_json(top_eval)
         name = f"{stage_bench}[:{int(summary['n'])}]" if partial else stage_bench
         _add(result, name, summary, metric, top_eval)
     top_analysis = next(
@@ -107,7 +108,7 @@ def collect_run(run: Path | str, *, metric: str = "official") -> RunResult:
     for path in sorted(run.glob("*.json")) + sorted(run.glob("*/*.json")):
         if path.parent.name.startswith("stage") or path.name.endswith(".examples.json"):
             continue
-        d = _read_json(path)
+        d = read_json(path)
         if not isinstance(d, dict):
             continue
         if "benchmarks" in d and isinstance(d["benchmarks"], dict):
@@ -118,7 +119,7 @@ def collect_run(run: Path | str, *, metric: str = "official") -> RunResult:
         elif "probe_collapse" in d or "collapse" in d:
             top_analysis = path  # an explicit `ltscale analyze` output wins over the stage's
     if top_analysis is not None:
-        result.analysis = _read_json(top_analysis)
+        result.analysis = read_json(top_analysis)
         result.sources.append(str(top_analysis))
     if not result.accuracy:
         raise ValueError(f"{run}: no eval results (stage*/eval.json or ltscale eval JSON files)")
@@ -135,7 +136,7 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def _fmt(xs: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+def fmt_mean_std(xs: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
     m, s = _mean_std([x * scale for x in xs if x is not None])
     if math.isnan(m):
         return "-"
@@ -144,8 +145,12 @@ def _fmt(xs: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def _collapse(r: RunResult, which: str) -> float | None:
     """Probe collapse numbers (they exist for every hidden/fusion run), else generated ones."""
-    for source in ("probe_collapse", "collapse"):
-        steps = r.analysis.get(source) or {}
+    return collapse_value(r.analysis, which, ("probe_collapse", "collapse"))
+
+
+def collapse_value(analysis: dict[str, Any], which: str, sources: Sequence[str]) -> float | None:
+    for source in sources:
+        steps = analysis.get(source) or {}
         if steps:
             ks = sorted(steps, key=int)
             k = ks[0] if which == "cos_first" else ks[-1]
@@ -179,16 +184,16 @@ def render_report(runs: Sequence[RunResult], *, metric: str = "official") -> str
         seeds = [r.seed for r in rs if r.seed is not None]
         runs_cell = str(len(rs)) + (f" (seeds {', '.join(map(str, seeds))})" if len(rs) > 1 and seeds else "")
         row = [label, runs_cell]
-        row += [_fmt([r.accuracy.get(b) for r in rs if b in r.accuracy], 100.0) for b in benches]
+        row += [fmt_mean_std([r.accuracy.get(b) for r in rs if b in r.accuracy], 100.0) for b in benches]
         if len(benches) > 1:
-            row.append(_fmt([sum(r.accuracy.values()) / len(r.accuracy) for r in rs], 100.0))
-        row.append(_fmt([sum(r.latent.values()) / len(r.latent) for r in rs if r.latent]))
-        first = _fmt([v for r in rs if (v := _collapse(r, "cos_first")) is not None], digits=3)
-        last = _fmt([v for r in rs if (v := _collapse(r, "cos_last")) is not None], digits=3)
+            row.append(fmt_mean_std([sum(r.accuracy.values()) / len(r.accuracy) for r in rs], 100.0))
+        row.append(fmt_mean_std([sum(r.latent.values()) / len(r.latent) for r in rs if r.latent]))
+        first = fmt_mean_std([v for r in rs if (v := _collapse(r, "cos_first")) is not None], digits=3)
+        last = fmt_mean_std([v for r in rs if (v := _collapse(r, "cos_last")) is not None], digits=3)
         row.append("-" if first == "-" else f"{first} / {last}")
-        row.append(_fmt([v for r in rs if (v := _collapse(r, "rank_last")) is not None]))
+        row.append(fmt_mean_std([v for r in rs if (v := _collapse(r, "rank_last")) is not None]))
         rho = [(r.analysis.get("difficulty") or {}).get("spearman") for r in rs]
-        row.append(_fmt([v for v in rho if v is not None], digits=3))
+        row.append(fmt_mean_std([v for v in rho if v is not None], digits=3))
         lines.append("| " + " | ".join(row) + " |")
     metric_text = (
         "numeric-tolerant accuracy (first number of the answer compared as a value)"

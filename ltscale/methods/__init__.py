@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 REGISTRY: dict[str, str] = {
     "lt_tuning": "ltscale.methods.lt_tuning:LTTuning",
     "cot": "ltscale.methods.cot:CoT",
+    "cot_same_steps": "ltscale.methods.cot_same_steps:CoTSameSteps",
     "pause": "ltscale.methods.pause:Pause",
     "no_stage3": "ltscale.methods.no_stage3:NoStage3",
     "adapter": "ltscale.methods.adapter:Adapter",
@@ -157,6 +158,20 @@ class Method:
         compare``): its latent stages only, since that checkpoint is LT-Tuning's stage 1. Relative
         paths in ``raw`` are relative to the repository ``root``."""
         raw["stages"] = [st for st in raw["stages"] if st.get("mode") != "cot"]
+        return raw
+
+    def stage_budget(self, raw: dict[str, Any], epochs: list[float]) -> dict[str, Any]:
+        """The method's raw ``tiny_config`` with the training budget ``epochs`` = LT-Tuning's
+        (stage 1, stage 2, stage 3) epochs (``ltscale compare --stage-epochs``, docs/study.md).
+
+        Default: the config's stages are LT-Tuning's first ones (CoT = stage 1; the ablations and
+        cot_same_steps keep the curriculum's layout), so stage ``i`` gets ``epochs[i]``."""
+        stages = raw.get("stages") or []
+        if len(stages) > len(epochs):
+            raise ConfigError(
+                f"--stage-epochs: {len(epochs)} value(s) for the {len(stages)} stages of {self.tiny_config}"
+            )
+        raw["stages"] = [{**st, "epochs": e} for st, e in zip(stages, epochs)]
         return raw
 
 

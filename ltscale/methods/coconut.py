@@ -217,6 +217,17 @@ class Coconut(Method):
             meta=info,
         )
 
+    def stage_budget(self, raw: dict[str, Any], epochs: list[float]) -> dict[str, Any]:
+        """Stage 0 (CoT) gets LT-Tuning's stage-1 epochs; the latent stages share the curriculum's
+        latent epochs (stages 2 + 3) in the proportions of the config (docs/study.md)."""
+        first, *latent = raw["stages"]
+        total = sum(float(st.get("epochs", 1.0)) for st in latent)
+        share = sum(epochs[1:])
+        raw["stages"] = [{**first, "epochs": epochs[0]}] + [
+            {**st, "epochs": share * float(st.get("epochs", 1.0)) / total} for st in latent
+        ]
+        return raw
+
     def from_cot_checkpoint(self, raw: dict[str, Any], root) -> dict[str, Any]:
         """The GSM8K recipe: Coconut stage 1 onwards from the CoT checkpoint (its stage 0 is CoT)."""
         raw["stages"] = raw["stages"][1:]

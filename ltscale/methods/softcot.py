@@ -350,6 +350,15 @@ class SoftCoT(Method):
             meta=info,
         )
 
+    def stage_budget(self, raw: dict[str, Any], epochs: list[float]) -> dict[str, Any]:
+        """Its projection trains on the CoT checkpoint for the curriculum's latent epochs (stages 2
+        + 3), shared by its stages in the proportions of the config."""
+        total = sum(float(st.get("epochs", 1.0)) for st in raw["stages"])
+        raw["stages"] = [
+            {**st, "epochs": sum(epochs[1:]) * float(st.get("epochs", 1.0)) / total} for st in raw["stages"]
+        ]
+        return raw
+
     def from_cot_checkpoint(self, raw: dict[str, Any], root: Path) -> dict[str, Any]:
         """Trains its projection on the frozen CoT model: every stage stays (they are CoT stages)."""
         assistant = raw.get("softcot", {}).get("assistant")

@@ -117,3 +117,167 @@ def test_ltscale_report_cli(tmp_path, capsys) -> None:
 def test_label_without_config_strips_seed_suffix(tmp_path, name) -> None:
     _write(tmp_path / name / "r.json", _summary(0.5, 0.5, 0.0, benchmark="svamp"))
     assert collect_run(tmp_path / name).label == "m"
+
+
+# ------------------------------------------------------------------ paired statistics (hand-made)
+
+
+def _ones(n: int, where) -> list[int]:
+    return [1 if i in where else 0 for i in range(n)]
+
+
+def test_paired_bootstrap_known_difference() -> None:
+    from ltscale.eval.paired import paired_bootstrap
+
+    n = 200
+    ref = _ones(n, range(100))  # 50%
+    method = _ones(n, range(120))  # 60%: 20 problems more, none fewer
+    p = paired_bootstrap([method, method], [ref, ref])
+    assert p.diff == pytest.approx(0.10, abs=1e-12) and p.per_seed == pytest.approx((0.10, 0.10))
+    assert p.n_problems == n and p.resamples == 10_000 and p.seed == 0
+    se = math.sqrt(0.1 * 0.9 / n)  # d_i in {0, 1} with mean 0.1: the mean's standard error
+    assert p.ci_low < 0.10 < p.ci_high
+    assert (p.ci_high - p.ci_low) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.12)
+    assert p.ci_low > 0.0  # 20 one-sided wins out of 200 are far from chance
+    again = paired_bootstrap([method, method], [ref, ref])
+    assert (again.ci_low, again.ci_high) == (p.ci_low, p.ci_high)  # fixed bootstrap seed
+
+
+def test_paired_bootstrap_zero_difference_and_identical_runs() -> None:
+    from ltscale.eval.paired import paired_bootstrap
+
+    n = 200
+    ref = _ones(n, range(100))
+    swapped = _ones(n, range(50, 150))  # 50 problems won, 50 lost: same accuracy, different problems
+    p = paired_bootstrap([swapped], [ref])
+    assert p.diff == 0.0 and p.per_seed == (0.0,)
+    se = math.sqrt(0.5 / n)  # d_i = ±1 on half the problems: variance 0.5
+    assert p.ci_low < 0.0 < p.ci_high
+    assert (p.ci_high - p.ci_low) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.12)
+    same = paired_bootstrap([ref, swapped], [ref, swapped])
+    assert (same.diff, same.ci_low, same.ci_high, same.per_seed) == (0.0, 0.0, 0.0, (0.0, 0.0))
+
+
+def test_paired_bootstrap_averages_seeds_and_refuses_unpaired_input() -> None:
+    from ltscale.eval.paired import paired_bootstrap
+
+    n = 100
+    ref = _ones(n, range(50))
+    p = paired_bootstrap([_ones(n, range(60)), _ones(n, range(45))], [ref, ref], resamples=500, seed=3)
+    assert p.per_seed == pytest.approx((0.10, -0.05)) and p.diff == pytest.approx(0.025)
+    assert p.resamples == 500 and p.ci_low < 0.025 < p.ci_high
+    with pytest.raises(ValueError, match="differ"):
+        paired_bootstrap([ref], [ref, ref])
+    with pytest.raises(ValueError, match="different numbers of problems"):
+        paired_bootstrap([ref, ref[:-1]], [ref, ref])
+    with pytest.raises(ValueError, match="0/1"):
+        paired_bootstrap([[0.5] * n], [ref])
+
+
+# ------------------------------------------------------- compare results: rendered from JSON alone
+
+
+def _compare_result(method: str, seed: int, correct: list[int], latent: float, pos: int) -> dict:
+    from ltscale.eval.compare_results import make_result
+
+    n = len(correct)
+    per_example = [
+        {
+            "id": f"syn-test-{i:05d}",
+            "difficulty": 1 + i % 2,
+            "correct": bool(c),
+            "correct_numeric": bool(c),
+            "num_latent": int(latent) * (1 + i % 2),
+            "num_generated": 10,
+        }
+        for i, c in enumerate(correct)
+    ]
+    by = {
+        str(d): {
+            "n": n // 2,
+            "accuracy": sum(c for i, c in enumerate(correct) if 1 + i % 2 == d) / (n // 2),
+            "mean_latent": float(int(latent) * d),
+        }
+        for d in (1, 2)
+    }
+    summary = {
+        "n": n,
+        "accuracy_official": sum(correct) / n,
+        "accuracy_numeric": sum(correct) / n,
+        "mean_latent_tokens": 1.5 * int(latent),
+        "mean_generated_tokens": 10.0,
+        "num_truncated": 0,
+        "by_difficulty": by,
+    }
+    analysis = {"difficulty": {"spearman": 0.5 if latent else None}}
+    if latent:
+        analysis["probe_collapse"] = {
+            "1": {"mean_cos": 0.9, "effective_rank": 2.0},
+            "6": {"mean_cos": 0.5 + seed / 10, "effective_rank": 3.0},
+        }
+    return make_result(
+        method=method, position=pos, seed=seed, starts_from="scratch" if method == "cot" else "CoT ckpt",
+        train_seconds=100.0 * seed, stages=[{"mode": "cot", "epochs": 1.0, "lr_scale": 1.0}],
+        summary=summary, per_example=per_example, analysis=analysis, fingerprint="f",
+        provenance={"commit": "abc1234", "dirty": False, "command": "ltscale compare --seeds 1 2",
+                    "cpu": "Test CPU", "cores": 2, "date": "2026-01-01 00:00 UTC"},
+    )  # fmt: skip
+
+
+def _write_compare_fixture(root) -> None:
+    n = 40
+    runs = {
+        "cot": (0, {1: range(10), 2: range(12)}),
+        "lt_tuning": (1, {1: range(20), 2: range(16)}),
+        "pause": (2, {1: range(14), 2: range(10)}),
+    }
+    for method, (pos, by_seed) in runs.items():
+        for seed, where in by_seed.items():
+            r = _compare_result(method, seed, _ones(n, where), 0 if method == "cot" else 2, pos)
+            _write(root / f"seed{seed}" / f"{method}.json", r)
+
+
+def test_compare_report_renders_means_paired_differences_and_difficulty(tmp_path) -> None:
+    from ltscale.eval.compare_results import is_compare_results, load_compare_results, render_compare_report
+
+    _write_compare_fixture(tmp_path / "results")
+    assert is_compare_results(tmp_path) and is_compare_results(tmp_path / "results")
+    assert not is_compare_results(tmp_path / "results" / "seed1")
+    text = render_compare_report(load_compare_results(tmp_path), resamples=2000)
+    lines = text.splitlines()
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:5]}
+    assert list(rows) == ["cot", "lt_tuning", "pause"]  # compare's order (position), not alphabetical
+    sd = lambda a, b: abs(a - b) / math.sqrt(2)  # noqa: E731 - sample std of two values
+    assert rows["lt_tuning"][:5] == ["lt_tuning", "CoT ckpt", "1, 2", f"45.00 ± {sd(50, 40):.2f}",
+                                     f"45.00 ± {sd(50, 40):.2f}"]  # fmt: skip
+    assert rows["lt_tuning"][7:] == ["0.900 ± 0.000 / 0.650 ± 0.071", "3.00 ± 0.00", "0.500 ± 0.000", "150 ± 71"]
+    assert rows["cot"][7:10] == ["-", "-", "-"]  # no latents: no probe, no correlation
+    paired = {ln.split("|")[1].strip(): ln for ln in lines if "| [" in ln}  # rows with an interval
+    assert list(paired) == ["cot", "pause"]
+    # cot − lt_tuning: seed 1 25 − 50, seed 2 30 − 40 -> mean −17.5
+    assert "| cot | -17.50 | [" in paired["cot"] and paired["cot"].endswith("| 1: -25.0, 2: -10.0 |")
+    assert "| pause | -15.00 | [" in paired["pause"] and paired["pause"].endswith("| 1: -15.0, 2: -15.0 |")
+    assert "2000 paired bootstrap resamples" in text and "on 40 held-out problems" in text
+    assert "| lt_tuning | 45.0 / 2.00 | 45.0 / 4.00 |" in text  # seeds' mean per difficulty
+    assert "Problems per difficulty: 1 steps: 20, 2 steps: 20." in text
+    assert "- commit abc1234, `ltscale compare --seeds 1 2`, Test CPU (2 cores), 2026-01-01 00:00 UTC" in text
+
+
+def test_ltscale_report_rerenders_compare_results_without_checkpoints(tmp_path, capsys) -> None:
+    from ltscale.eval.compare_results import load_compare_results, render_compare_report
+
+    _write_compare_fixture(tmp_path / "a")
+    out = tmp_path / "report.md"
+    assert main(["report", str(tmp_path / "a"), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text() == render_compare_report(load_compare_results(tmp_path / "a"))
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "a")]) == 0  # one section per path
+    assert capsys.readouterr().out.count(f"## {tmp_path / 'a'}") == 2
+    run = _lt_run(tmp_path, 1, 0.3, 0.5, (0.9, 0.5), 4.0, 0.2)
+    assert main(["report", str(tmp_path / "a"), str(run)]) == 2
+    assert "not both" in capsys.readouterr().err
+    other = json.loads((tmp_path / "a" / "seed1" / "pause.json").read_text())
+    other["problems"]["id"][0] = "syn-test-99999"
+    _write(tmp_path / "a" / "seed1" / "pause.json", other)
+    assert main(["report", str(tmp_path / "a")]) == 2
+    assert "not scored on the same problems" in capsys.readouterr().err
