@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 from ltscale.cli import common
@@ -67,9 +66,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (recorded with every result)."""
+    parts = ["ltscale", "compare", "--out", args.out]
+    if args.methods:
+        parts += ["--methods", args.methods]
+    if args.seeds:
+        parts += ["--seeds", *map(str, args.seeds)]
+    if args.heldout:
+        parts += ["--heldout", str(args.heldout)]
+    if args.stage_epochs:
+        parts += ["--stage-epochs", ",".join(f"{e:g}" for e in args.stage_epochs)]
+    if args.analysis_samples != ANALYSIS_SAMPLES:
+        parts += ["--analysis-samples", str(args.analysis_samples)]
+    return shlex.join([*parts, "--nproc", str(args.nproc), *args.overrides])
+
+
 def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(ALL)
-    command = "ltscale " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    command = _command(args)
     try:
         report, _ = compare(
             Path(args.out),
