@@ -47,15 +47,19 @@ def provenance(command: str | None, repo: Path) -> dict[str, Any]:
             return ""
         return proc.stdout.strip()
 
-    cpu = ""
+    cpu, flags = "", set()
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+        flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    # the widest vector unit decides torch's CPU kernels, hence float order (docs/study.md)
+    simd = next((f for f in ("avx512f", "avx2", "sse4_2") if f in flags), "")
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "command": command,
         "cpu": cpu,
+        "simd": simd,
         "cores": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -311,6 +315,7 @@ def render_compare_report(
         dirty = " (uncommitted changes)" if p.get("dirty") else ""
         lines.append(
             f"- commit {p.get('commit') or '?'}{dirty}, `{p.get('command') or '?'}`, "
-            f"{p.get('cpu') or '?'} ({p.get('cores') or '?'} cores), {p.get('date') or '?'}"
+            f"{p.get('cpu') or '?'} ({p.get('cores') or '?'} cores{', ' + p['simd'] if p.get('simd') else ''}), "
+            f"{p.get('date') or '?'}"
         )
     return "\n".join(lines) + "\n"
