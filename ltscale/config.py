@@ -45,6 +45,9 @@ class ModelConfig:
     thinking_token: str = "<thinking>"
     # Spec §10.13: the new row is copied from this token's embedding (EOS when it is not one token).
     thinking_init_token: str = "emm"
+    # Embedding rows are padded to a multiple of this when tokens are added (a 128,257-row head is
+    # an unaligned GEMM); padded rows are never a token (model/builder.py fit_vocab).
+    pad_vocab_to_multiple_of: int = 64
     adapter: bool = False
     adapter_hidden: int = 1024
     gradient_checkpointing: bool = True
@@ -388,7 +391,7 @@ _LOWER_BOUNDS = (
     ("optim.eps", 0, False), ("optim.weight_decay", 0, True), ("optim.max_grad_norm", 0, True),
     ("data.max_length", 1, True), ("eval.batch_size", 1, True), ("eval.max_new_tokens", 1, True),
     ("eval.subset", 1, True), ("eval.analysis_samples", 1, True), ("eval.probe_steps", 0, True),
-    ("model.tokenizer_vocab_size", 1, True),
+    ("model.tokenizer_vocab_size", 1, True), ("model.pad_vocab_to_multiple_of", 1, True),
 )  # fmt: skip
 
 

@@ -126,7 +126,7 @@ def build_latent_model(cfg: RunConfig, data: RunData, ds_config: dict | None = N
         base = build_base_model(name_or_path=m.name_or_path, init=m.init, vocab_size=len(data.tokenizer),
                                 dtype=dtype, attn_implementation=m.attn_implementation,
                                 gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code, seed=cfg.train.seed)
-        fit_vocab(base, data.tokenizer)
+        fit_vocab(base, data.tokenizer, m.pad_vocab_to_multiple_of)
     method = get_method(cfg.method)
     params = embedding_parameters(base)
     with construction.gathered(params) if construction is not None else contextlib.nullcontext():
@@ -136,7 +136,7 @@ def build_latent_model(cfg: RunConfig, data: RunData, ds_config: dict | None = N
     lm = LatentLM(base, data.thinking_id, mode=first.mode, alpha=first.alpha, temperature=first.temperature,
                   top_p=first.top_p, adapter=m.adapter, adapter_hidden=m.adapter_hidden,
                   gradient_checkpointing=m.gradient_checkpointing, fusion_impl=FUSED_TO_IMPL[cfg.engine.fused],
-                  packed_passes=cfg.engine.packed_passes)
+                  packed_passes=cfg.engine.packed_passes, vocab_tokens=len(data.tokenizer))
     if lm.adapter is not None:
         lm.adapter.to(dtype)
     return method.wrap_model(lm, cfg, data)

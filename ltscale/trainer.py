@@ -289,7 +289,8 @@ class Trainer:
             was_training = self.engine.module.training
             self.engine.eval()
             try:
-                return base(input_ids=ids, attention_mask=mask).logits
+                # rows past the tokenizer are vocabulary padding (model/builder.py fit_vocab), not tokens
+                return base(input_ids=ids, attention_mask=mask).logits[..., : len(self.data.tokenizer)]
             finally:
                 self.engine.train(was_training)
 

@@ -286,6 +286,7 @@ class SoftCoT(Method):
             adapter=lm.adapter is not None,
             gradient_checkpointing=lm.gradient_checkpointing,
             fusion_impl=lm.fusion_impl,
+            vocab_tokens=lm.vocab_tokens,
         )
 
     def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
@@ -338,6 +339,7 @@ class SoftCoT(Method):
             assistant=assistant,
             placeholder_id=ckpt.tokenizer.eos_token_id,
             n_thoughts=n,
+            vocab_tokens=lm.vocab_tokens,
         )
         state = load_file(str(extra))
         model.projection.load_state_dict({k.removeprefix("projection."): v for k, v in state.items()})

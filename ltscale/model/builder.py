@@ -128,14 +128,36 @@ def embedding_rows(model: torch.nn.Module) -> int:
     return int(rows) if rows is not None else int(emb.weight.shape[0])
 
 
-def fit_vocab(model: torch.nn.Module, tokenizer) -> None:
-    """Give the embeddings a row for every token of ``tokenizer`` (``<thinking>``, a method's markers).
+def padded_rows(n_tokens: int, multiple: int) -> int:
+    """``n_tokens`` rounded up to a multiple of ``multiple`` (the embedding/head rows for them)."""
+    if multiple < 1:
+        raise ValueError(f"model.pad_vocab_to_multiple_of: {multiple} must be >= 1")
+    return -(-n_tokens // multiple) * multiple
+
+
+def fit_vocab(model: torch.nn.Module, tokenizer, pad_to_multiple_of: int = 1) -> int:
+    """Give the embeddings a row for every token of ``tokenizer`` (``<thinking>``, a method's markers),
+    padded to a multiple of ``pad_to_multiple_of`` rows (``model.pad_vocab_to_multiple_of``); returns
+    the row count. ``tokenizer``: the tokenizer, or its size.
+
+    Why pad: the LM head is a ``tokens x V`` GEMM on every position of every pass; V = 128,257
+    (Llama-3's 128,256 + ``<thinking>``) is unaligned and falls off the tensor-core fast path, while
+    128,320 = 64 x 2,005 is aligned. Rows past the tokenizer are never a token: ``LatentLM(vocab_tokens=...)``
+    masks their logits, so loss, fusion, top-p and decoding see exactly the tokenizer's vocabulary, and
+    :func:`init_thinking_embedding` zeroes them. Existing rows are never dropped (a checkpoint padded
+    already, Qwen's native padding). Transformers' random draws for new rows are taken on a forked RNG,
+    so padding changes no other random initialisation of the run.
 
     Separate from the row initialisation because under ZeRO-3 transformers resizes a partitioned
     embedding itself (it gathers it), while the row copies need the caller to gather.
     """
-    if embedding_rows(model) < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    n_tokens = tokenizer if isinstance(tokenizer, int) else len(tokenizer)
+    rows = embedding_rows(model)
+    target = padded_rows(max(rows, n_tokens), pad_to_multiple_of)
+    if target != rows:
+        with torch.random.fork_rng(devices=[]):
+            model.resize_token_embeddings(target, mean_resizing=False)
+    return target
 
 
 def embedding_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -155,8 +177,9 @@ def init_thinking_embedding(
     The new input and output rows are copied from ``init_from`` (EOS when it is not a single
     token). Only the output row matters in latent modes (the input row is always replaced), but
     both are copied so ``pause`` starts from a sensible embedding too. Call it on a fresh base
-    model only, never on a checkpoint that already learned the row. Under ZeRO-3, call
-    :func:`fit_vocab` first and this inside a gather of :func:`embedding_parameters`.
+    model only, never on a checkpoint that already learned the row. Rows past the tokenizer
+    (vocabulary padding, :func:`fit_vocab`) are zeroed. Under ZeRO-3, call :func:`fit_vocab` first and
+    this inside a gather of :func:`embedding_parameters`.
     """
     if embedding_rows(model) <= thinking_id:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -168,3 +191,5 @@ def init_thinking_embedding(
         out = model.get_output_embeddings()
         if out is not None and out.weight is not inp and out.weight.data_ptr() != inp.data_ptr():
             out.weight[thinking_id] = out.weight[src_id]
+        for weight in embedding_parameters(model):
+            weight[len(tokenizer) :] = 0

@@ -75,7 +75,7 @@ def load_latent_model(path: str | Path, *, mode: str | None = None, device: str 
     base = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs).to(device)
     lm = LatentLM(base, meta["thinking_token_id"], mode=mode or meta["mode"], alpha=meta["alpha"],
                   temperature=meta["temperature"], top_p=meta["top_p"], adapter=bool(meta.get("adapter")),
-                  adapter_hidden=meta.get("adapter_hidden") or 1024)
+                  adapter_hidden=meta.get("adapter_hidden") or 1024, vocab_tokens=len(tokenizer))
     if lm.adapter is not None:
         lm.adapter.load_state_dict(load_file(str(path / rundir.ADAPTER_FILE)))
         lm.adapter.to(device=device, dtype=next(base.parameters()).dtype)

@@ -69,7 +69,7 @@ class FusionHead(nn.Module):
             logits = deferred_linear(hidden, head.weight, deferred)
             if getattr(head, "bias", None) is not None:
                 logits = logits + head.bias
-            logits = owner.family.final_logits(logits)
+            logits = owner.mask_padded_rows(owner.family.final_logits(logits))
         weight = owner.base.get_input_embeddings().weight
         # The expected *input* embedding: the embedding module's own scale (Gemma: sqrt(d)) applies.
         return context_prediction_fusion(
@@ -100,7 +100,7 @@ class LatentLM(nn.Module):
     def __init__(self, base_model: nn.Module, thinking_token_id: int, mode: str = "hidden", alpha: float = 0.6,
                  temperature: float = 1.0, top_p: float = 0.9, *, adapter: bool = False,
                  adapter_hidden: int = 1024, gradient_checkpointing: bool = False, fusion_impl: str = "auto",
-                 packed_passes: str = "auto"):
+                 packed_passes: str = "auto", vocab_tokens: int | None = None):
         super().__init__()
         self.family = attach(base_model)  # refuses a model family or kernel that has not been checked (families.py)
         self.base = base_model
@@ -114,6 +114,9 @@ class LatentLM(nn.Module):
         if packed_passes not in ("auto", "off"):
             raise ValueError(f"packed_passes={packed_passes!r} not in auto|off")
         self.packed_passes = packed_passes
+        # The tokenizer's size: embedding rows past it are vocabulary padding (model/builder.py
+        # fit_vocab), never a token. None: every row is a token.
+        self.vocab_tokens = vocab_tokens
         self.mode = "cot"
         self._deferred: DeferredWeightGrads | None = None  # set for the duration of a training forward
         self.set_latent_mode(mode, alpha=alpha, temperature=temperature, top_p=top_p)
@@ -182,7 +185,20 @@ class LatentLM(nn.Module):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits the model's own ``forward`` computes (Granite's scaling, Gemma's soft-cap included)."""
-        return self.family.final_logits(self.base.get_output_embeddings()(hidden))
+        return self.mask_padded_rows(self.family.final_logits(self.base.get_output_embeddings()(hidden)))
+
+    def mask_padded_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of padded vocabulary rows set to the dtype's lowest value, in place.
+
+        Why: softmax then gives them exactly 0, so the loss normaliser, the fusion's top-p set, argmax
+        decoding and entropies are those of the tokenizer's vocabulary, as without padding. A finite
+        value rather than -inf keeps ``p * log p`` at 0 for them. In place on the head's output (which
+        no backward saves), a write of ``tokens x padding`` elements; their gradient is 0.
+        """
+        n = self.vocab_tokens
+        if n is not None and logits.shape[-1] > n:
+            logits[..., n:] = torch.finfo(logits.dtype).min
+        return logits
 
     def latent_input(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The method's latent function: what a ``<thinking>`` slot is fed.
