@@ -113,9 +113,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # with global_batch_size: the cap on one rank's micro-batch
     grad_accum: int = 1
-    # Optional: when set, must equal micro_batch_size * grad_accum * world_size (checked at launch).
+    # Samples per optimizer step on any world size that divides it: micro-batch and accumulation
+    # are derived per launch (ltscale/batching.py) and recorded in config.resolved.yaml.
     global_batch_size: int | None = None
     seed: int = 42
     log_every: int = 10

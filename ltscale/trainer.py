@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from ltscale import faults, run_setup, rundir
+from ltscale.batching import resolve_batch
 from ltscale.config import RunConfig, diff_configs, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
@@ -115,9 +116,10 @@ def select_stages(cfg: RunConfig, run_dir: Path, stage_arg: str) -> list[int]:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, stop: StopSignal | None = None):
-        self.cfg = cfg
         self.stop = stop or StopSignal()
         self.info = dist.init_distributed(timeout_s=cfg.engine.collective_timeout_s)
+        # micro-batch and accumulation for this world size (train.global_batch_size): recorded below
+        self.cfg = cfg = resolve_batch(cfg, self.info.world_size)
         self.run_dir = Path(cfg.run_dir)
         if self.info.is_main:
             warn_on_config_change(cfg, self.run_dir)
@@ -132,9 +134,6 @@ class Trainer:
                                           grad_clip=cfg.optim.max_grad_norm, precision=precision)
         self.lm = build_latent_model(cfg, self.data, self.ds_config)  # ZeRO-3: partitioned as it is built
         self.io_timeout_s = run_setup.io_timeout(cfg, self.lm, self.info.world_size)
-        if t.global_batch_size is not None and t.global_batch_size != self.ds_config["train_batch_size"]:
-            raise ValueError(f"train.global_batch_size: {t.global_batch_size} != micro_batch_size x grad_accum x "
-                             f"world_size = {self.ds_config['train_batch_size']}")
         if self.info.is_main:
             write_ds_config(self.ds_config, self.run_dir / rundir.DS_CONFIG_FILE)
         self.schedule = Schedule(stage_steps(cfg, len(self.data.train), self.info.world_size),

@@ -4,7 +4,8 @@ Every run trains the same shrunk 3-stage curriculum (8 steps per stage, loss log
 The reference is a 2-rank `deepspeed --hostfile --no_ssh` run; the others must reproduce its
 `train/loss` trajectory:
 
-* 1 rank with grad_accum=2 (same global batch and micro-batches) -> equal to 1e-5 relative;
+* 1 rank with the same global batch (``train.global_batch_size=8``: accumulation 2 derived from
+  the world size, and recorded in config.resolved.yaml) -> equal to 1e-5 relative;
 * `torchrun` and `mpirun` launches -> the same losses;
 * a `torchrun` run whose ranks get SIGTERM in stage 1, relaunched -> the same losses from the
   stop on, across the stage boundaries, and the same final weights.
@@ -12,6 +13,7 @@ The reference is a 2-rank `deepspeed --hostfile --no_ssh` run; the others must r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,6 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ltscale.monitor import read_scalars
@@ -38,7 +41,7 @@ BASE = [
     "train.micro_batch_size=4", "train.log_every=1", "train.save_every=2", "eval.after_each_stage=false",
 ]  # fmt: skip
 TWO_RANKS = ["train.grad_accum=1"]
-ONE_RANK = ["train.grad_accum=2"]
+ONE_RANK = ["train.global_batch_size=8"]  # micro-batch 4 x accumulation 2 x 1 rank
 
 
 # What a launcher sets: another test may have left any of them in this process's environment.
@@ -111,6 +114,9 @@ def test_one_rank_equals_two_ranks(reference, workdir, repo_root):
     )
     assert_same_trajectory(losses(run_dir), losses(reference))
     assert_same_weights(final_weights(run_dir), final_weights(reference))
+    train = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())["train"]
+    assert (train["micro_batch_size"], train["grad_accum"], train["global_batch_size"]) == (4, 2, 8)
+    assert json.loads((run_dir / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
 
 
 def test_mpirun_launch_gives_the_same_losses(reference, workdir, repo_root):
