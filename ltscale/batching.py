@@ -61,13 +61,13 @@ def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
     return BatchLayout(micro, per_rank // micro, world_size)
 
 
-def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
+def resolve_batch(cfg: RunConfig, world_size: int, *, quiet: bool = False) -> RunConfig:
     """``cfg`` with ``train.micro_batch_size`` / ``train.grad_accum`` set to what runs on ``world_size``
     ranks, so everything downstream (DeepSpeed config, sampler, steps per stage) and the run dir's
-    ``config.resolved.yaml`` use and record the same numbers. Logged once."""
+    ``config.resolved.yaml`` use and record the same numbers. Logged unless ``quiet``."""
     t = cfg.train
     layout = batch_layout(t, world_size)
-    log.info(
+    (log.debug if quiet else log.info)(
         "batch: %d samples per step = micro-batch %d x accumulation %d x %d ranks%s",
         layout.global_batch, layout.micro, layout.accum, layout.world,
         "" if t.global_batch_size is None else
@@ -78,3 +78,21 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
     return dataclasses.replace(
         cfg, train=dataclasses.replace(t, micro_batch_size=layout.micro, grad_accum=layout.accum)
     )
+
+
+def stage_steps(cfg: RunConfig, n_examples: int, world_size: int) -> list[int]:
+    """Optimizer steps of each stage: ``epochs x examples // global batch`` (at least 1), capped by
+    ``train.max_steps_per_stage``; ``cfg`` is the resolved config (:func:`resolve_batch`)."""
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    if n_examples < global_batch:
+        raise ValueError(
+            f"train: {n_examples} examples < one global batch ({global_batch} = micro_batch_size "
+            f"{cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum} x world {world_size})"
+        )
+    out = []
+    for st in cfg.stages:
+        n = max(1, int(st.epochs * n_examples) // global_batch)
+        if cfg.train.max_steps_per_stage is not None:
+            n = min(n, cfg.train.max_steps_per_stage)
+        out.append(n)
+    return out

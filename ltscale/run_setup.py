@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ltscale import rundir
+from ltscale.batching import stage_steps  # noqa: F401 - where the trainer and tests have found it
 from ltscale.config import ConfigError, RunConfig
 from ltscale.data import Encoded, Record, encode_records, load_records
 from ltscale.data.formatting import assistant_text
@@ -183,20 +184,6 @@ class Schedule:
         if self.strategy == "continue":
             return scale * self._shape(step, sum(self.steps))
         return scale * self._shape(step - self.start[k], self.steps[k])
-
-
-def stage_steps(cfg: RunConfig, n_examples: int, world_size: int) -> list[int]:
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
-    if n_examples < global_batch:
-        raise ValueError(f"train: {n_examples} examples < one global batch ({global_batch} = micro_batch_size "
-                         f"{cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum} x world {world_size})")
-    out = []
-    for st in cfg.stages:
-        n = max(1, int(st.epochs * n_examples) // global_batch)
-        if cfg.train.max_steps_per_stage is not None:
-            n = min(n, cfg.train.max_steps_per_stage)
-        out.append(n)
-    return out
 
 
 class Sampler:

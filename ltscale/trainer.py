@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from ltscale import faults, run_setup, rundir
-from ltscale.batching import resolve_batch
+from ltscale.batching import resolve_batch, stage_steps
 from ltscale.config import RunConfig, diff_configs, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
@@ -40,7 +40,7 @@ from ltscale.methods import StageContext, get_method
 from ltscale.model.device import to_device
 from ltscale.model.io import save_latent_model
 from ltscale.monitor import Monitor
-from ltscale.run_setup import RunData, Sampler, Schedule, build_latent_model, prepare_data, stage_steps
+from ltscale.run_setup import RunData, Sampler, Schedule, build_latent_model, prepare_data
 from ltscale.rundir import StageOrderError
 
 log = logging.getLogger(__name__)

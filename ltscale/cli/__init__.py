@@ -28,7 +28,7 @@ from ltscale.logging_setup import setup_logging
 __all__ = ["COMMANDS", "UserError", "build_parser", "main"]
 
 #: The subcommand modules, in help order: ``ltscale.cli.<module>.register`` adds its subcommand(s).
-COMMANDS = ("eval", "analyze", "report", "generate", "export", "compare", "env", "data", "lm_eval")
+COMMANDS = ("eval", "analyze", "report", "generate", "export", "compare", "plan", "env", "data", "lm_eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

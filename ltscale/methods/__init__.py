@@ -127,6 +127,12 @@ class Method:
         """The module the engine trains (SoftCoT: base frozen + projection)."""
         return lm
 
+    def latent_slots(self, cfg: RunConfig, stage_index: int) -> int:
+        """The most ``<thinking>`` slots one training row of stage ``stage_index`` (1-based) can hold
+        (``ltscale plan`` sizes passes and memory by it): confidence insertion places at most
+        ``max_sites`` sites, each at most doubled."""
+        return 2 * cfg.stages[stage_index - 1].max_sites
+
     def check_data(self, cfg: RunConfig, records: Sequence[Record]) -> None:
         """Data-dependent config errors, raised before the engine is built."""
 

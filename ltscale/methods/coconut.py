@@ -107,6 +107,10 @@ class Coconut(Method):
     def coconut_stage(self, cfg: RunConfig, stage_index: int) -> int:
         return cfg.coconut.start_stage + stage_index - 1
 
+    def latent_slots(self, cfg: RunConfig, stage_index: int) -> int:
+        c = cfg.coconut
+        return c.c_thought * min(self.coconut_stage(cfg, stage_index), c.max_latent_stage)
+
     def resolve(self, cfg: RunConfig) -> RunConfig:
         c = cfg.coconut
         if c.c_thought < 1:

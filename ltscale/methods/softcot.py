@@ -289,6 +289,9 @@ class SoftCoT(Method):
             vocab_tokens=lm.vocab_tokens,
         )
 
+    def latent_slots(self, cfg: RunConfig, stage_index: int) -> int:
+        return cfg.softcot.n_thoughts
+
     def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
         n = ctx.cfg.softcot.n_thoughts
         out = [

@@ -128,8 +128,8 @@ def test_padded_model_decodes_as_unpadded():
 
 def test_run_setup_pads_and_the_export_reloads_with_its_mask(tmp_path):
     """The product path: tiny default -> padded rows, masked; save/reload keeps both."""
-    from ltscale.run_config import load_config
     from ltscale.model.io import load_latent_model, save_latent_model
+    from ltscale.run_config import load_config
     from ltscale.run_setup import build_latent_model, prepare_data
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "data.synthetic.n_train=64", "data.synthetic.n_test=4",
