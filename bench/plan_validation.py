@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +47,16 @@ def rss() -> float:
 
 def reset_peak() -> None:
     """Restart the kernel's RSS high-water mark here: imports before the baseline peak higher than
-    the baseline itself, and ``ru_maxrss`` would otherwise report that earlier peak."""
+    the baseline itself, which would otherwise be reported as the step's peak."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def peak_rss() -> float:
+    """``VmHWM`` (``ru_maxrss`` also keeps the high-water marks of exited threads, which a reset misses)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return max(kib * 1024.0, rss())
 
 
 def arch_of(ms, rows: int) -> Arch:
@@ -119,7 +125,7 @@ def child(name: str, mode: str, ckpt: bool, rows: int, length: int, latents: int
                  min_passes=passes, return_logits=False)  # fmt: skip
     engine.backward(out.loss)
     engine.step()
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss())
+    peak = peak_rss()
     arch = arch_of(ms, lm.base.get_input_embeddings().weight.shape[0])
     tokens = int(batch["attention_mask"].sum())
     states = model_states(arch, "zero3", 1, 4)

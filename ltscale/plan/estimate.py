@@ -144,8 +144,13 @@ def activation_memory(
 
     ``history_span``: a latent pass's keys per row (the longest row's extent so far) as a fraction of
     the mean row, averaged over the latent passes; 1.0 (every latent at the row's end) is the worst
-    case and the default. ``fusion_latents``: latent slots filled by
-    fusion (their full-vocabulary softmax and sort, ~18 V bytes each on the torch path).
+    case and the default. ``fusion_latents``: latent slots filled by fusion (their full-vocabulary
+    softmax and sort, ~18 V bytes each on the torch path).
+
+    Backward adds the logits' gradient and, while a layer is back-propagated, gradients the size of
+    its activations (counted twice: one layer's input and output gradients). With checkpointing the
+    largest pass is recomputed whole (worst case: every token) while those are alive; measured on
+    CPU, the recompute does not reuse the freed logits gradient, so the two add up.
     """
     n = rows * row_tokens
     history = (
@@ -155,15 +160,16 @@ def activation_memory(
     out = {
         "head": n * head_bytes_per_token(arch, b),
         "fusion": 18.0 * arch.vocab_rows * fusion_latents,
-        "logits_grad": n * 6.0 * arch.vocab_rows,
-    }  # fp32 + 16-bit logits gradient, start of backward
+        "logits_grad": n * 6.0 * arch.vocab_rows,  # fp32 + 16-bit, at the start of backward
+        "layer_grads": 2.0 * n * layer_bytes_per_token(arch, b),
+    }
     if checkpointing:
         kept = arch.layers * n * checkpointed_bytes_per_token(arch, b) if passes > 1 else 0.0
         out.update(layers=kept, history=0.0, recompute=layers)  # the largest pass, worst case all tokens
     else:
         out.update(layers=layers, history=history, recompute=0.0)
-    out["total"] = (out["head"] + out["fusion"] + out["layers"] + out["history"]
-                    + max(out["logits_grad"], out["recompute"]))  # fmt: skip
+    out["total"] = sum(out[k] for k in ("head", "fusion", "logits_grad", "layer_grads", "layers", "history",
+                                        "recompute"))  # fmt: skip
     return out
 
 

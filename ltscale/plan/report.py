@@ -141,7 +141,8 @@ def format_plan(p: Plan, source: str) -> str:
     act = by["zero3", False].activations
     lines.append(
         f"  (activations, no ckpt: layers {_gib(act['layers'])}, K/V history {_gib(act['history'])}, logits "
-        f"{_gib(act['head'])} + gradient {_gib(act['logits_grad'])}, fusion {_gib(act['fusion'])})"
+        f"{_gib(act['head'])} + gradient {_gib(act['logits_grad'])}, layer gradients {_gib(act['layer_grads'])}, "
+        f"fusion {_gib(act['fusion'])})"
     )
     lines += ["", "step time, s (hours per stage), options that fit at this micro-batch"]
     for o in p.options:
@@ -165,7 +166,8 @@ def format_plan(p: Plan, source: str) -> str:
         lines.append("will not fit even at micro-batch 1: use more GPUs (ZeRO-3 divides the model states by them), "
                      "GPUs with more memory, or a shorter data.max_length")  # fmt: skip
     lines.append(
-        "assumptions: ZeRO states 18 B/param/rank in 16-bit training; step time assumes no overlap of "
+        "assumptions: model states as DeepSpeed keeps them (fp32 master + Adam 12 B/param/rank, fp32 gradient of the "
+        "shard (ZeRO-2) or of one sub-group (ZeRO-3)); step time assumes no overlap of "
         "communication and compute; passes after the first share half of the tokens; confidence scoring "
         "and evaluation time not included"
     )

@@ -131,10 +131,10 @@ def test_checkpointing_drops_the_history_but_recomputes_the_largest_pass():
     off, on = activation_memory(a, checkpointing=False, **kw), activation_memory(a, checkpointing=True, **kw)
     assert on["history"] == 0 < off["history"] and on["recompute"] == off["layers"] > on["layers"]
     assert on["total"] < off["total"]
-    # one pass: the recompute starts after the logits gradient is gone, so it still saves a little
+    # one pass: the whole pass is recomputed, nothing is saved (measured: it even costs, see RESULTS)
     one = activation_memory(a, checkpointing=True, **{**kw, "passes": 1})
     plain = activation_memory(a, checkpointing=False, **{**kw, "passes": 1})
-    assert one["layers"] == 0 and plain["total"] - one["total"] == min(plain["layers"], plain["logits_grad"])
+    assert one["layers"] == 0 and one["total"] == plain["total"]
 
 
 def test_stages_steps_and_passes_of_the_8b_recipe():
