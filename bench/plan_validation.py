@@ -70,11 +70,11 @@ def _latent_lm(ms, mode: str, ckpt: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ltscale.model import LatentLM
-    from ltscale.model.builder import resize_vocab
+    from ltscale.model.builder import fit_vocab
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**ms.shape, vocab_size=ms.vocab, attn_implementation="sdpa"))
-    resize_vocab(base, ms.vocab + 1, 64)  # <thinking>, padded as a run pads it
+    fit_vocab(base, ms.vocab + 1, 64)  # <thinking>, padded as a run pads it
     return LatentLM(base, ms.thinking_id, mode=mode, gradient_checkpointing=ckpt, fusion_impl="torch",
                     vocab_tokens=ms.vocab + 1)  # fmt: skip
 
