@@ -19,9 +19,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ltscale.batching import resolve_batch
-from ltscale.config import load_config
 from ltscale.engine.ds_config import render_ds_config, resolve_template, zero_stage
 from ltscale.methods import METHOD_NAMES, get_method
+from ltscale.run_config import load_config
 from ltscale.run_setup import RunData, build_latent_model
 
 REPO = Path(__file__).resolve().parents[2]

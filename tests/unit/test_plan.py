@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ltscale.cli import main
-from ltscale.config import ConfigError, load_config
+from ltscale.config import ConfigError
 from ltscale.plan import (
     GIB,
     Arch,
@@ -29,6 +29,7 @@ from ltscale.plan import (
     stage_loads,
     step_seconds,
 )
+from ltscale.run_config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "configs" / "paper"
