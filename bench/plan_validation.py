@@ -85,12 +85,12 @@ def history_span(ids: torch.Tensor, mask: torch.Tensor, think: int) -> tuple[flo
     gathers every row's keys up to the longest row's extent so far."""
     lengths = mask.sum(1).tolist()
     passes = 1 + int((ids == think).sum(1).max())
-    extents = []  # per row, the keys its pass k sees: up to the next latent, else the row's end
+    extents = []  # per row, the keys its pass k sees: up to its (k+1)-th latent, else the row's end
     for b in range(ids.shape[0]):
         pos = (ids[b] == think).nonzero().flatten().tolist()
-        extents.append([(pos[k] if k < len(pos) else lengths[b]) for k in range(1, passes)])
-    keys = sum(max(row[k] for row in extents) for k in range(passes - 1)) * ids.shape[0]
-    return keys / max(float(sum(lengths)) * (passes - 1), 1.0), passes
+        extents.append([(pos[k] if k < len(pos) else lengths[b]) for k in range(passes)])
+    keys = sum(max(row[k] for row in extents) for k in range(passes)) * ids.shape[0] / sum(lengths)
+    return (keys - 1) / max(passes - 1, 1), passes
 
 
 def child(name: str, mode: str, ckpt: bool, rows: int, length: int, latents: int) -> dict:

@@ -2,17 +2,16 @@
 
 Pure arithmetic on the run config, the model's architecture (its HF ``config.json``) and the
 DeepSpeed templates' knobs; nothing is allocated and DeepSpeed is not imported. Every number is
-an estimate with its assumptions in the output; bench/RESULTS.md ("Planner validation") compares
-the model-state part with DeepSpeed's own estimator and the totals with measured CPU steps.
+an estimate with its assumptions in the output; bench/RESULTS.md ("Planner") compares the
+model-state part with DeepSpeed's own estimator and the totals with measured CPU steps.
 
 Per GPU, for ``W`` ranks, ``P`` parameters (padded vocabulary rows and adapter included), ``b``
 bytes per 16-bit value (4 when the run is fp32):
 
 * **model states** (``model_states``): the 16-bit parameter and gradient shards (``b P/W`` each),
-  the fp32 master copy and Adam's two moments (``12 P/W``), and the fp32 gradient of one optimizer
-  sub-group at the step (``4 min(P/W, sub_group_size)``): 18 bytes/param/W in bf16, DeepSpeed's
-  figure. ZeRO-2 keeps the 16-bit parameters whole (``b P``); ``zero3_offload`` moves the fp32
-  parts to host memory.
+  the fp32 master copy and Adam's two moments (``12 P/W``), and the fp32 gradient ZeRO-3 builds one
+  optimizer sub-group at a time (``4 min(P/W, sub_group_size)``; ZeRO-2: the whole shard). ZeRO-2
+  keeps the 16-bit parameters whole (``b P``); ``zero3_offload`` moves the fp32 parts to host memory.
 * **gathered weights**: ZeRO-3 keeps a gathered parameter until the parameters used before its next
   use exceed ``stage3_max_reuse_distance``. With the multi-pass rollout every layer is reused, so a
   reuse distance above ``P`` (ltscale's zero3 template) holds a full 16-bit copy (``b P``) for the
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 
 from ltscale.batching import batch_layout, stage_steps
 from ltscale.config import RunConfig
+from ltscale.model import memory
 
 GIB = 1024**3
 STRATEGIES = ("zero2", "zero3", "zero3_offload")
@@ -100,33 +100,23 @@ class Hardware:
 
 
 # ------------------------------------------------------------------------------- activations
-# Saved-for-backward bytes per token, measured with torch.autograd.graph.saved_tensors_hooks on
-# Llama layers of six widths (bench/plan_validation.py re-measures and compares). One function per
-# term, so a better formula (ltscale/model/memory.py) replaces them in one place.
+# Bytes kept for backward per token: ltscale/model/memory.py's formula (derived there, checked per
+# layer by bench/activation_memory.py); the backward transients below were measured against real
+# CPU steps by bench/plan_validation.py.
 
 
-def layer_bytes_per_token(arch: Arch, b: int) -> float:
-    """One decoder layer, no checkpointing: 9 activations of width d and 4 of width d_ff in the model
-    dtype (K and V count at full width: the attention repeats them to every query head), two
-    d-vectors in fp32 (RMSNorm's upcast inputs) and per-head softmax statistics."""
-    return b * (9 * arch.hidden + 4 * arch.ffn) + 8 * arch.hidden + 4 * (arch.heads + 2)
+def memory_shape(arch: Arch) -> dict[str, int]:
+    """The HF config keys ``model.memory`` reads, for this architecture."""
+    return {"hidden_size": arch.hidden, "intermediate_size": arch.ffn, "num_attention_heads": arch.heads,
+            "num_key_value_heads": arch.kv_heads, "head_dim": arch.head_dim, "num_hidden_layers": arch.layers,
+            "vocab_size": arch.vocab_rows}  # fmt: skip
 
 
-def history_bytes_per_position(arch: Arch, b: int) -> float:
-    """K/V a latent pass gathers per key position of its rows, per layer, saved for its backward:
-    the packed attention hands the SDPA call K and V repeated to every query head (GQA expanded).
-    Folding the query groups into the query length (issue 14) makes this ``2 b kv_heads head_dim``."""
-    return 2 * b * arch.hidden
-
-
-def checkpointed_bytes_per_token(arch: Arch, b: int) -> float:
-    """What a checkpointed pass keeps per token per layer: its K/V chunk, which later passes read."""
-    return 2 * b * arch.kv_heads * arch.head_dim
-
-
-def head_bytes_per_token(arch: Arch, b: int) -> float:
-    """Outside the layers: the fp32 logits the loss saves (4 V) and a few d-vectors."""
-    return 4 * arch.vocab_rows + (2 * b + 4) * arch.hidden + 300
+def layer_bytes_per_token(arch: Arch, b: int, *, keys_per_token: float = 1.0) -> float:
+    """One decoder layer, no checkpointing (``model.memory.layer_bytes_per_token``); ``keys_per_token``
+    = key slots the step's passes gather per token (1: a single pass over unpadded rows)."""
+    return memory.layer_bytes_per_token(memory_shape(arch), dtype_bytes=b, checkpointing=False,
+                                        keys_per_token=keys_per_token)  # fmt: skip
 
 
 def activation_memory(
@@ -142,10 +132,10 @@ def activation_memory(
 ) -> dict[str, float]:
     """Peak activation bytes of one micro-batch (``rows`` x ``row_tokens``, latents included).
 
-    ``history_span``: a latent pass's keys per row (the longest row's extent so far) as a fraction of
-    the mean row, averaged over the latent passes; 1.0 (every latent at the row's end) is the worst
-    case and the default. ``fusion_latents``: latent slots filled by fusion (their full-vocabulary
-    softmax and sort, ~18 V bytes each on the torch path).
+    ``history_span``: the key slots the latent passes gather (each pass: every row up to the longest
+    row's extent so far), per token and per latent pass; pass 0 is counted as one key per token (it
+    covers at most every token). 1.0 (every latent at the row's end) is the worst case and the default. ``fusion_latents``: latent slots filled by fusion (their full-vocabulary
+    softmax, sort and mixture).
 
     Backward adds the logits' gradient and, while a layer is back-propagated, gradients the size of
     its activations (counted twice: one layer's input and output gradients). With checkpointing the
@@ -153,20 +143,26 @@ def activation_memory(
     CPU, the recompute does not reuse the freed logits gradient, so the two add up.
     """
     n = rows * row_tokens
-    history = (
-        arch.layers * rows * (passes - 1) * row_tokens * history_span * history_bytes_per_position(arch, b)
-    )
-    layers = arch.layers * n * layer_bytes_per_token(arch, b)
+    shape = memory_shape(arch)
+    one_pass = layer_bytes_per_token(arch, b)  # pass 0's own keys: one per token
+    keys = 1.0 + (passes - 1) * history_span  # + each later pass gathers its rows' keys so far
+    masks = arch.heads // arch.kv_heads * row_tokens  # each pass's mask: G query rows per key slot
+    fixed = {mode: memory.fixed_bytes_per_token(shape, dtype_bytes=b, checkpointing=checkpointing, mode=mode,
+                                                latent_fraction=fusion_latents / n, mask_elems_per_token=masks)
+             for mode in ("cot", "fusion")}  # fmt: skip
+    layers = arch.layers * n * one_pass
     out = {
-        "head": n * head_bytes_per_token(arch, b),
-        "fusion": 18.0 * arch.vocab_rows * fusion_latents,
+        "head": n * fixed["cot"],
+        "fusion": n * (fixed["fusion"] - fixed["cot"]),
         "logits_grad": n * 6.0 * arch.vocab_rows,  # fp32 + 16-bit, at the start of backward
-        "layer_grads": 2.0 * n * layer_bytes_per_token(arch, b),
+        "layer_grads": 2.0 * n * one_pass,
     }
     if checkpointing:
-        kept = arch.layers * n * checkpointed_bytes_per_token(arch, b) if passes > 1 else 0.0
+        kept = arch.layers * n * memory.layer_bytes_per_token(shape, dtype_bytes=b, checkpointing=True,
+                                                              kv_held_fraction=1.0 if passes > 1 else 0.0)  # fmt: skip
         out.update(layers=kept, history=0.0, recompute=layers)  # the largest pass, worst case all tokens
     else:
+        history = arch.layers * n * (layer_bytes_per_token(arch, b, keys_per_token=keys) - one_pass)
         out.update(layers=layers, history=history, recompute=0.0)
     out["total"] = sum(out[k] for k in ("head", "fusion", "logits_grad", "layer_grads", "layers", "history",
                                         "recompute"))  # fmt: skip

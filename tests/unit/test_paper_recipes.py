@@ -202,11 +202,6 @@ def _stage3_batch(micro: int, length: int, latents: int, thinking_id: int):
     return ids, mask, labels
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError, strict=True,
-    reason="the rollout plans its passes on the model's device (.item()/nonzero on meta tensors fail); planning "
-           "on CPU and shipping the plan (issue 14 item 5, modelperf) makes a meta model run from CPU ids",
-)  # fmt: skip
 @pytest.mark.parametrize("packed", ["auto", "off"])
 @pytest.mark.parametrize("path", RECIPES, ids=recipe_id)
 def test_stage3_forward_backward_at_full_shape_on_meta(path, packed, monkeypatch):

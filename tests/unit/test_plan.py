@@ -118,8 +118,8 @@ def test_activation_formula_matches_saved_tensors(dtype, d, ff, heads, kv, laten
     a = Arch("probe", d, 1, heads, kv, d // heads, ff, 64, False)
     b = dtype.itemsize
     # rows of 48 tokens, latents at 20, 27, 34, 41: pass k runs up to the next latent (the last to the
-    # row's end), so its queries see 27, 34, 41, 48 keys
-    span = (27 + 34 + 41 + 48) / (48 * latents) if latents else 1.0
+    # row's end), so passes 0..4 gather 20, 27, 34, 41, 48 keys per row; pass 0 counts as 1 per token
+    span = ((20 + 27 + 34 + 41 + 48) / 48 - 1) / latents if latents else 1.0
     acts = activation_memory(a, b=b, rows=2, row_tokens=48, passes=1 + latents, fusion_latents=0,
                              checkpointing=False, history_span=span)  # fmt: skip
     assert acts["layers"] == 2 * 48 * layer_bytes_per_token(a, b)
@@ -135,7 +135,7 @@ def test_checkpointing_drops_the_history_but_recomputes_the_largest_pass():
     # one pass: the whole pass is recomputed, nothing is saved (measured: it even costs, see RESULTS)
     one = activation_memory(a, checkpointing=True, **{**kw, "passes": 1})
     plain = activation_memory(a, checkpointing=False, **{**kw, "passes": 1})
-    assert one["layers"] == 0 and one["total"] == plain["total"]
+    assert one["layers"] == 0 and one["total"] == pytest.approx(plain["total"], rel=0.01)
 
 
 def test_stages_steps_and_passes_of_the_8b_recipe():
