@@ -79,10 +79,10 @@ def _latent_lm(ms, mode: str, ckpt: bool):
                     vocab_tokens=ms.vocab + 1)  # fmt: skip
 
 
-def history_span(ids: torch.Tensor, mask: torch.Tensor, think: int) -> tuple[float, int]:
-    """(``plan.activation_memory``'s ``history_span`` for this batch, passes). Pass k of a row runs from
-    its k-th latent to the token before its next one (the last to the row's end); a packed pass
-    gathers every row's keys up to the longest row's extent so far."""
+def history_span(ids: torch.Tensor, mask: torch.Tensor, think: int) -> tuple[float, int, float]:
+    """(``history_span``, passes, ``largest_pass``) of ``plan.activation_memory`` for this batch. Pass k
+    of a row runs from its k-th latent to the token before its next one (the last to the row's end);
+    a packed pass gathers every row's keys up to the longest row's extent so far."""
     lengths = mask.sum(1).tolist()
     passes = 1 + int((ids == think).sum(1).max())
     extents = []  # per row, the keys its pass k sees: up to its (k+1)-th latent, else the row's end
@@ -90,7 +90,9 @@ def history_span(ids: torch.Tensor, mask: torch.Tensor, think: int) -> tuple[flo
         pos = (ids[b] == think).nonzero().flatten().tolist()
         extents.append([(pos[k] if k < len(pos) else lengths[b]) for k in range(passes)])
     keys = sum(max(row[k] for row in extents) for k in range(passes)) * ids.shape[0] / sum(lengths)
-    return (keys - 1) / max(passes - 1, 1), passes
+    starts = [[0] + row[:-1] for row in extents]  # pass k of a row starts where pass k-1 ended
+    sizes = [sum(e[k] - s[k] for e, s in zip(extents, starts, strict=True)) for k in range(passes)]
+    return (keys - 1) / max(passes - 1, 1), passes, max(sizes) / sum(lengths)
 
 
 def child(name: str, mode: str, ckpt: bool, rows: int, length: int, latents: int) -> dict:
@@ -111,7 +113,7 @@ def child(name: str, mode: str, ckpt: bool, rows: int, length: int, latents: int
     init_distributed()
     ms = spec(name)
     batch = make_batch(ms, rows, length, latents if mode == "fusion" else 0, seed=1)
-    span, passes = history_span(batch["input_ids"], batch["attention_mask"], ms.thinking_id)
+    span, passes, largest = history_span(batch["input_ids"], batch["attention_mask"], ms.thinking_id)
     before = rss()
     reset_peak()
     lm = _latent_lm(ms, mode, ckpt)
@@ -131,7 +133,7 @@ def child(name: str, mode: str, ckpt: bool, rows: int, length: int, latents: int
     states = model_states(arch, "zero3", 1, 4)
     acts = activation_memory(arch, b=4, rows=rows, row_tokens=round(tokens / rows), passes=passes,
                              fusion_latents=int((batch["input_ids"] == ms.thinking_id).sum()) if mode == "fusion" else 0,
-                             checkpointing=ckpt, history_span=span)  # fmt: skip
+                             checkpointing=ckpt, history_span=span, largest_pass=largest)  # fmt: skip
     return {"shape": name, "mode": mode, "ckpt": ckpt, "passes": passes, "tokens": tokens, "params": arch.params,
             "measured": peak - before, "states": states["total"], "activations": acts["total"],
             "predicted": states["total"] + acts["total"]}  # fmt: skip
@@ -142,7 +144,7 @@ def saved_bytes(name: str, mode: str, rows: int, length: int, latents: int) -> d
     ms = spec(name)
     lm = _latent_lm(ms, mode, False).train()
     batch = make_batch(ms, rows, length, latents if mode == "fusion" else 0, seed=1)
-    span, passes = history_span(batch["input_ids"], batch["attention_mask"], ms.thinking_id)
+    span, passes, largest = history_span(batch["input_ids"], batch["attention_mask"], ms.thinking_id)
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,7 @@ def saved_bytes(name: str, mode: str, rows: int, length: int, latents: int) -> d
     arch = arch_of(ms, lm.base.get_input_embeddings().weight.shape[0])
     a = activation_memory(arch, b=4, rows=rows, row_tokens=round(tokens / rows), passes=passes,
                           fusion_latents=int((batch["input_ids"] == ms.thinking_id).sum()) if mode == "fusion" else 0,
-                          checkpointing=False, history_span=span)  # fmt: skip
+                          checkpointing=False, history_span=span, largest_pass=largest)  # fmt: skip
     return {"shape": name, "mode": mode, "measured": measured, "predicted": a["layers"] + a["history"] + a["head"]
             + a["fusion"]}  # fmt: skip
 

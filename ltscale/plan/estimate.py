@@ -129,12 +129,15 @@ def activation_memory(
     fusion_latents: int,
     checkpointing: bool,
     history_span: float = 1.0,
+    largest_pass: float = 1.0,
 ) -> dict[str, float]:
     """Peak activation bytes of one micro-batch (``rows`` x ``row_tokens``, latents included).
 
     ``history_span``: the key slots the latent passes gather (each pass: every row up to the longest
     row's extent so far), per token and per latent pass; pass 0 is counted as one key per token (it
-    covers at most every token). 1.0 (every latent at the row's end) is the worst case and the default. ``fusion_latents``: latent slots filled by fusion (their full-vocabulary
+    covers at most every token). 1.0 (every latent at the row's end) is the worst case and the default.
+    ``largest_pass``: the largest pass's share of the tokens, what checkpointing recomputes at once
+    (1.0, a batch whose rows hold no latent, is the worst case and the default). ``fusion_latents``: latent slots filled by fusion (their full-vocabulary
     softmax, sort and mixture).
 
     Backward adds the logits' gradient and, while a layer is back-propagated, gradients the size of
@@ -160,7 +163,7 @@ def activation_memory(
     if checkpointing:
         kept = arch.layers * n * memory.layer_bytes_per_token(shape, dtype_bytes=b, checkpointing=True,
                                                               kv_held_fraction=1.0 if passes > 1 else 0.0)  # fmt: skip
-        out.update(layers=kept, history=0.0, recompute=layers)  # the largest pass, worst case all tokens
+        out.update(layers=kept, history=0.0, recompute=largest_pass * layers)
     else:
         history = arch.layers * n * (layer_bytes_per_token(arch, b, keys_per_token=keys) - one_pass)
         out.update(layers=layers, history=history, recompute=0.0)
