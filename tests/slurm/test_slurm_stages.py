@@ -220,7 +220,10 @@ def test_a_stop_signal_before_any_progress_is_not_requeued_forever(slurm, work):
     step 0 and requeues, the second gains nothing, so it fails instead of requeueing again."""
     run_dir = work / "no-progress"
     (run_dir / "logs").mkdir(parents=True)
-    env = job_env(slurm, run_dir, eval_=False, LTSCALE_RESIGNAL_S="2")
+    # No re-send within the test: each start is signalled while its ranks import (the signal is
+    # ignored until the trainer's handler exists), so only the stop-requested file can stop it at
+    # step 0. A re-send that landed later would let a fast machine train past step 0 first.
+    env = job_env(slurm, run_dir, eval_=False, LTSCALE_RESIGNAL_S="600")
     job = slurm.sbatch(
         "stage1.sh", env=env, cwd=work, sbatch_args=[*NODES, f"--output={run_dir}/logs/%x-%j.out"]
     )
