@@ -3,8 +3,8 @@
 #
 # The normal CI venv has a CPU torch, so `make install` builds only the C++ kernel and a broken
 # .cu file would go unnoticed until someone gets a GPU. This step builds the real CUDAExtension
-# against a CUDA build of torch in a SEPARATE venv (the recipe of
-# shared/research/env-cuda-compile.md) and fails on any compile error:
+# against a CUDA build of torch in a SEPARATE venv (the facts it relies on: docs/GPU.md,
+# "Compiling the CUDA kernel without a GPU") and fails on any compile error:
 #   1. venv $LTSCALE_CUDA_VENV (default /tmp/ltscale-cuda-venv; reused when it already holds a
 #      CUDA torch of the pinned version) with torch==2.14.1 (CUDA 13.0 build, ~5.5 GB, from the
 #      machine's wheel mirror);

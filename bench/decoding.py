@@ -13,7 +13,7 @@ Variants, each decoding the same 32 prompts greedily, ``max_new_tokens=96`` (con
 * ``hf``: ``base.generate()`` explicit decoding with ``<thinking>`` suppressed, same batch sizes. It
   produces the same tokens as ``ours_explicit`` (reported), so tokens/s compare like for like.
 * ``paper_loop``: one prompt at a time through the HF model with its KV cache, argmax, the latent
-  function on a ``<thinking>`` step (research/lt-tuning-paper.md 5). A cache is the generous reading;
+  function on a ``<thinking>`` step (docs/method.md §9). A cache is the generous reading;
   the product's cacheless reference (``reference_generate``) would be slower still.
 
 Continuous batching: 96 prompts (the first 32 are the ones above) decoded with 32 rows in flight,

@@ -4,12 +4,12 @@ never imports this file.
 All three take a right-padded batch and return the same token-mean loss as ``LatentLM.forward``
 (P1 asserts it), using the model's own latent function, so only the *schedule* differs:
 
-* ``per_column_forward`` — the LT-Tuning paper's code (research/lt-tuning-paper.md 4.4-4.5): the
+* ``per_column_forward`` — the LT-Tuning paper's code (docs/method.md §8): the
   collator left-pads every row so its first ``<thinking>`` lands in one common column, then the
   batch is cut at every column that holds a latent in any row and the segments run left to right
   through the HF model with a KV cache, ``output_hidden_states=True`` and full-vocabulary logits.
   Sequential calls = 1 + distinct latent columns.
-* ``coconut_forward`` — Coconut's loop (research/baselines.md 3c): the same cached windows, but
+* ``coconut_forward`` — Coconut's loop (docs/baselines.md §3.3): the same cached windows, but
   before every call the whole ``B x L x d`` input-embedding tensor is rebuilt from a Python list of
   per-position slices with nested ``torch.stack`` (its way of writing the latent without in-place
   ops).

@@ -43,7 +43,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 | fp64
     attn_implementation: str = "sdpa"
     thinking_token: str = "<thinking>"
-    # Spec §10.13: the new row is copied from this token's embedding (EOS when it is not one token).
+    # docs/method.md §11.13: the new row is copied from this token's embedding (EOS when it is not one token).
     thinking_init_token: str = "emm"
     # Embedding rows are padded to a multiple of this when tokens are added (a 128,257-row head is
     # an unaligned GEMM); padded rows are never a token (model/builder.py fit_vocab).
@@ -82,7 +82,7 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """One curriculum stage. Defaults are the official code's (spec §4.2)."""
+    """One curriculum stage. Defaults are the official code's (docs/method.md §3)."""
 
     mode: str = "cot"
     epochs: float = 1.0
@@ -162,7 +162,7 @@ class EvalConfig:
 
 @dataclass
 class CoconutConfig:
-    """``method: coconut`` (baselines.md §3): stage ``s`` replaces the first ``s`` steps by ``s*c_thought``
+    """``method: coconut`` (docs/baselines.md §3): stage ``s`` replaces the first ``s`` steps by ``s*c_thought``
     continuous thoughts between begin/end markers; stages past ``max_latent_stage`` drop every step."""
 
     c_thought: int = 2
@@ -178,7 +178,7 @@ class CoconutConfig:
 
 @dataclass
 class SoftThinkingConfig:
-    """Soft-Thinking decoding (baselines.md §7), training-free; ``ltscale eval --method soft_thinking``."""
+    """Soft-Thinking decoding (docs/baselines.md §4), training-free; ``ltscale eval --method soft_thinking``."""
 
     temperature: float = 0.6
     top_k: int = 10
@@ -192,7 +192,7 @@ class SoftThinkingConfig:
 
 @dataclass
 class SoftCoTConfig:
-    """``method: softcot`` (baselines.md §6): a frozen assistant's soft thoughts, projected."""
+    """``method: softcot`` (docs/baselines.md §5): a frozen assistant's soft thoughts, projected."""
 
     # An HF dir / hub name sharing the main model's tokenizer, or a run-config YAML whose
     # model.init builds a random assistant over the main tokenizer (tests: configs/tiny-assistant.yaml).
@@ -225,7 +225,7 @@ class RunConfig:
 
 
 def default_lt_stages() -> list[StageConfig]:
-    """The official LT-Tuning schedule for 1B/3B (spec §4.2): CoT, hidden-state latents, fusion."""
+    """The official LT-Tuning schedule for 1B/3B (docs/method.md §3): CoT, hidden-state latents, fusion."""
     return [
         StageConfig(mode="cot", epochs=1),
         StageConfig(mode="hidden", epochs=2, tau=0.3, max_sites=6, insert_prob=0.85, double_insert_prob=0.15),
@@ -412,7 +412,7 @@ _MODE_ORDER = {"cot": 0, "hidden": 1, "fusion": 2}
 
 
 def _check_stage_order(cfg: RunConfig) -> None:
-    """LT-Tuning's curriculum only moves towards latents: cot -> hidden -> fusion (spec §4).
+    """LT-Tuning's curriculum only moves towards latents: cot -> hidden -> fusion (docs/method.md §3).
 
     A stage starts from the previous stage's weights and its <thinking> sites come from that
     model's confidence, so e.g. a cot stage after a fusion stage would train away what the

@@ -6,7 +6,7 @@ one whose methods are no-ops and which never creates a file (only rank 0 may own
 across ranks (all-reduce mean / max) happens in ``ltscale.engine`` before values reach here, because
 ``engine`` is the only package that talks to ``torch.distributed``.
 
-Conventions (research/ecosystem.md §4): HF-style prefixes (``train/loss``, ``eval/accuracy``,
+Conventions (docs/conventions.md §1): HF-style prefixes (``train/loss``, ``eval/accuracy``,
 ``perf/…``), x-axis = global optimizer step, monotonic across stages. On resume pass
 ``purge_step=resumed_step``: TensorBoard then hides events at steps >= ``purge_step`` written by
 the crashed run, so curves do not zig-zag.

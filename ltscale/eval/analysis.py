@@ -1,7 +1,7 @@
-"""The paper's three analyses as numbers (spec §8.3-8.5): difficulty, entropy/attention, collapse.
+"""The paper's three analyses as numbers (docs/method.md §10.2-10.4): difficulty, entropy/attention, collapse.
 
 * **Latent tokens vs difficulty.** Difficulty = number of gold reasoning steps (the data's
-  ``steps``; the paper's own definition was not retrievable, spec §8.3). Reported per difficulty
+  ``steps``; the paper's own definition is not known, docs/method.md §10.2). Reported per difficulty
   (count, mean latent tokens) and as a Spearman rank correlation over examples (ties get average
   ranks, so it is the Pearson correlation of the rank vectors). Computed from eval per-example
   dicts, so it needs no extra generation.

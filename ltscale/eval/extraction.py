@@ -9,7 +9,7 @@ Two metrics are kept side by side on purpose:
 * **numeric** (:func:`numeric_correct`) parses the first number of the extracted answer and
   compares values, so ``18.0`` == ``18``, ``$18.`` == ``18`` and ``3/4`` == ``0.75``. It is
   non-standard (documented as such in reports) but separates "wrong answer" from "right answer in
-  the wrong format" — the official rule is known to be fragile (paper notes §10 item 20).
+  the wrong format" — the official rule is known to be fragile (docs/method.md §11.20).
 
 One deliberate extension of the official rule: EOS-like special-token strings (``</s>``,
 ``<|im_end|>``, ``<|eot_id|>`` …) at the *end* of the extracted text are dropped. The official

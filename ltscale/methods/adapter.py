@@ -1,4 +1,4 @@
-"""Variant "+ adapter" (lt-tuning-paper.md §2.4, §7.2): LT-Tuning with the official
+"""Variant "+ adapter" (docs/method.md §7, docs/baselines.md §8): LT-Tuning with the official
 ``thinking_mlp`` -- ``LayerNorm(W2 GELU(W1 v))``, d -> ``model.adapter_hidden`` -> d -- applied to
 every latent input (after fusion in stage 3), trained jointly. ``method: adapter`` switches
 ``model.adapter`` on; the module itself is ``ltscale.model.latent_lm.LatentAdapter``.

@@ -1,4 +1,4 @@
-"""Coconut (Hao et al., arXiv 2412.06769; baselines.md §3) in the shared engine.
+"""Coconut (Hao et al., arXiv 2412.06769; docs/baselines.md §3) in the shared engine.
 
 Data (the original's ``get_cot_latent_dataset``): at Coconut stage ``s`` a sample is
 ``prompt, <bot>, s*c latents, <eot>, steps s+1.., answer, EOS``; past ``max_latent_stage`` every

@@ -1,4 +1,4 @@
-"""Explicit CoT-SFT (baselines.md §2): LT-Tuning's stage 1 alone, its own run and checkpoint.
+"""Explicit CoT-SFT (docs/baselines.md §2): LT-Tuning's stage 1 alone, its own run and checkpoint.
 
 Same format, label mask (prompt -100; steps, answer and EOS supervised), engine and evaluator as
 LT-Tuning, so its accuracy is the "no latents" reference of every comparison. ``method: cot`` on an

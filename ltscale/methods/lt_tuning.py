@@ -1,8 +1,8 @@
 """LT-Tuning (arXiv 2602.10229): what each curriculum stage trains on and what its latent slots are.
 
 Stage 1 (``cot``) trains on the formatted CoT sequences. Stages 2 and 3 re-score the training set
-with the *current* model (spec §10.4), insert ``<thinking>`` before response tokens whose gold
-probability is below the stage's tau (eq. 5, §10.2; scoring the exact formatted sequence, §10.3),
+with the *current* model (docs/method.md §11.4), insert ``<thinking>`` before response tokens whose gold
+probability is below the stage's tau (docs/method.md §4, §11.2; the exact formatted sequence, §11.3),
 and train with the stage's latent function: raw hidden states (stage 2, ``hidden``) or
 Context-Prediction Fusion (stage 3, ``fusion``). The ``pause`` ablation keeps the same insertion
 but feeds no latent content. The insertion result is stored in the stage dir and reused on resume.

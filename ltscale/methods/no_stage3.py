@@ -1,4 +1,4 @@
-"""Ablation "w/o stage 3" (lt-tuning-paper.md §7.2, §9): stages 1-2 only, i.e. dynamically inserted
+"""Ablation "w/o stage 3" (docs/baselines.md §7): stages 1-2 only, i.e. dynamically inserted
 ``<thinking>`` slots fed the raw last-layer hidden state, no Context-Prediction Fusion.
 ``method: no_stage3`` drops the fusion stages of an LT-Tuning config.
 """

@@ -1,4 +1,4 @@
-"""Ablation "w/o latent (pause)" (lt-tuning-paper.md §7.2, §9): LT-Tuning's curriculum and
+"""Ablation "w/o latent (pause)" (docs/baselines.md §6): LT-Tuning's curriculum and
 confidence-driven insertion, but every ``<thinking>`` slot keeps its learned token embedding (no
 latent content, one forward pass). ``method: pause`` turns the latent stages (hidden, fusion) of an
 LT-Tuning config into ``pause`` stages with the same insertion parameters.

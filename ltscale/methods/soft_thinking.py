@@ -1,4 +1,4 @@
-"""Soft-Thinking (Zhang et al., arXiv 2505.15778; baselines.md §7): training-free soft decoding.
+"""Soft-Thinking (Zhang et al., arXiv 2505.15778; docs/baselines.md §4): training-free soft decoding.
 
 While a row is in soft mode, its next input is a *concept token*: the probability-weighted mixture
 ``sum_i p_i E[id_i]`` of the input embeddings of the top-k (then top-p) tokens of
@@ -9,7 +9,7 @@ While a row is in soft mode, its next input is a *concept token*: the probabilit
 ``think_end``. After that the row decodes greedily with ordinary embeddings.
 
 Decisions: our CoT-SFT checkpoints have no ``</think>``, so ``think_end`` defaults to none and Cold
-Stop alone ends thinking (baselines.md §7b asks to document this); ``<thinking>`` is masked (the
+Stop alone ends thinking (docs/baselines.md §4.2); ``<thinking>`` is masked (the
 method works on a checkpoint's plain vocabulary); EOS in soft mode ends the row as in greedy
 decoding. Mean latent tokens = soft steps. The per-row state (mode, low-entropy counter) is
 tensors that follow their row through the shared decode loop (``generation.py``, continuous

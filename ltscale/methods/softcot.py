@@ -1,4 +1,4 @@
-"""SoftCoT (Xu et al., ACL 2025; baselines.md §6): a frozen assistant's soft thoughts, projected.
+"""SoftCoT (Xu et al., ACL 2025; docs/baselines.md §5): a frozen assistant's soft thoughts, projected.
 
 A small frozen assistant reads ``prompt + N placeholders`` (the main tokenizer's EOS, as the
 original's end-of-text placeholders) in one parallel forward; its last-layer post-norm hidden

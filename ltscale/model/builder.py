@@ -172,7 +172,7 @@ def embedding_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def init_thinking_embedding(
     model: torch.nn.Module, tokenizer, thinking_id: int, init_from: str = "emm"
 ) -> None:
-    """Make room for ``<thinking>`` (already added to the tokenizer) and init its rows (spec §10.13).
+    """Make room for ``<thinking>`` (already added to the tokenizer) and init its rows (docs/method.md §11.13).
 
     The new input and output rows are copied from ``init_from`` (EOS when it is not a single
     token). Only the output row matters in latent modes (the input row is always replaced), but

@@ -18,7 +18,7 @@ What differs between the supported families, and where it is handled:
   module (``Gemma*TextScaledWordEmbedding``), so token inputs already carry it and latent inputs
   (passed as ``inputs_embeds``) are not rescaled. The fusion's expected embedding is the embedding
   module's output under the predicted distribution, ``s * sum_w P(w) E(w)``:
-  :meth:`ModelFamily.embedding_scale` (docs/method.md, "Scaled-embedding models"). Granite scales
+  :meth:`ModelFamily.embedding_scale` (docs/method.md §6). Granite scales
   ``inputs_embeds`` *in the decoder* (``embedding_multiplier``), i.e. tokens and latents alike.
 * **Attention kernels.** ``sdpa`` and ``eager`` everywhere except Gemma 2, whose attention-logit
   soft-capping exists only in ``eager`` (transformers refuses ``sdpa``); soft-capped attention also

@@ -1,4 +1,4 @@
-"""Greedy latent decoding with a KV cache and continuous batching (spec §5).
+"""Greedy latent decoding with a KV cache and continuous batching (docs/method.md §9).
 
 Each row switches to latent mode on its own whenever its argmax is ``<thinking>``: that step's
 input is the latent function of the row's current hidden state and logits instead of a vocabulary

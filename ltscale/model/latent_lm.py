@@ -4,12 +4,12 @@ The wrapper owns no transformer code. It decides, per mode, what a latent slot's
 is (the method's *latent function*) and runs the KV-cached rollout (``rollout.py``) for training
 and the batched latent decoder (``generation.py``) for inference.
 
-Modes (spec §2-3, §9):
+Modes (docs/method.md §5; ``pause``: docs/baselines.md §6):
   ``hidden``  stage 2 / Coconut-style: the previous position's last-layer, post-norm hidden state.
   ``fusion``  stage 3: Context-Prediction Fusion ``a*h + (1-a)*E^T P-hat``.
   ``pause``   ablation "w/o latent": the slot keeps the learned ``<thinking>`` embedding (one pass).
   ``cot``     no latents expected; a plain forward.
-An optional adapter MLP (spec §2.4) is applied after the latent function.
+An optional adapter MLP (docs/method.md §7) is applied after the latent function.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Context-Prediction Fusion (spec eq. 6-7): ``e = a*h + (1-a) * s * sum_w P(w) E(w)``.
+"""Context-Prediction Fusion (docs/method.md §5.2): ``e = a*h + (1-a) * s * sum_w P(w) E(w)``.
 
 ``s`` (``embed_scale``) is the factor the model's input-embedding module multiplies its rows by
 (sqrt(d) for Gemma, 1 elsewhere), so the expected embedding is the embedding module's output under
-``P`` (docs/method.md, "Scaled-embedding models").
+``P`` (docs/method.md §6).
 
 ``P`` is the temperature softmax of the logits with ``<thinking>`` masked, cut to the tokens whose
 cumulative (descending) probability is <= ``top_p`` (the official code's rule: the token that
@@ -95,7 +95,7 @@ def top_p_keep_mask_sorted(sorted_probs: torch.Tensor, top_p: float) -> torch.Te
 def fusion_weights_dense(
     logits: torch.Tensor, *, temperature: float, top_p: float, exclude_token_id: int | None
 ) -> torch.Tensor:
-    """``P-hat`` over the full vocabulary (zeros outside the kept set), as in eq. 6."""
+    """``P-hat`` over the full vocabulary (zeros outside the kept set), docs/method.md §5.2."""
     probs = masked_probs(logits, temperature=temperature, exclude_token_id=exclude_token_id)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep_sorted = top_p_keep_mask_sorted(sorted_probs.detach(), top_p)

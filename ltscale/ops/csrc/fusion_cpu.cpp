@@ -1,4 +1,4 @@
-// Context-Prediction Fusion (LT-Tuning spec eq. 6-7), C++ CPU kernel + op registration.
+// Context-Prediction Fusion (docs/method.md §5.2), C++ CPU kernel + op registration.
 //
 //   e = alpha * h + (1 - alpha) * sum_{w in kept} P-hat(w) * E[w]
 //
@@ -26,8 +26,8 @@
 // the matching weights (padding: index of the row's first kept token, weight 0). Backward uses
 // only those plus E, so it never re-selects.
 //
-// Slim ATen includes instead of <torch/extension.h>: ~3x faster to compile (see
-// shared/research/env-cuda-compile.md). The Python module is a bare C-API module: importing it
+// Slim ATen includes instead of <torch/extension.h>: ~3x faster to compile (docs/GPU.md,
+// "Compiling the CUDA kernel without a GPU"). The Python module is a bare C-API module: importing it
 // runs the static TORCH_LIBRARY registrations below.
 #include <Python.h>
 

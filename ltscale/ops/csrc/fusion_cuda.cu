@@ -1,4 +1,4 @@
-// Context-Prediction Fusion (LT-Tuning spec eq. 6-7), CUDA kernels. Math and the returned kept
+// Context-Prediction Fusion (docs/method.md §5.2), CUDA kernels. Math and the returned kept
 // set are those of fusion_cpu.cpp (read its header first); this file only differs in how the
 // top-p set is found without sorting V probabilities per row:
 //
