@@ -3,7 +3,8 @@
 Importing it is cheap: deepspeed is imported lazily, on the first call that needs it.
 """
 
-from .checkpoint import latest_tag, list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
+from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from .checkpoint_dir import latest_tag, list_checkpoints
 from .dist import (
     DistInfo,
     all_gather_object,

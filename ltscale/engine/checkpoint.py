@@ -1,17 +1,13 @@
 """Atomic, exactly-resumable checkpoints around DeepSpeed's engine checkpoints.
 
-Layout under ``root``::
+One checkpoint ``root/<tag>/`` holds (``checkpoint_dir.py`` owns ``root``: tags, ``latest``,
+discovery and rotation)::
 
-    root/
-      latest                 text: the newest complete tag (written last, atomically)
-      zero_to_fp32.py        DeepSpeed's offline consolidation script (copied by DeepSpeed)
-      <tag>/                 one complete checkpoint
-        zero_pp_rank_*_model_states.pt, *_optim_states.pt   DeepSpeed (per rank)
-        rng_rank{r}.safetensors  python/numpy/torch(/cuda) RNG of rank r (tensors only, no pickle)
-        train_state.json     the trainer's state (step, consumed samples, stage, ...)
-        ltscale_meta.json    world size, zero stage, versions, save time, and the size + sha256 of
-                             every other file (the completion marker: written after all of them)
-      .tmp-<tag>/            a save in progress (or a crashed one; removed by the next save)
+    zero_pp_rank_*_model_states.pt, *_optim_states.pt   DeepSpeed (per rank)
+    rng_rank{r}.safetensors  python/numpy/torch(/cuda) RNG of rank r (``rng_state.py``)
+    train_state.json     the trainer's state (step, consumed samples, stage, ...)
+    ltscale_meta.json    world size, zero stage, versions, save time, and the size + sha256 of
+                         every other file (the completion marker: written after all of them)
 
 Why the dance: a crash (preemption, OOM, node loss) in the middle of ``engine.save_checkpoint``
 leaves a half-written directory, and DeepSpeed's own ``latest`` would already name it only
@@ -37,28 +33,35 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ltscale import faults
 from ltscale.fsutil import atomic_write_text, chmod_to_umask, fsync_dir
-from ltscale.rundir import CKPT_LATEST
 
+from .checkpoint_dir import (
+    LATEST,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    clean_stale,
+    latest_tag,
+    list_checkpoints,
+    read_latest,
+    remove_tree,
+    rotate,
+    validate_tag,
+)
 from .dist import all_gather_object, dist_info
-from .integrity import META_FILE, CheckpointCorruptError, hash_share, verify_checkpoint
-from .integrity import read_meta as _read_meta
+from .integrity import META_FILE, CheckpointCorruptError, hash_share, read_meta, verify_checkpoint
 from .io_wait import wait_for_io
+from .rng_state import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +70,13 @@ __all__ = [
     "verify_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
-    "latest_tag",
-    "list_checkpoints",
     "write_json_atomic",
-    "capture_rng_state",
-    "restore_rng_state",
-    "TAG_PATTERN",
+    "TRAIN_STATE_FILE",
 ]
 
-LATEST = CKPT_LATEST
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
 TRAIN_STATE_FILE = "train_state.json"
 RNG_FILE = "rng_rank{rank}.safetensors"
 FORMAT_VERSION = 2  # 2: meta carries "files" (size + sha256 of every file)
-# Tags we create and are allowed to delete: no leading dot (tmp/trash dirs), no path separators.
-TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -118,24 +112,6 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _validate_tag(tag: str) -> None:
-    if not isinstance(tag, str) or not TAG_PATTERN.match(tag) or tag == LATEST:
-        raise ValueError(
-            f"checkpoint tag {tag!r} must match {TAG_PATTERN.pattern} and not be {LATEST!r} "
-            "(no leading dot, no path separators)"
-        )
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a directory we own. A symlink is only unlinked - its target is never touched."""
-    if path.is_symlink():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)  # rmtree unlinks symlinks inside the tree instead of following them
-    elif path.exists():
-        path.unlink()
-
-
 # --------------------------------------------------------------------------- integrity
 
 
@@ -151,148 +127,7 @@ def _verify_collective(path: Path, io_timeout_s: float | None = None) -> list[st
     return [p for share in all_gather_object(mine) for p in share]
 
 
-# --------------------------------------------------------------------------- RNG
-
-
-def capture_rng_state() -> dict[str, torch.Tensor]:
-    """This process's RNG states as plain tensors (stored as safetensors: no pickle)."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    if name != "MT19937":  # pragma: no cover - numpy's legacy global RNG is always MT19937
-        raise RuntimeError(f"unexpected numpy global RNG {name!r}")
-    state = {
-        "python_version": torch.tensor([version], dtype=torch.int64),
-        "python_mt": torch.tensor(mt, dtype=torch.int64),
-        "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
-        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
-        "numpy_pos": torch.tensor([pos], dtype=torch.int64),
-        "numpy_has_gauss": torch.tensor([has_gauss], dtype=torch.int64),
-        "numpy_cached_gaussian": torch.tensor([cached], dtype=torch.float64),
-        "torch_cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return state
-
-
-def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    gauss = float(state["python_gauss"][0])
-    random.setstate(
-        (
-            int(state["python_version"][0]),
-            tuple(int(x) for x in state["python_mt"].tolist()),
-            None if math.isnan(gauss) else gauss,
-        )
-    )
-    np.random.set_state(
-        (
-            "MT19937",
-            state["numpy_keys"].numpy().astype(np.uint32),
-            int(state["numpy_pos"][0]),
-            int(state["numpy_has_gauss"][0]),
-            float(state["numpy_cached_gaussian"][0]),
-        )
-    )
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        cuda_states = list(state["torch_cuda"].unbind(0))
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-        else:
-            log.warning(
-                "checkpoint has CUDA RNG for %d devices, this process sees %d: CUDA RNG not restored",
-                len(cuda_states),
-                torch.cuda.device_count(),
-            )
-
-
-# --------------------------------------------------------------------------- discovery / rotation
-
-
-def list_checkpoints(root: str | Path) -> list[str]:
-    """Complete ltscale checkpoints in ``root``, oldest first.
-
-    Only real directories (not symlinks) whose name matches :data:`TAG_PATTERN` and that contain
-    our ``ltscale_meta.json`` count - anything else in ``root`` is not ours and is never touched.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found: list[tuple[int, str]] = []
-    for child in root.iterdir():
-        name = child.name
-        if name == LATEST or not TAG_PATTERN.match(name) or child.is_symlink() or not child.is_dir():
-            continue
-        meta = _read_meta(child)
-        if meta is None:
-            continue
-        found.append((int(meta.get("saved_at_ns", 0)), name))
-    return [name for _, name in sorted(found)]
-
-
-def latest_tag(root: str | Path) -> str | None:
-    """The tag to resume from: ``latest`` if it names an existing directory, else the newest
-    complete checkpoint (a crash between the rename and the ``latest`` update), else None."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        tag = pointer.read_text(encoding="utf-8").strip()
-        if tag and (root / tag).is_dir():
-            return tag
-        log.warning(
-            "%s names %r, which is not a directory; falling back to the newest complete checkpoint",
-            pointer,
-            tag,
-        )
-    done = list_checkpoints(root)
-    return done[-1] if done else None
-
-
-def _protected_by_symlinks(root: Path) -> set[str]:
-    """Names of checkpoint dirs in ``root`` that a symlink in ``root`` points to (e.g. ``best``)."""
-    names: set[str] = set()
-    real_root = root.resolve()
-    for child in root.iterdir():
-        if child.is_symlink():
-            try:
-                target = child.resolve(strict=False)
-            except (OSError, RuntimeError):
-                continue
-            if target.parent == real_root:
-                names.add(target.name)
-    return names
-
-
-def _rotate(root: Path, keep_last_n: int, protect: set[str]) -> list[str]:
-    """Delete all but the newest ``keep_last_n`` complete checkpoints; return the deleted tags.
-
-    Never deletes ``protect`` (the one just written, the one ``latest`` names), any directory a
-    symlink in ``root`` points to, symlinks themselves, or anything that is not ours.
-    """
-    if keep_last_n < 1:
-        raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
-    done = list_checkpoints(root)
-    keep = set(done[-keep_last_n:]) | protect | _protected_by_symlinks(root)
-    deleted = []
-    for name in done:
-        if name in keep:
-            continue
-        path = root / name
-        if path.is_symlink():  # re-check right before deleting
-            continue
-        log.info("rotating out checkpoint %s", path)
-        shutil.rmtree(path)
-        deleted.append(name)
-    return deleted
-
-
-def _clean_stale(root: Path) -> None:
-    """Remove leftovers of crashed saves (``.tmp-*``, ``.trash-*``); only unlink symlinks."""
-    for child in root.iterdir():
-        if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-            log.warning("removing leftover of an interrupted save: %s", child)
-            _remove_tree(child)
+# --------------------------------------------------------------------------- commit
 
 
 def _write_latest(root: Path, tag: str) -> None:
@@ -310,14 +145,14 @@ def _commit(root: Path, tmp: Path, final: Path) -> None:
         raise FileExistsError(f"{final} is a symlink; refusing to replace it with a checkpoint")
     if final.exists():  # re-saving the same tag (e.g. after a resume): swap, then delete the old one
         trash = root / f"{TRASH_PREFIX}{final.name}"
-        _remove_tree(trash)
+        remove_tree(trash)
         os.rename(final, trash)
     os.rename(tmp, final)
     fsync_dir(root)
     faults.check("ckpt_before_latest")
     _write_latest(root, final.name)
     if trash is not None:
-        _remove_tree(trash)
+        remove_tree(trash)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -341,7 +176,7 @@ def save_checkpoint(
     0's commit and rotation) in I/O waits bounded by ``io_timeout_s`` (``io_wait.py``), not in
     barriers under the collective timeout. Returns the final checkpoint directory.
     """
-    _validate_tag(tag)
+    validate_tag(tag)
     _check_json(train_state)
     if keep_last_n is not None and keep_last_n < 1:
         raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
@@ -353,7 +188,7 @@ def save_checkpoint(
 
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        _clean_stale(root)
+        clean_stale(root)
     wait_for_io(f"checkpoint {final}: removing leftovers of interrupted saves", io_timeout_s)
 
     client_state = {"ltscale": {"tag": tag, "world_size": info.world_size}}
@@ -390,7 +225,7 @@ def save_checkpoint(
         faults.check("ckpt_before_commit")
         _commit(root, tmp, final)
         if keep_last_n is not None:
-            _rotate(root, keep_last_n, protect={tag})
+            rotate(root, keep_last_n, protect={tag})
     # nobody proceeds (or loads) before `latest` is in place
     wait_for_io(f"checkpoint {final}: commit and rotation", io_timeout_s)
     log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
@@ -417,11 +252,6 @@ def _checkpoint_world_size(path: Path, meta: dict[str, Any] | None) -> int | Non
         return int(meta["world_size"])
     n = len(list(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
     return n or None
-
-
-def _read_latest(root: Path) -> str | None:
-    pointer = root / LATEST
-    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
 
 
 def _check_world_size(
@@ -500,7 +330,7 @@ def load_checkpoint(
     if verify:
         tag = _verified_tag(root, tag, fallback, io_timeout_s)
         path = root / tag
-    meta = _read_meta(path)
+    meta = read_meta(path)
 
     stage = _zero_stage(engine)
     _check_world_size(path, meta, info.world_size, stage, load_optimizer)
@@ -511,7 +341,7 @@ def load_checkpoint(
     # `latest` names the requested tag.
     view = None
     ds_root = root
-    if not load_optimizer and stage >= 3 and _read_latest(root) != tag:
+    if not load_optimizer and stage >= 3 and read_latest(root) != tag:
         view = Path(tempfile.mkdtemp(prefix="ltscale-ckpt-view-"))
         (view / tag).symlink_to(path.resolve(), target_is_directory=True)
         (view / LATEST).write_text(tag, encoding="utf-8")

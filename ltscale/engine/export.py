@@ -37,15 +37,9 @@ from transformers import AutoConfig, LlamaConfig
 from ltscale import rundir
 from ltscale.config import StageConfig
 from ltscale.data.tokenizer import add_thinking_token, load_tokenizer
-from ltscale.engine.checkpoint import (
-    LATEST,
-    META_FILE,
-    TAG_PATTERN,
-    TMP_PREFIX,
-    TRAIN_STATE_FILE,
-    latest_tag,
-    list_checkpoints,
-)
+from ltscale.engine.checkpoint import TRAIN_STATE_FILE
+from ltscale.engine.checkpoint_dir import LATEST, TAG_PATTERN, TMP_PREFIX, latest_tag, list_checkpoints
+from ltscale.engine.integrity import META_FILE
 from ltscale.model.device import DTYPES
 from ltscale.model.io import save_latent_model
 from ltscale.precision import ENGINE_PRECISIONS

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from ltscale.engine.checkpoint import latest_tag, verify_checkpoint
+from ltscale.engine.checkpoint import verify_checkpoint
+from ltscale.engine.checkpoint_dir import latest_tag
 from ltscale.monitor import read_scalars
 
 from .launch import STEPS_PER_STAGE, launch, max_diff, run, zero_weights

@@ -20,7 +20,8 @@ import signal
 
 import pytest
 
-from ltscale.engine.checkpoint import latest_tag, verify_checkpoint
+from ltscale.engine.checkpoint import verify_checkpoint
+from ltscale.engine.checkpoint_dir import latest_tag
 from ltscale.monitor import read_scalars
 
 from .launch import final_weights, launch, max_diff, run, zero_weights
