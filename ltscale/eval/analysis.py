@@ -207,20 +207,22 @@ def _trace(lm, prompt_ids, max_new_tokens, eos_token_id, attention, force_latent
     cache = DynamicCache(config=lm.base.config)
     if not len(prompt_ids):
         raise ValueError("trace_generation: empty prompt")
+
+    def forward(x, pos, latent_keys):
+        """One cached decoder call on embeddings ``x`` at positions ``pos``: the last position's
+        hidden state, its logits and (with ``attention``) the share of its attention on latent keys."""
+        out = decoder(
+            inputs_embeds=x, position_ids=pos, cache=cache, use_cache=True, output_attentions=attention
+        )
+        hidden = out.last_hidden_state[:, -1]
+        logits = lm.lm_head(hidden)
+        return hidden, logits, _attn_fraction(out.attentions, latent_keys) if attention else None
+
     ids = to_device(torch.tensor([list(prompt_ids)], dtype=torch.long), device)
     pos = torch.arange(ids.shape[1], device=device)[None]
-    out = decoder(
-        inputs_embeds=lm.embed(ids),
-        position_ids=pos,
-        cache=cache,
-        use_cache=True,
-        output_attentions=attention,
-    )
-    hidden = out.last_hidden_state[:, -1]
-    logits = lm.lm_head(hidden)
     latent_keys = torch.zeros(ids.shape[1], dtype=torch.bool, device=device)
+    hidden, logits, attn = forward(lm.embed(ids), pos, latent_keys)
     trace = Trace()
-    attn = _attn_fraction(out.attentions, latent_keys) if attention else None
     next_pos = ids.shape[1]
     for step in range(max_new_tokens):
         nxt = int(logits[0].argmax())
@@ -245,16 +247,7 @@ def _trace(lm, prompt_ids, max_new_tokens, eos_token_id, attention, force_latent
             embed = lm.latent_input(hidden, logits).to(embed.dtype)
             trace.latent_inputs.append(embed[0].detach().float().cpu())
         latent_keys = torch.cat([latent_keys, step_latent])
-        out = decoder(
-            inputs_embeds=embed[:, None],
-            position_ids=step_pos,
-            cache=cache,
-            use_cache=True,
-            output_attentions=attention,
-        )
-        hidden = out.last_hidden_state[:, -1]
-        logits = lm.lm_head(hidden)
-        attn = _attn_fraction(out.attentions, latent_keys) if attention else None
+        hidden, logits, attn = forward(embed[:, None], step_pos, latent_keys)
         next_pos += 1
     return trace
 

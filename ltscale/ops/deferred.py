@@ -52,6 +52,7 @@ __all__ = [
     "deferred_linear",
     "deferred_matmul",
     "deferred_mixture",
+    "deferred_slot",
     "mixture_weight_grad",
 ]
 
@@ -252,34 +253,38 @@ class _GatherRows(torch.autograd.Function):
         return None, None, None, None
 
 
+def deferred_slot(
+    deferred: DeferredWeightGrads | None, weight: torch.Tensor
+) -> tuple[torch.Tensor, WeightGradAccumulator] | None:
+    """``deferred.slot(weight)`` when this call defers ``weight``'s gradient (grad enabled and
+    ``weight`` trainable), else ``None``: the plain op, with autograd's own gradient."""
+    if deferred is None or not deferred.active_for(weight):
+        return None
+    return deferred.slot(weight)
+
+
 def deferred_linear(
     x: torch.Tensor, weight: torch.Tensor, deferred: DeferredWeightGrads | None
 ) -> torch.Tensor:
     """``x @ weight^T`` (``F.linear`` without bias)."""
-    if deferred is None or not deferred.active_for(weight):
-        return torch.nn.functional.linear(x, weight)
-    token, acc = deferred.slot(weight)
-    return _Linear.apply(x, weight, token, acc)
+    slot = deferred_slot(deferred, weight)
+    return torch.nn.functional.linear(x, weight) if slot is None else _Linear.apply(x, weight, *slot)
 
 
 def deferred_matmul(
     a: torch.Tensor, weight: torch.Tensor, deferred: DeferredWeightGrads | None
 ) -> torch.Tensor:
     """``a @ weight[:a.shape[-1]]`` (a dense mixture of the first rows of ``weight``)."""
-    if deferred is None or not deferred.active_for(weight):
-        return a @ weight[: a.shape[-1]]
-    token, acc = deferred.slot(weight)
-    return _Matmul.apply(a, weight, token, acc)
+    slot = deferred_slot(deferred, weight)
+    return a @ weight[: a.shape[-1]] if slot is None else _Matmul.apply(a, weight, *slot)
 
 
 def deferred_gather_rows(
     weight: torch.Tensor, index: torch.Tensor, deferred: DeferredWeightGrads | None
 ) -> torch.Tensor:
     """``weight[index]`` (an embedding lookup)."""
-    if deferred is None or not deferred.active_for(weight):
-        return weight[index]
-    token, acc = deferred.slot(weight)
-    return _GatherRows.apply(weight, index, token, acc)
+    slot = deferred_slot(deferred, weight)
+    return weight[index] if slot is None else _GatherRows.apply(weight, index, *slot)
 
 
 # ------------------------------------------------------------------------------- sparse mixtures
@@ -354,7 +359,5 @@ def deferred_mixture(
 ) -> torch.Tensor:
     """``einsum("nk,nkd->nd", w, weight[index])`` (a sparse mixture of rows of ``weight``, ``index``
     below ``vocab``) without keeping the ``N x K x d`` gathered rows for backward."""
-    token = acc = None
-    if deferred is not None and deferred.active_for(weight):
-        token, acc = deferred.slot(weight)
+    token, acc = deferred_slot(deferred, weight) or (None, None)
     return _Mixture.apply(weight, index, w, vocab, token, acc)

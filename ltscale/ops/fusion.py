@@ -31,7 +31,13 @@ import functools
 
 import torch
 
-from ltscale.ops.deferred import DeferredWeightGrads, deferred_matmul, deferred_mixture, mixture_weight_grad
+from ltscale.ops.deferred import (
+    DeferredWeightGrads,
+    deferred_matmul,
+    deferred_mixture,
+    deferred_slot,
+    mixture_weight_grad,
+)
 
 IMPLS = ("auto", "fused", "torch", "reference")
 
@@ -374,9 +380,7 @@ def fusion_fused(
     if why is not None:
         raise RuntimeError(f"context_prediction_fusion(impl='fused'): {why}")
     d, vocab = hidden.shape[-1], logits.shape[-1]
-    token = acc = None
-    if deferred is not None and deferred.active_for(embedding_weight):
-        token, acc = deferred.slot(embedding_weight)
+    token, acc = deferred_slot(deferred, embedding_weight) or (None, None)
     outer = 1.0 if embed_scale == 1.0 else alpha + (1.0 - alpha) * embed_scale
     out = _FusedFusion.apply(
         hidden.reshape(-1, d),

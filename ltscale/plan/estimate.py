@@ -330,32 +330,36 @@ def dtype_bytes(cfg: RunConfig) -> int:
     return 4 if prec in ("fp32", "fp64") else 2
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The data side of a plan: the longest row (memory), the mean row (time), the examples per
+    epoch (steps) and :func:`activation_memory`'s ``history_span``."""
+
+    seq_len: int
+    mean_tokens: int
+    examples: int
+    history_span: float
+
+
 def options_for(
-    cfg: RunConfig,
-    arch: Arch,
-    hw: Hardware,
-    *,
-    seq_len: int,
-    mean_tokens: int,
-    examples: int,
-    history_span: float = 1.0,
+    cfg: RunConfig, arch: Arch, hw: Hardware, work: Workload
 ) -> tuple[list[StageLoad], list[Option]]:
     """Every (strategy, checkpointing) pair for ``cfg`` (as written) on ``hw``."""
     from ltscale.batching import resolve_batch
 
     layout = batch_layout(cfg.train, hw.world)
-    stages = stage_loads(resolve_batch(cfg, hw.world, quiet=True), examples, hw.world)
+    stages = stage_loads(resolve_batch(cfg, hw.world, quiet=True), work.examples, hw.world)
     b = dtype_bytes(cfg)
     out = []
     for strategy in STRATEGIES:
         states = model_states(arch, strategy, hw.world, b)
         for ckpt in (False, True):
-            acts = [activation_memory(arch, b=b, rows=layout.micro, row_tokens=seq_len + s.latents, passes=s.passes,
+            acts = [activation_memory(arch, b=b, rows=layout.micro, row_tokens=work.seq_len + s.latents, passes=s.passes,
                                       fusion_latents=layout.micro * s.latents if s.mode == "fusion" else 0,
-                                      checkpointing=ckpt, history_span=history_span) for s in stages]  # fmt: skip
+                                      checkpointing=ckpt, history_span=work.history_span) for s in stages]  # fmt: skip
             worst = max(acts, key=lambda a: a["total"])
             times = [step_seconds(arch, hw, strategy, b=b, micro=layout.micro, accum=layout.accum,
-                                  row_tokens=mean_tokens + s.latents, passes=s.passes, checkpointing=ckpt)["total"]
+                                  row_tokens=work.mean_tokens + s.latents, passes=s.passes, checkpointing=ckpt)["total"]
                      for s in stages]  # fmt: skip
             hours = sum(t * s.steps for t, s in zip(times, stages, strict=True)) / 3600
             out.append(Option(strategy, ckpt, layout.micro, layout.accum, states, worst,
@@ -377,8 +381,8 @@ def evaluate(
     keeps the global batch (``train.micro_batch_size`` is then only a cap, see ``batching``)."""
     import dataclasses
 
-    kw = {"seq_len": seq_len, "mean_tokens": mean_tokens, "examples": examples, "history_span": history_span}
-    stages, options = options_for(cfg, arch, hw, **kw)
+    work = Workload(seq_len, mean_tokens, examples, history_span)
+    stages, options = options_for(cfg, arch, hw, work)
     configured = next(
         o
         for o in options
@@ -391,7 +395,7 @@ def evaluate(
             cfg.train, micro_batch_size=m, grad_accum=1, global_batch_size=layout.global_batch
         )
         if batch_layout(train, hw.world).micro == m:
-            candidates += options_for(dataclasses.replace(cfg, train=train), arch, hw, **kw)[1]
+            candidates += options_for(dataclasses.replace(cfg, train=train), arch, hw, work)[1]
     fits = [o for o in candidates if o.peak <= hw.usable]
     pick = min(fits, key=lambda o: (round(o.hours, 1), -o.micro, STRATEGIES.index(o.strategy)), default=None)
     return Plan(arch, hw, dtype_bytes(cfg), seq_len, mean_tokens, examples, stages, options, configured, pick)
