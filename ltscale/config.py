@@ -270,7 +270,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Run
     return build_dataclass(RunConfig, merged)
 
 
-# Keys a config may still set that the schema rejects with a reason (a bare "unknown key" would
+# Keys that look like settings but are not, rejected with the reason (a bare "unknown key" would
 # leave the user guessing).
 _REMOVED = {
     "model.hidden_layer": "not a key: the latent input is always the last layer's post-norm hidden "

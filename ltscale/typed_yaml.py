@@ -25,7 +25,7 @@ class _Yaml12Loader(yaml.SafeLoader):
     """Safe YAML with YAML 1.2 booleans: only true/false.
 
     Why: knobs such as ``engine.fused: on|off|auto`` are strings, and YAML 1.1 would silently
-    turn on/off/yes/no into booleans; a bool field written as ``yes`` now gets a clear error.
+    turn on/off/yes/no into booleans; a bool field written as ``yes`` gets a clear error instead.
     """
 
 
