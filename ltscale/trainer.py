@@ -172,7 +172,7 @@ class Trainer:
         """Load where stage ``k`` starts: its own mid-stage checkpoint, or stage k-1's final one."""
         own = rundir.ckpt_dir(self.run_dir, k)
         resume, resume_fallback = self.cfg.resume, self.cfg.resume_fallback
-        if resume != "never" and ckpt.latest_tag(own) is not None:
+        if resume != "never" and ckpt_dir.latest_tag(own) is not None:
             state = ckpt.load_checkpoint(self.engine, own, fallback=resume_fallback, io_timeout_s=self.io_timeout_s)
             log.info("resuming stage %d at step %d from %s", k, state["step_in_stage"], own)
             self.skipped = int(state.get("skipped_steps", 0))
@@ -181,7 +181,7 @@ class Trainer:
             raise FileNotFoundError(f"resume=must but {own} holds no checkpoint")
         if k > 1:
             prev = rundir.ckpt_dir(self.run_dir, k - 1)
-            if FINAL not in ckpt.list_checkpoints(prev):
+            if FINAL not in ckpt_dir.list_checkpoints(prev):
                 raise StageOrderError(f"stage {k} starts from {prev / FINAL}, which does not exist")
             keep_optimizer = self.cfg.optim.stage_strategy == "continue"
             ckpt.load_checkpoint(self.engine, prev, FINAL, load_optimizer=keep_optimizer, io_timeout_s=self.io_timeout_s)
