@@ -27,6 +27,7 @@ from ltscale.batching import resolve_batch, stage_steps
 from ltscale.config import RunConfig, diff_configs, save_resolved
 from ltscale.data import collate
 from ltscale.engine import checkpoint as ckpt
+from ltscale.engine import checkpoint_dir as ckpt_dir
 from ltscale.engine import comm_stats, dist
 from ltscale.engine.ds_config import render_ds_config, resolve_template, write_ds_config
 from ltscale.engine.engine import build_engine, gather_state_dict, grad_norm, step_unless_nonfinite
