@@ -13,6 +13,13 @@ tokenizer, ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma). Templates t
 (Llama 3.2's ``strftime_now``) get a fixed one (``CHAT_TEMPLATE_KWARGS``), so the same question
 always gives the same prompt ids.
 
+Question and response text come from data or from a user, so a special-token string typed inside
+them (``<thinking>``, ``</s>``, a template's ``<|im_end|>``) is encoded as the plain text it is,
+never as that token: otherwise a question could trigger latent steps or end its own turn. Only
+the prompt template's own markup and the ids added here (bos, eos) are special. Every path that
+turns text into ids (training, eval, ``ltscale generate``, the methods' prompts) goes through
+:func:`prompt_ids` / :func:`encode_plain` for that reason.
+
 Prompt and response are tokenised separately and concatenated. That is the sequence the model
 sees at inference (the prompt is encoded alone, the response is generated token by token), so
 training on it avoids a train/inference mismatch at the boundary that joint tokenisation can
@@ -22,8 +29,10 @@ EOS included (the model must learn to stop).
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,7 +50,9 @@ __all__ = [
     "align_eos_with_chat_template",
     "assistant_text",
     "chat_end_of_turn",
+    "encode_batches",
     "encode_example",
+    "encode_plain",
     "encode_records",
     "plain_prompt_text",
     "prompt_ids",
@@ -90,17 +101,15 @@ def _uses_chat_template(tokenizer: PreTrainedTokenizerBase, use_chat_template: b
     return use_chat_template
 
 
-def _prompt_text(tokenizer: PreTrainedTokenizerBase, question: str, chat: bool) -> str:
-    if chat:
-        # Render to text, then tokenise without special tokens: templates spell out their own bos
-        # (e.g. "<|begin_of_text|>"); tokenize=True returns a BatchEncoding in transformers 5.x.
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}],
-            add_generation_prompt=True,
-            tokenize=False,
-            **CHAT_TEMPLATE_KWARGS,
-        )
-    return plain_prompt_text(question)
+def _render_chat(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    # Render to text, then tokenise: templates spell out their own bos (e.g. "<|begin_of_text|>");
+    # tokenize=True returns a BatchEncoding in transformers 5.x.
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        tokenize=False,
+        **CHAT_TEMPLATE_KWARGS,
+    )
 
 
 def chat_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -145,16 +154,73 @@ def _prefix_ids(tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
     return [tokenizer.bos_token_id]
 
 
+def encode_plain(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of data or user text with every special-token string in it encoded as plain text.
+
+    Identical to ``tokenizer(texts, add_special_tokens=False)`` for text without such strings.
+    """
+    if not texts:
+        return []
+    out = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [list(ids) for ids in out]
+
+
+def _special_text_re(tokenizer: PreTrainedTokenizerBase) -> re.Pattern | None:
+    """A regex matching any special-token string of ``tokenizer`` (None: it has none)."""
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials.update(t.content for t in added.values() if getattr(t, "special", False))
+    specials.discard("")
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+
+_QUESTION_MARK = "\x00ltscale-question\x00"
+
+
+def _chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, question: str, special: re.Pattern | None
+) -> list[int]:
+    """The chat prompt; a question holding special-token text is encoded apart from the template.
+
+    The template is rendered with the question and split around it (templates may trim or
+    otherwise render the content, so the question is located between the template's own prefix
+    and suffix, found by rendering a marker). Prefix and suffix keep their special tokens; the
+    question's are plain text. A question without such text is encoded joined with its template,
+    exactly as rendered.
+    """
+    text = _render_chat(tokenizer, question)
+    if special is None or not special.search(question):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    marked = _render_chat(tokenizer, _QUESTION_MARK)
+    if marked.count(_QUESTION_MARK) != 1:
+        raise ValueError(
+            f"{type(tokenizer).__name__}: the chat template does not render the user message verbatim"
+        )
+    prefix, suffix = marked.split(_QUESTION_MARK)
+    if not (text.startswith(prefix) and text.endswith(suffix) and len(text) >= len(prefix) + len(suffix)):
+        raise ValueError(
+            f"{type(tokenizer).__name__}: cannot separate the question from its chat template "
+            "(needed to encode the special-token text it contains as plain text)"
+        )
+    middle = text[len(prefix) : len(text) - len(suffix)]
+    ids = tokenizer([prefix, suffix], add_special_tokens=False)["input_ids"]
+    return list(ids[0]) + encode_plain(tokenizer, [middle])[0] + list(ids[1])
+
+
 def prompt_ids(
     tokenizer: PreTrainedTokenizerBase, question: str, *, use_chat_template: bool | None = None
 ) -> list[int]:
     """Token ids of the prompt for ``question``; what generation starts from.
 
-    ``use_chat_template=None`` uses the tokenizer's chat template when it has one.
+    ``use_chat_template=None`` uses the tokenizer's chat template when it has one. Special-token
+    text inside ``question`` is plain text (module docstring).
     """
     chat = _uses_chat_template(tokenizer, use_chat_template)
-    text = _prompt_text(tokenizer, question, chat)
-    return _prefix_ids(tokenizer, chat) + list(tokenizer.encode(text, add_special_tokens=False))
+    if chat:
+        return _chat_prompt_ids(tokenizer, question, _special_text_re(tokenizer))
+    return _prefix_ids(tokenizer, chat) + encode_plain(tokenizer, [plain_prompt_text(question)])[0]
 
 
 def _assemble(
@@ -190,43 +256,77 @@ def encode_example(
     """
     eos = _eos_id(tokenizer)
     prompt = prompt_ids(tokenizer, record.question, use_chat_template=use_chat_template)
-    response = list(tokenizer.encode(assistant_text(record), add_special_tokens=False))
+    response = encode_plain(tokenizer, [assistant_text(record)])[0]
     return _assemble(record.id, prompt, response, eos, max_length)
 
 
-def encode_records(
+def _prompt_batch(
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], chat: bool
+) -> list[list[int]]:
+    """:func:`prompt_ids` of many questions in few tokenizer calls."""
+    if not chat:
+        prefix = _prefix_ids(tokenizer, chat)
+        return [prefix + ids for ids in encode_plain(tokenizer, [plain_prompt_text(q) for q in questions])]
+    special = _special_text_re(tokenizer)
+    joined = [i for i, q in enumerate(questions) if special is None or not special.search(q)]
+    out: list[list[int] | None] = [None] * len(questions)
+    if joined:
+        rendered = tokenizer(
+            [_render_chat(tokenizer, questions[i]) for i in joined], add_special_tokens=False
+        )
+        for i, ids in zip(joined, rendered["input_ids"]):
+            out[i] = list(ids)
+    return [
+        ids if ids is not None else _chat_prompt_ids(tokenizer, q, special) for q, ids in zip(questions, out)
+    ]
+
+
+def encode_batches(
     tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[Record],
+    records: Iterable[Record],
     *,
     use_chat_template: bool | None = None,
     max_length: int | None = None,
     strict: bool = True,
-) -> list[Encoded]:
-    """:func:`encode_example` over many records, tokenising in batches (fast tokenizers
-    parallelise a batch; one call per record is ~10x slower on GSM8K-Aug sized data).
+    batch_size: int = _BATCH,
+) -> Iterator[list[tuple[Record, Encoded]]]:
+    """:func:`encode_example` over a stream of records, ``batch_size`` records per tokenizer call
+    (fast tokenizers parallelise a batch; one call per record is ~10x slower on GSM8K-Aug sized
+    data). Yields each batch's kept ``(record, encoded)`` pairs; never holds more than one batch.
 
     ``strict=False`` drops over-long sequences and logs how many, instead of raising.
     """
     eos = _eos_id(tokenizer)
     chat = _uses_chat_template(tokenizer, use_chat_template)
-    prefix = _prefix_ids(tokenizer, chat)
-    out: list[Encoded] = []
-    n_dropped = 0
-    for start in range(0, len(records), _BATCH):
-        chunk = records[start : start + _BATCH]
-        prompts = tokenizer(
-            [_prompt_text(tokenizer, r.question, chat) for r in chunk], add_special_tokens=False
-        )
-        responses = tokenizer([assistant_text(r) for r in chunk], add_special_tokens=False)
-        for r, p, a in zip(chunk, prompts["input_ids"], responses["input_ids"]):
+    n_seen = n_dropped = 0
+    it = iter(records)
+    while chunk := list(itertools.islice(it, batch_size)):
+        n_seen += len(chunk)
+        prompts = _prompt_batch(tokenizer, [r.question for r in chunk], chat)
+        responses = encode_plain(tokenizer, [assistant_text(r) for r in chunk])
+        kept = []
+        for r, p, a in zip(chunk, prompts, responses):
             try:
-                out.append(_assemble(r.id, prefix + list(p), list(a), eos, max_length))
+                kept.append((r, _assemble(r.id, p, a, eos, max_length)))
             except DataError:
                 if strict:
                     raise
                 n_dropped += 1
+        yield kept
     if n_dropped:
-        logger.warning(
-            "dropped %d of %d records longer than max_length=%s", n_dropped, len(records), max_length
-        )
-    return out
+        logger.warning("dropped %d of %d records longer than max_length=%s", n_dropped, n_seen, max_length)
+
+
+def encode_records(
+    tokenizer: PreTrainedTokenizerBase,
+    records: Iterable[Record],
+    *,
+    use_chat_template: bool | None = None,
+    max_length: int | None = None,
+    strict: bool = True,
+) -> list[Encoded]:
+    """:func:`encode_batches` collected into one list (small data: eval sets, tests)."""
+    batches = encode_batches(
+        tokenizer, records, use_chat_template=use_chat_template, max_length=max_length, strict=strict
+    )
+    return [e for kept in batches for _, e in kept]

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ltscale.config import ConfigError, RunConfig
-from ltscale.data.formatting import IGNORE_INDEX, Encoded
+from ltscale.data.formatting import IGNORE_INDEX, Encoded, encode_plain
 from ltscale.methods import Checkpoint, Decoding, Method, StageContext
 from ltscale.methods.lt_tuning import rewrite_stages
 from ltscale.model.builder import init_thinking_embedding
@@ -95,7 +95,7 @@ def build_example(
 
 def _tokenizer_fn(tokenizer: Any) -> Tokenize:
     def tokenize(texts: list[str]) -> list[list[int]]:
-        return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return encode_plain(tokenizer, texts)
 
     return tokenize
 
