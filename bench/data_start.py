@@ -81,15 +81,37 @@ def _hwm_kib(pid: int) -> int | None:
 
 def launch(run_dir: Path, data_file: Path, ranks: int, port: int, timeout: float) -> dict:
     """One launch up to every rank's first step -> {seconds, peak RSS per rank in bytes}."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", LTSCALE_FAULT="hang:step:1",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(port),
-           str(ROOT / "ltscale" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"run_dir={run_dir}", f"data.train={data_file}"]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        LTSCALE_FAULT="hang:step:1",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    cmd = [
+        str(Path(sys.executable).with_name("deepspeed")),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port),
+        str(ROOT / "ltscale" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"run_dir={run_dir}",
+        f"data.train={data_file}",
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
     reached: dict[int, float] = {}
     tail: list[str] = []
 
@@ -97,8 +119,7 @@ def launch(run_dir: Path, data_file: Path, ranks: int, port: int, timeout: float
         for line in proc.stdout:  # type: ignore[union-attr]
             tail.append(line)
             del tail[:-40]
-            m = FAULT_RE.search(line)
-            if m:
+            for m in FAULT_RE.finditer(line):  # the ranks' messages may share a line
                 reached.setdefault(int(m.group(1)), time.perf_counter() - t0)
 
     reader = threading.Thread(target=read, daemon=True)
@@ -107,8 +128,9 @@ def launch(run_dir: Path, data_file: Path, ranks: int, port: int, timeout: float
     try:
         while len(reached) < ranks:
             if proc.poll() is not None or time.perf_counter() - t0 > timeout:
-                raise RuntimeError(f"launch ended (rc {proc.poll()}) or timed out before the first step:\n"
-                                   + "".join(tail))
+                raise RuntimeError(
+                    f"launch ended (rc {proc.poll()}) or timed out before the first step:\n" + "".join(tail)
+                )
             for pid in _children(proc.pid):
                 rank = _rank_of(pid)
                 kib = _hwm_kib(pid) if rank is not None else None
@@ -142,20 +164,36 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         data_file = work / f"synth-{n}.jsonl"
         if not data_file.is_file():
-            subprocess.run([str(Path(sys.executable).with_name("ltscale")), "data", "synth", "--n", str(n),
-                            "--out", str(data_file)], check=True, cwd=ROOT)
+            subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("ltscale")),
+                    "data",
+                    "synth",
+                    "--n",
+                    str(n),
+                    "--out",
+                    str(data_file),
+                ],
+                check=True,
+                cwd=ROOT,
+            )
         run_dir = work / f"run-{n}-{os.getpid()}"
         for kind in ("first start", "restart"):
             r = launch(run_dir, data_file, args.ranks, args.port, args.timeout)
-            row = {"n": n, "launch": kind, "seconds": round(r["seconds"], 1),
-                   "peak_rss_gb": {k: round(v / 1e9, 3) for k, v in r["peak_rss"].items()}}
+            row = {
+                "n": n,
+                "launch": kind,
+                "seconds": round(r["seconds"], 1),
+                "peak_rss_gb": {k: round(v / 1e9, 3) for k, v in r["peak_rss"].items()},
+                "load_avg_1min": round(os.getloadavg()[0], 1),
+            }  # other processes share the box
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| problems | launch | launch -> first step (s) | peak RSS per rank (GB) |")
-    print("|---:|---|---:|---|")
+    print("\n| problems | launch | launch -> first step (s) | peak RSS per rank (GB) | load avg |")
+    print("|---:|---|---:|---|---:|")
     for r in rows:
         rss = ", ".join(f"rank {k}: {v}" for k, v in r["peak_rss_gb"].items())
-        print(f"| {r['n']:,} | {r['launch']} | {r['seconds']} | {rss} |")
+        print(f"| {r['n']:,} | {r['launch']} | {r['seconds']} | {rss} | {r['load_avg_1min']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

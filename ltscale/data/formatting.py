@@ -52,8 +52,10 @@ __all__ = [
     "chat_end_of_turn",
     "encode_batches",
     "encode_example",
+    "encode_id_batches",
     "encode_plain",
     "encode_records",
+    "length_error",
     "plain_prompt_text",
     "prompt_ids",
 ]
@@ -154,15 +156,30 @@ def _prefix_ids(tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
     return [tokenizer.bos_token_id]
 
 
+def _encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], *, plain: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]``.
+
+    A fast tokenizer's own batch encoder is called directly (without offsets): the same ids, and
+    tokenizing a 385k-problem training set is dominated by this call.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        out = tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+        return [list(ids) for ids in out]
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = plain
+    try:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = previous
+
+
 def encode_plain(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     """Ids of data or user text with every special-token string in it encoded as plain text.
 
     Identical to ``tokenizer(texts, add_special_tokens=False)`` for text without such strings.
     """
-    if not texts:
-        return []
-    out = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return [list(ids) for ids in out]
+    return _encode_texts(tokenizer, list(texts), plain=True) if texts else []
 
 
 def _special_text_re(tokenizer: PreTrainedTokenizerBase) -> re.Pattern | None:
@@ -192,7 +209,7 @@ def _chat_prompt_ids(
     """
     text = _render_chat(tokenizer, question)
     if special is None or not special.search(question):
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return _encode_texts(tokenizer, [text], plain=False)[0]
     marked = _render_chat(tokenizer, _QUESTION_MARK)
     if marked.count(_QUESTION_MARK) != 1:
         raise ValueError(
@@ -205,8 +222,8 @@ def _chat_prompt_ids(
             "(needed to encode the special-token text it contains as plain text)"
         )
     middle = text[len(prefix) : len(text) - len(suffix)]
-    ids = tokenizer([prefix, suffix], add_special_tokens=False)["input_ids"]
-    return list(ids[0]) + encode_plain(tokenizer, [middle])[0] + list(ids[1])
+    ids = _encode_texts(tokenizer, [prefix, suffix], plain=False)
+    return ids[0] + encode_plain(tokenizer, [middle])[0] + ids[1]
 
 
 def prompt_ids(
@@ -223,17 +240,25 @@ def prompt_ids(
     return _prefix_ids(tokenizer, chat) + encode_plain(tokenizer, [plain_prompt_text(question)])[0]
 
 
+def length_error(rid: str, n_prompt: int, n_response: int, max_length: int | None) -> DataError | None:
+    """The error for a sequence (prompt + response + eos) longer than ``max_length``, else None."""
+    n = n_prompt + n_response + 1
+    if max_length is None or n <= max_length:
+        return None
+    return DataError(
+        f"{rid}: sequence of {n} tokens exceeds max_length={max_length} "
+        f"(prompt {n_prompt}, response {n_response + 1} incl. eos)"
+    )
+
+
 def _assemble(
     rid: str, prompt: list[int], response: list[int], eos_id: int, max_length: int | None
 ) -> Encoded:
-    input_ids = prompt + response + [eos_id]
-    if max_length is not None and len(input_ids) > max_length:
-        raise DataError(
-            f"{rid}: sequence of {len(input_ids)} tokens exceeds max_length={max_length} "
-            f"(prompt {len(prompt)}, response {len(response) + 1} incl. eos)"
-        )
+    error = length_error(rid, len(prompt), len(response), max_length)
+    if error is not None:
+        raise error
     labels = [IGNORE_INDEX] * len(prompt) + response + [eos_id]
-    return Encoded(input_ids=input_ids, labels=labels, prompt_len=len(prompt), id=rid)
+    return Encoded(input_ids=prompt + response + [eos_id], labels=labels, prompt_len=len(prompt), id=rid)
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -271,14 +296,33 @@ def _prompt_batch(
     joined = [i for i, q in enumerate(questions) if special is None or not special.search(q)]
     out: list[list[int] | None] = [None] * len(questions)
     if joined:
-        rendered = tokenizer(
-            [_render_chat(tokenizer, questions[i]) for i in joined], add_special_tokens=False
+        rendered = _encode_texts(
+            tokenizer, [_render_chat(tokenizer, questions[i]) for i in joined], plain=False
         )
-        for i, ids in zip(joined, rendered["input_ids"]):
-            out[i] = list(ids)
+        for i, ids in zip(joined, rendered):
+            out[i] = ids
     return [
         ids if ids is not None else _chat_prompt_ids(tokenizer, q, special) for q, ids in zip(questions, out)
     ]
+
+
+def encode_id_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    records: Iterable[Record],
+    *,
+    use_chat_template: bool | None = None,
+    batch_size: int = _BATCH,
+) -> Iterator[tuple[list[Record], list[list[int]], list[list[int]]]]:
+    """``(records, prompt ids, response ids without eos)`` per batch of ``batch_size`` records of a
+    stream: the tokenizer work of :func:`encode_example`, a batch per tokenizer call (fast
+    tokenizers parallelise a batch; one call per record is ~10x slower on GSM8K-Aug sized data)."""
+    _eos_id(tokenizer)
+    chat = _uses_chat_template(tokenizer, use_chat_template)
+
+    it = iter(records)
+    while chunk := list(itertools.islice(it, batch_size)):
+        prompts = _prompt_batch(tokenizer, [r.question for r in chunk], chat)
+        yield chunk, prompts, encode_plain(tokenizer, [assistant_text(r) for r in chunk])
 
 
 def encode_batches(
@@ -290,20 +334,17 @@ def encode_batches(
     strict: bool = True,
     batch_size: int = _BATCH,
 ) -> Iterator[list[tuple[Record, Encoded]]]:
-    """:func:`encode_example` over a stream of records, ``batch_size`` records per tokenizer call
-    (fast tokenizers parallelise a batch; one call per record is ~10x slower on GSM8K-Aug sized
-    data). Yields each batch's kept ``(record, encoded)`` pairs; never holds more than one batch.
+    """:func:`encode_example` over a stream of records; yields each batch's kept
+    ``(record, encoded)`` pairs and never holds more than one batch.
 
     ``strict=False`` drops over-long sequences and logs how many, instead of raising.
     """
     eos = _eos_id(tokenizer)
-    chat = _uses_chat_template(tokenizer, use_chat_template)
     n_seen = n_dropped = 0
-    it = iter(records)
-    while chunk := list(itertools.islice(it, batch_size)):
+    for chunk, prompts, responses in encode_id_batches(
+        tokenizer, records, use_chat_template=use_chat_template, batch_size=batch_size
+    ):
         n_seen += len(chunk)
-        prompts = _prompt_batch(tokenizer, [r.question for r in chunk], chat)
-        responses = encode_plain(tokenizer, [assistant_text(r) for r in chunk])
         kept = []
         for r, p, a in zip(chunk, prompts, responses):
             try:
