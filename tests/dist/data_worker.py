@@ -1,5 +1,5 @@
 """Rank program for tests/dist/test_data_dist.py: every rank prepares the run's data the way the
-trainer does (``prepare_data`` with ``share=broadcast_object``) and writes what it got to
+trainer does (``prepare_data`` with the process group's broadcast and all-gather) and writes what it got to
 ``--out/rank<r>.json``: the fingerprint, the examples' digest, and whether this rank read the
 training data at all."""
 
@@ -36,9 +36,8 @@ def main() -> None:
     result: dict = {"rank": info.rank}
     try:
         cfg = load_config(None, args.overrides)
-        data = run_setup.prepare_data(
-            cfg, Path(cfg.run_dir), is_main=info.is_main, share=dist.broadcast_object
-        )
+        ranks = run_setup.Ranks(info.rank, info.world_size, dist.broadcast_object, dist.all_gather_object)
+        data = run_setup.prepare_data(cfg, Path(cfg.run_dir), ranks=ranks)
         h = hashlib.sha256()
         for i in range(len(data.train)):
             e = data.train[i]

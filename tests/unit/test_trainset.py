@@ -26,6 +26,7 @@ from ltscale.data import (
     trainset_dir,
 )
 from ltscale.data.arrow_store import StoreError
+from ltscale.data.build import Ranks
 from ltscale.data.insertion import apply_insertions
 from ltscale.data.trainset import build_trainset, tokenizer_fingerprint
 from ltscale.run_setup import load_split_records, prepare_data, prepare_train
@@ -95,7 +96,7 @@ def _cfg(tmp_path, data_file, *more):
 
 
 def _prepare(cfg, tok):
-    return prepare_train(cfg, Path(cfg.run_dir), tok, is_main=True, share=lambda x: x)
+    return prepare_train(cfg, Path(cfg.run_dir), tok)
 
 
 def test_built_once_reused_and_rebuilt_on_any_change(tmp_path, tok, caplog):
@@ -142,12 +143,13 @@ def test_a_rank0_failure_reaches_every_rank(tmp_path, tok):
         _prepare(cfg, tok)
     shared = []
 
-    def share(x):  # what rank 0 broadcast: its error, no fingerprint
+    def broadcast(x):  # what rank 0 broadcast: its error, no fingerprint
         shared.append(x)
         return (None, "DataError: missing.jsonl: no such file or directory")
 
+    rank1 = Ranks(rank=1, world=2, broadcast=broadcast, all_gather=lambda x: [x, x])
     with pytest.raises(Exception, match="rank 0 could not prepare the training data: DataError: missing"):
-        prepare_train(cfg, tmp_path / "run", tok, is_main=False, share=share)
+        prepare_train(cfg, tmp_path / "run", tok, ranks=rank1)
     assert shared == [(None, None)]  # a non-zero rank reads nothing and offers nothing
 
 
@@ -157,7 +159,7 @@ def test_tiny_default_trains_on_exactly_the_directly_encoded_records(tmp_path, r
     cfg = load_config(
         repo_root / "configs" / "tiny.yaml", [f"run_dir={tmp_path / 'run'}", "data.synthetic.n_train=300"]
     )
-    data = prepare_data(cfg, tmp_path / "run", is_main=True)
+    data = prepare_data(cfg, tmp_path / "run")
     direct = encode_records(data.tokenizer, load_split_records(cfg, "train"),
                             max_length=cfg.data.max_length, strict=cfg.data.strict)  # fmt: skip
     assert len(data.train) == len(direct) == 300
