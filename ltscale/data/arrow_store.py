@@ -29,7 +29,16 @@ from ltscale.fsutil import fsync_dir
 
 from .sources import DataError
 
-__all__ = ["META_FILE", "TABLE_FILE", "StoreError", "read_meta", "read_table", "write_table"]
+__all__ = [
+    "META_FILE",
+    "TABLE_FILE",
+    "StoreError",
+    "publish_dir",
+    "read_meta",
+    "read_table",
+    "write_meta",
+    "write_table",
+]
 
 TABLE_FILE = "table.arrow"
 META_FILE = "meta.json"
@@ -39,6 +48,27 @@ class StoreError(DataError):
     """A stored table is missing, incomplete or unreadable (the message names the directory)."""
 
 
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Move the finished directory ``tmp`` to ``path`` (same parent), replacing what is there so
+    that a reader finds the old directory or the new one, never a mixture or nothing but a stub."""
+    old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fsync_dir(tmp)
+    if path.exists():
+        path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            old.rename(path)  # put the previous result back rather than lose it
+        raise
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_meta(path: Path, meta: dict[str, Any]) -> None:
+    (Path(path) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
 def write_table(path: Path, schema, batches: Iterable, meta: dict[str, Any]) -> int:
     """Write ``batches`` (``pyarrow.RecordBatch``es of ``schema``) and ``meta`` as the table dir
     ``path``, replacing an existing one atomically. Returns the number of rows written."""
@@ -46,9 +76,7 @@ def write_table(path: Path, schema, batches: Iterable, meta: dict[str, Any]) -> 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    old = path.parent / f".{path.name}.old-{tag}"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         rows = 0
@@ -59,19 +87,8 @@ def write_table(path: Path, schema, batches: Iterable, meta: dict[str, Any]) -> 
         size = (tmp / TABLE_FILE).stat().st_size
         with open(tmp / TABLE_FILE, "rb") as f:
             os.fsync(f.fileno())
-        full = {**meta, "rows": rows, "table_bytes": size}
-        (tmp / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-        fsync_dir(tmp)
-        if path.exists():
-            path.rename(old)
-        try:
-            tmp.rename(path)
-        except BaseException:
-            if old.exists() and not path.exists():
-                old.rename(path)  # put the previous result back rather than lose it
-            raise
-        fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        write_meta(tmp, {**meta, "rows": rows, "table_bytes": size})
+        publish_dir(tmp, path)
         return rows
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,12 +4,15 @@ Tokenizing is the expensive part of preparing 385k problems (a single core needs
 minute with the tiny default's tokenizer), and at that point every rank is idle. So:
 
 1. rank 0 alone reads the training data (the one rank that touches the files or the hub) and
-   writes its records (id, question, steps, answer) into a staging table next to the final one;
-2. every rank tokenizes its share of the records, rows ``r, r+W, ...``, memory-mapped from the
-   staging table, into a part table of its own;
-3. rank 0 merges the parts in record order into the final table and removes the staging dir.
+   writes its records (id, question, steps, answer) as the table ``records`` of a staging
+   directory next to the final one;
+2. every rank tokenizes its share of the records, rows ``r, r+W, ...``, memory-mapped from that
+   table, into a table ``part-<r>`` of its own (each row keeps its record's row number);
+3. rank 0 writes the directory's ``meta.json`` and renames it into place.
 
-The result does not depend on the number of ranks: it is the single-process build, row for row.
+Nothing is copied a second time: the reader (:class:`~ltscale.data.trainset.TrainSet`) orders
+the parts' rows by record row, so the examples are the single-process build's, in the same order,
+whatever the number of ranks.
 Every rank learns of every failure (a bad record in step 1, an over-long sequence under ``strict``
 in step 2) and raises the same error, the first in record order; none waits for a table that will
 not come. With one process (the default :class:`Ranks`) the three steps simply run in turn.
@@ -26,16 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from .arrow_store import read_table, write_table
+from .arrow_store import publish_dir, read_table, write_meta, write_table
 from .formatting import encode_id_batches, length_error
 from .records import Record
 from .sources import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ONE_PROCESS", "Ranks", "build_trainset", "on_rank0"]
+__all__ = ["ONE_PROCESS", "Ranks", "build_trainset", "id_type", "on_rank0"]
 
-_ROWS = 8192  # rows per written batch, and per batch read back
+_ROWS = 4096  # rows per written batch, and per batch read back
 
 
 def _identity(x: Any) -> Any:
@@ -78,15 +81,22 @@ def on_rank0(work: Callable[[], Any], ranks: Ranks) -> Any:
     return result
 
 
-def _schemas():
+def _schemas(id_type=None):
+    """The staged records' schema, and a part's for token ids of ``id_type``."""
     import pyarrow as pa
 
     records = pa.schema([("id", pa.large_string()), ("question", pa.large_string()),
                          ("steps", pa.large_list(pa.large_string())), ("answer", pa.large_string())])  # fmt: skip
-    part = pa.schema(
-        [("row", pa.int64()), ("input_ids", pa.large_list(pa.int32())), ("prompt_len", pa.int32())]
-    )
+    part = pa.schema([("row", pa.int64()), ("input_ids", pa.large_list(id_type or pa.int32())),
+                      ("prompt_len", pa.int32())])  # fmt: skip
     return records, part
+
+
+def id_type(vocab_size: int):
+    """Token ids are stored as uint16 when the vocabulary allows (half the bytes every rank maps)."""
+    import pyarrow as pa
+
+    return pa.uint16() if vocab_size <= 1 << 16 else pa.int32()
 
 
 def _stage_records(staging: Path, records_: Iterable[Record]) -> int:
@@ -131,7 +141,7 @@ def _tokenize_part(
 ) -> dict:
     """Step 2 (every rank): this rank's rows tokenized into the staging table ``part-<rank>``.
     Returns what happened, never raises: every rank must reach the exchange that follows."""
-    schema = _schemas()[1]
+    schema = _schemas(id_type(len(tokenizer)))[1]
     eos = tokenizer.eos_token_id
     done = {"dropped": 0, "seen": 0, "error": None}
     rows_of: dict[str, int] = {}
@@ -181,42 +191,23 @@ def _part_batch(pending: tuple[list, list, list], schema):
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=offsets[1:])
     values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
+    value_type = schema.field("input_ids").type.value_type
     return pa.record_batch([
         pa.array(np.asarray(rows, dtype=np.int64)),
-        pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
+        pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values).cast(value_type)),
         pa.array(np.asarray(prompt_lens, dtype=np.int32)),
     ], schema=schema)  # fmt: skip
 
 
-def _merge(path: Path, staging: Path, world: int, schema, meta: dict) -> int:
-    """Step 3 (rank 0): the parts, in record order, joined with their records into ``path``."""
-    import pyarrow as pa
-
-    records = read_table(staging / "records")
-    parts = [read_table(staging / f"part-{r}") for r in range(world)]
-    rows = np.concatenate([p.column("row").to_numpy() for p in parts])
-    order = np.argsort(rows, kind="stable")
-    tokens = pa.concat_tables(parts)
-
-    def batches() -> Iterator:
-        for a in range(0, len(order), _ROWS):
-            pick = order[a : a + _ROWS]
-            tok = tokens.take(pick)
-            rec = records.take(rows[pick])
-            columns = {**{k: rec.column(k) for k in ("id", "question", "steps", "answer")},
-                       "input_ids": tok.column("input_ids"), "prompt_len": tok.column("prompt_len")}  # fmt: skip
-            yield pa.record_batch([columns[f.name].combine_chunks() for f in schema], schema=schema)
-
-    return write_table(path, schema, batches(), meta)
-
-
-def build_trainset(path: Path, records_: Iterable[Record] | None, tokenizer, *, schema, meta: dict,
+def build_trainset(path: Path, records_: Iterable[Record] | None, tokenizer, *, meta: dict,
                    use_chat_template: bool | None, max_length: int | None, strict: bool,
                    ranks: Ranks = ONE_PROCESS) -> int:  # fmt: skip
-    """Tokenize ``records_`` (read on rank 0 only; other ranks pass None) into the table dir
-    ``path`` (``schema``, ``meta``), the work split over ``ranks`` (module docstring). Over-long
-    sequences raise under ``strict``, else are dropped and counted. Returns the number of rows."""
+    """Tokenize ``records_`` (read on rank 0 only; other ranks pass None) into the directory
+    ``path`` (``records``, ``part-<r>`` tables and ``meta``), the work split over ``ranks`` (module
+    docstring). Over-long sequences raise under ``strict``, else are dropped and counted. Returns
+    the number of examples."""
     staging = path.parent / f".{path.name}.staging"
+    published = False
     try:
         n = on_rank0(lambda: _stage_records(staging, records_ or ()), ranks)
         done = _tokenize_part(staging, tokenizer, ranks, use_chat_template=use_chat_template,
@@ -225,15 +216,21 @@ def build_trainset(path: Path, records_: Iterable[Record] | None, tokenizer, *, 
         errors = sorted(r["error"] for r in reports if r["error"] is not None)
         if errors:
             raise DataError(errors[0][1])
-        dropped = sum(r["dropped"] for r in reports)
-        rows = on_rank0(lambda: _merge(path, staging, ranks.world, schema, meta), ranks)
+        kept = n - sum(r["dropped"] for r in reports)
+        if not kept:
+            raise DataError(
+                "data.train: no usable training examples (every record was dropped or the source is empty)"
+            )
+
+        def publish() -> None:
+            write_meta(staging, {**meta, "parts": ranks.world, "rows": kept})
+            publish_dir(staging, path)
+
+        on_rank0(publish, ranks)
+        published = True
     finally:
-        if ranks.rank == 0:
+        if ranks.rank == 0 and not published:
             shutil.rmtree(staging, ignore_errors=True)
-    if dropped and ranks.rank == 0:
-        logger.warning("dropped %d of %d records longer than max_length=%s", dropped, n, max_length)
-    if not rows:
-        raise DataError(
-            "data.train: no usable training examples (every record was dropped or the source is empty)"
-        )
-    return rows
+    if kept < n and ranks.rank == 0:
+        logger.warning("dropped %d of %d records longer than max_length=%s", n - kept, n, max_length)
+    return kept

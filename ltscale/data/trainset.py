@@ -8,9 +8,13 @@ training data is tokenized once per run into ``<run dir>/data/train`` (an Arrow 
 checks its fingerprint. Nothing here holds one Python object per example: an example is
 built when a batch asks for it.
 
-Rows: ``id``, ``input_ids`` (prompt + response + eos, :func:`~ltscale.data.formatting.encode_example`),
-``prompt_len`` (labels are the ids with the prompt masked, so they are not stored), and the
-record's ``question``, ``steps``, ``answer`` (what Coconut's stage sequences are rebuilt from).
+Layout: ``records`` (every record read: ``id``, ``question``, ``steps``, ``answer``; what
+Coconut's stage sequences are rebuilt from), ``part-<r>`` (the examples rank ``r`` tokenized:
+the record ``row``, ``input_ids`` = prompt + response + eos as
+:func:`~ltscale.data.formatting.encode_example` builds them, uint16 when the vocabulary allows,
+and ``prompt_len``; labels are the ids with the prompt masked, so they are not stored), and
+``meta.json`` (format, fingerprint, number of parts and examples), written last. Example ``i`` is
+the ``i``-th kept record in record order, whatever the number of parts.
 
 The fingerprint covers what decides those rows: the training data's bytes (every file read, or the
 hub dataset's cache files; the synthetic generator's settings and source), the tokenizer (its full
@@ -56,21 +60,6 @@ FORMAT = "ltscale-trainset-v1"
 def trainset_dir(run_dir: str | Path) -> Path:
     """Where a run keeps its tokenized training set (the one place this path is spelled)."""
     return Path(run_dir) / "data" / "train"
-
-
-def _schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("id", pa.large_string()),
-            ("input_ids", pa.large_list(pa.int32())),
-            ("prompt_len", pa.int32()),
-            ("question", pa.large_string()),
-            ("steps", pa.large_list(pa.large_string())),
-            ("answer", pa.large_string()),
-        ]
-    )
 
 
 def code_fingerprint(modules: Iterable[Any] = (records, sources, formatting)) -> str:
@@ -133,7 +122,6 @@ def build_trainset(
         Path(path),
         records_,
         tokenizer,
-        schema=_schema(),
         meta={"format": FORMAT, "fingerprint": fingerprint},
         use_chat_template=use_chat_template,
         max_length=max_length,
@@ -142,16 +130,25 @@ def build_trainset(
     )
 
 
-class _Chunk:
-    """Zero-copy numpy views of one record batch's columns."""
+class _Table:
+    """A mapped table's record batches, and which batch holds a given row."""
 
-    def __init__(self, batch) -> None:
-        ids = batch.column("input_ids")
-        self.offsets = ids.offsets.to_numpy(zero_copy_only=True)
-        self.values = ids.values.to_numpy(zero_copy_only=True)
-        self.prompt_len = batch.column("prompt_len").to_numpy(zero_copy_only=True)
-        self.n_steps = np.diff(batch.column("steps").offsets.to_numpy(zero_copy_only=True))
-        self.batch = batch
+    def __init__(self, table) -> None:
+        self.batches = table.to_batches()
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])
+
+    def locate(self, row: int):
+        k = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.batches[k], row - int(self.starts[k])
+
+    def column(self, name: str, fn: Callable[[Any], np.ndarray]) -> np.ndarray:
+        """``fn(batch column)`` of every batch, concatenated (one small array per example)."""
+        parts = [fn(b.column(name)) for b in self.batches]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _offsets(column) -> np.ndarray:
+    return column.offsets.to_numpy(zero_copy_only=True)
 
 
 class TrainSet(Sequence[Encoded]):
@@ -174,46 +171,57 @@ class TrainSet(Sequence[Encoded]):
                 f"{self.path}: built from other data, tokenizer or formatting (fingerprint "
                 f"{str(meta.get('fingerprint'))[:12]}, this run's is {fingerprint[:12]})"
             )
-        table = read_table(self.path, meta)
         self.fingerprint: str = meta["fingerprint"]
-        self._chunks = [_Chunk(b) for b in table.to_batches()]
-        self._starts = np.cumsum([0] + [c.batch.num_rows for c in self._chunks])
-        self._table = table
-        self.lengths = np.concatenate([np.diff(c.offsets) for c in self._chunks])
-        self.prompt_lens = np.concatenate([c.prompt_len for c in self._chunks])
-        self.n_steps = np.concatenate([c.n_steps for c in self._chunks])
+        self._records = _Table(read_table(self.path / "records"))
+        self._parts = [_Table(read_table(self.path / f"part-{r}")) for r in range(int(meta["parts"]))]
+        rows = np.concatenate([t.column("row", lambda c: c.to_numpy()) for t in self._parts])
+        if len(rows) != meta["rows"]:
+            raise StoreError(
+                f"{self.path}: {len(rows)} examples in the parts, meta.json records {meta['rows']}"
+            )
+        # example i = the i-th kept record in record order: its part and its position there
+        order = np.argsort(rows, kind="stable")
+        sizes = [int(t.starts[-1]) for t in self._parts]
+        self._row = rows[order]
+        self._part = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)[order]
+        self._pos = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes])[order]
+        lengths = [t.column("input_ids", lambda c: np.diff(_offsets(c))) for t in self._parts]
+        self.lengths = np.concatenate(lengths)[order]
+        self.prompt_lens = np.concatenate(
+            [t.column("prompt_len", lambda c: c.to_numpy()) for t in self._parts]
+        )[order]
+        self.n_steps = self._records.column("steps", lambda c: np.diff(_offsets(c)))[self._row]
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return len(self._row)
 
-    def _locate(self, i: int) -> tuple[_Chunk, int]:
+    def _index(self, i: int) -> int:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"training example {i} out of range ({n} examples)")
-        i %= n
-        c = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return self._chunks[c], i - int(self._starts[c])
+        return i % n
 
     def input_ids(self, i: int) -> np.ndarray:
         """Example ``i``'s token ids as a read-only view of the mapped table."""
-        chunk, j = self._locate(int(i))
-        return chunk.values[chunk.offsets[j] : chunk.offsets[j + 1]]
+        i = self._index(int(i))
+        batch, j = self._parts[self._part[i]].locate(int(self._pos[i]))
+        column = batch.column("input_ids")
+        offsets = _offsets(column)
+        return column.values.to_numpy(zero_copy_only=True)[offsets[j] : offsets[j + 1]]
 
     def __getitem__(self, i: int) -> Encoded:  # type: ignore[override]
-        chunk, j = self._locate(int(i))
-        ids = chunk.values[chunk.offsets[j] : chunk.offsets[j + 1]].tolist()
-        p = int(chunk.prompt_len[j])
+        i = self._index(int(i))
+        ids = self.input_ids(i).tolist()
+        p = int(self.prompt_lens[i])
+        batch, j = self._records.locate(int(self._row[i]))
         return Encoded(
-            input_ids=ids,
-            labels=[IGNORE_INDEX] * p + ids[p:],
-            prompt_len=p,
-            id=chunk.batch.column("id")[j].as_py(),
+            input_ids=ids, labels=[IGNORE_INDEX] * p + ids[p:], prompt_len=p, id=batch.column("id")[j].as_py()
         )
 
     def record(self, i: int) -> Record:
         """The record example ``i`` was built from (its ``extra`` fields are not kept)."""
-        chunk, j = self._locate(int(i))
-        col = chunk.batch.column
+        batch, j = self._records.locate(int(self._row[self._index(int(i))]))
+        col = batch.column
         return Record(
             id=col("id")[j].as_py(),
             question=col("question")[j].as_py(),

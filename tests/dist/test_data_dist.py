@@ -49,7 +49,7 @@ def test_two_ranks_build_the_single_process_table(run_ranks, tmp_path):
     single = prepare_data(cfg, tmp_path / "single")
     assert _digest(single.train) == first[0]["digest"]
     assert first[0]["opened"] and not first[1]["opened"]  # rank 1 never reads the training data
-    table = tmp_path / "a" / "run" / "data" / "train" / "table.arrow"
+    table = tmp_path / "a" / "run" / "data" / "train" / "part-1" / "table.arrow"  # rank 1 tokenized it
     stamp = table.stat().st_mtime_ns
     again = _run(run_ranks, tmp_path / "a", data)  # a relaunch on the same run dir
     assert again[1]["digest"] == first[1]["digest"] and table.stat().st_mtime_ns == stamp

@@ -26,7 +26,7 @@ from ltscale.data import (
     trainset_dir,
 )
 from ltscale.data.arrow_store import StoreError
-from ltscale.data.build import Ranks
+from ltscale.data.build import Ranks, id_type
 from ltscale.data.insertion import apply_insertions
 from ltscale.data.trainset import build_trainset, tokenizer_fingerprint
 from ltscale.run_setup import load_split_records, prepare_data, prepare_train
@@ -68,6 +68,17 @@ def test_rows_are_the_encoded_records(tmp_path, tok):
     assert not (tmp_path / "strict").exists()  # nothing half-written
 
 
+def test_layout_and_id_width(tmp_path, tok):
+    import pyarrow as pa
+
+    train = _build(tmp_path / "t", tok)
+    d = tmp_path / "t"
+    assert sorted(p.name for p in d.iterdir()) == ["meta.json", "part-0", "records"]
+    assert json.loads((d / "meta.json").read_text())["rows"] == len(RECS)
+    assert train.input_ids(0).dtype == np.uint16  # 457 pieces: two bytes per token
+    assert id_type(1 << 16) == pa.uint16() and id_type((1 << 16) + 1) == pa.int32()  # Llama 3: 128,256
+
+
 def test_examples_views(tmp_path, tok):
     train = _build(tmp_path / "t", tok)
     used = np.array([2, 5, 7, 11])
@@ -105,7 +116,7 @@ def test_built_once_reused_and_rebuilt_on_any_change(tmp_path, tok, caplog):
     cfg = _cfg(tmp_path, data)
     caplog.set_level(logging.INFO, logger="ltscale.run_setup")
     first = _prepare(cfg, tok)
-    table = trainset_dir(cfg.run_dir) / "table.arrow"
+    table = trainset_dir(cfg.run_dir) / "part-0" / "table.arrow"
     stamp = table.stat().st_mtime_ns
     assert "tokenizing into" in caplog.text and len(first) == 40
     caplog.clear()
