@@ -6,8 +6,9 @@ minute with the tiny default's tokenizer), and at that point every rank is idle.
 1. rank 0 alone reads the training data (the one rank that touches the files or the hub) and
    writes its records (id, question, steps, answer) as the table ``records`` of a staging
    directory next to the final one;
-2. every rank tokenizes its share of the records, rows ``r, r+W, ...``, memory-mapped from that
-   table, into a table ``part-<r>`` of its own (each row keeps its record's row number);
+2. every rank tokenizes its share of the records, the ``r``-th of ``W`` contiguous slices (so it
+   maps only that slice's pages), memory-mapped from that table, into a table ``part-<r>`` of its
+   own (each row keeps its record's row number);
 3. rank 0 writes the directory's ``meta.json`` and renames it into place.
 
 Nothing is copied a second time: the reader (:class:`~ltscale.data.trainset.TrainSet`) orders
@@ -122,7 +123,8 @@ def _stage_records(staging: Path, records_: Iterable[Record]) -> int:
 
 def _my_records(staging: Path, ranks: Ranks) -> Iterator[tuple[int, Record]]:
     table = read_table(staging / "records")
-    mine = np.arange(ranks.rank, table.num_rows, ranks.world)
+    n = table.num_rows
+    mine = np.arange(ranks.rank * n // ranks.world, (ranks.rank + 1) * n // ranks.world)
     for a in range(0, len(mine), _ROWS):
         rows = mine[a : a + _ROWS]
         cols = table.take(rows).to_pydict()

@@ -68,13 +68,13 @@ def test_a_data_error_on_rank0_stops_both_ranks(run_ranks, tmp_path):
 
 def test_an_overlong_sequence_in_rank1s_share_stops_both_ranks(run_ranks, tmp_path):
     rows = [r.to_dict() for r in generate_problems(20, seed=5)]
-    rows[5]["question"] = "How many? " * 200  # row 5: tokenized by rank 1 (rows 1, 3, 5, ...)
+    rows[15]["question"] = "How many? " * 200  # row 15: tokenized by rank 1 (rows 10-19)
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = _run(run_ranks, tmp_path / "c", data)
     for r in (0, 1):
         assert re.search(
-            rf"DataError: {rows[5]['id']}: sequence of \d+ tokens exceeds max_length=256", got[r]["error"]
+            rf"DataError: {rows[15]['id']}: sequence of \d+ tokens exceeds max_length=256", got[r]["error"]
         )
     assert not (tmp_path / "c" / "run" / "data" / "train").exists()
     assert not list((tmp_path / "c" / "run" / "data").glob(".train.staging*"))
