@@ -48,10 +48,10 @@ from ltscale.model.device import resolve_precision
 log = logging.getLogger(__name__)
 
 FUSED_TO_IMPL = {"auto": "auto", "on": "fused", "off": "torch"}
-# A sentencepiece tokenizer of a few hundred pieces is learned from the first 200k texts (100k
+# A sentencepiece tokenizer of a few hundred pieces is learned from the first 100k texts (50k
 # problems) of the training data: more only costs rank 0 time before the first step. The tiny
-# default's 16k problems are far below it.
-SPM_TRAIN_TEXTS = 200_000
+# default's 16k problems are below it.
+SPM_TRAIN_TEXTS = 100_000
 
 
 @dataclass
