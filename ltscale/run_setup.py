@@ -36,7 +36,6 @@ from ltscale.data.trainset import (
     build_trainset,
     code_fingerprint,
     tokenizer_fingerprint,
-    trainset_dir,
 )
 from ltscale.engine.engine import ModelConstruction, count_parameters
 from ltscale.engine.io_wait import io_timeout_for
@@ -129,7 +128,7 @@ def prepare_train(cfg: RunConfig, run_dir: Path, tokenizer, *, ranks: Ranks = ON
     """The run's tokenized training set: reused when its fingerprint matches (rank 0 checks), else
     built (rank 0 alone reads the training data; every rank tokenizes a share, ltscale.data.build);
     every rank then maps the table rank 0 vouched for."""
-    d, path = cfg.data, trainset_dir(run_dir)
+    d, path = cfg.data, rundir.train_data_dir(run_dir)
 
     def check() -> tuple[str, bool]:
         what = {"data": _train_identity(cfg), "tokenizer": tokenizer_fingerprint(tokenizer), "code": code_fingerprint(),

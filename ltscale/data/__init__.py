@@ -40,7 +40,7 @@ from .records import (
 )
 from .synthetic import generate_problems, synthetic_splits
 from .tokenizer import add_thinking_token, load_tokenizer, train_sentencepiece
-from .trainset import Examples, TrainSet, build_trainset, trainset_dir
+from .trainset import Examples, TrainSet, build_trainset
 
 __all__ = [
     "IGNORE_INDEX",
@@ -76,5 +76,4 @@ __all__ = [
     "select_sites",
     "synthetic_splits",
     "train_sentencepiece",
-    "trainset_dir",
 ]

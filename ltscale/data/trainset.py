@@ -2,10 +2,10 @@
 
 Why: at GSM8K-Aug scale (385k problems) tokenizing on every rank at every launch cost minutes
 before the first step, and keeping each example as Python objects cost gigabytes per rank. So the
-training data is tokenized once per run into ``<run dir>/data/train`` (an Arrow table,
-:mod:`ltscale.data.arrow_store`; rank 0 reads the data, every rank tokenizes a share,
-:mod:`ltscale.data.build`); every rank memory-maps it; a resume or a requeue finds it and only
-checks its fingerprint. Nothing here holds one Python object per example: an example is
+training data is tokenized once per run into ``<run dir>/data/train`` (the path is
+``ltscale.rundir``'s; an Arrow table, :mod:`ltscale.data.arrow_store`; rank 0 reads the data, every
+rank tokenizes a share, :mod:`ltscale.data.build`); every rank memory-maps it; a resume or a
+requeue finds it and only checks its fingerprint. Nothing here holds one Python object per example: an example is
 built when a batch asks for it.
 
 Layout: ``records`` (every record read: ``id``, ``question``, ``steps``, ``answer``; what
@@ -51,15 +51,9 @@ __all__ = [
     "build_trainset",
     "code_fingerprint",
     "tokenizer_fingerprint",
-    "trainset_dir",
 ]
 
 FORMAT = "ltscale-trainset-v1"
-
-
-def trainset_dir(run_dir: str | Path) -> Path:
-    """Where a run keeps its tokenized training set (the one place this path is spelled)."""
-    return Path(run_dir) / "data" / "train"
 
 
 def code_fingerprint(modules: Iterable[Any] = (records, sources, formatting)) -> str:

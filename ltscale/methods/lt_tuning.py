@@ -23,13 +23,14 @@ from ltscale.data.arrow_store import StoreError
 from ltscale.data.formatting import Encoded
 from ltscale.data.insertion import (
     InsertionParams,
+    Sites,
     apply_insertions,
     insertion_fingerprint,
+    iter_gold_token_probs,
     load_insertions,
     save_insertions,
     select_sites,
 )
-from ltscale.data.insertion import Sites, iter_gold_token_probs
 from ltscale.data.trainset import Examples
 from ltscale.methods import Collective, Method, StageContext
 

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ltscale import run_setup  # noqa: E402
-from ltscale.config import load_config  # noqa: E402
+from ltscale.run_config import load_config  # noqa: E402
 from ltscale.data import records  # noqa: E402
 from ltscale.engine import dist  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ltscale.config import load_config
+from ltscale.run_config import load_config
 from ltscale.data import generate_problems
 from ltscale.run_setup import prepare_data
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ltscale.config import load_config
+from ltscale import rundir
 from ltscale.data import (
     Examples,
     TrainSet,
@@ -23,12 +23,12 @@ from ltscale.data import (
     generate_problems,
     plain_prompt_text,
     train_sentencepiece,
-    trainset_dir,
 )
 from ltscale.data.arrow_store import StoreError
 from ltscale.data.build import Ranks, id_type
 from ltscale.data.insertion import apply_insertions
 from ltscale.data.trainset import build_trainset, tokenizer_fingerprint
+from ltscale.run_config import load_config
 from ltscale.run_setup import load_split_records, prepare_data, prepare_train
 
 RECS = generate_problems(60, seed=3)
@@ -116,7 +116,7 @@ def test_built_once_reused_and_rebuilt_on_any_change(tmp_path, tok, caplog):
     cfg = _cfg(tmp_path, data)
     caplog.set_level(logging.INFO, logger="ltscale.run_setup")
     first = _prepare(cfg, tok)
-    table = trainset_dir(cfg.run_dir) / "part-0" / "table.arrow"
+    table = rundir.train_data_dir(cfg.run_dir) / "part-0" / "table.arrow"
     stamp = table.stat().st_mtime_ns
     assert "tokenizing into" in caplog.text and len(first) == 40
     caplog.clear()
@@ -145,7 +145,7 @@ def test_built_once_reused_and_rebuilt_on_any_change(tmp_path, tok, caplog):
     assert rebuilt(cfg).fingerprint == before
     # ... and any rank handed another fingerprint than the table's stops naming the directory
     with pytest.raises(StoreError, match=r"data/train: built from other data, tokenizer or formatting"):
-        TrainSet(trainset_dir(cfg.run_dir), fingerprint="0" * 64)
+        TrainSet(rundir.train_data_dir(cfg.run_dir), fingerprint="0" * 64)
 
 
 def test_a_rank0_failure_reaches_every_rank(tmp_path, tok):
