@@ -1,4 +1,4 @@
-"""Record -> token ids + labels, in the paper's training format (spec §4.4, ambiguity 15).
+"""Record -> token ids + labels, in the paper's training format (docs/method.md §8, §11.15).
 
 The response is always ``"## Step i: <step>\\n" ... "The final answer is:\\n### <answer>"`` + EOS,
 so that eval can extract the answer after the last ``#`` exactly like the official scorer.
@@ -84,7 +84,7 @@ class Encoded:
 
 
 def assistant_text(record: Record) -> str:
-    """The response text of the official code (spec §4.4), without EOS."""
+    """The response text of the official code (docs/method.md §8), without EOS."""
     steps = "".join(f"## Step {i}: {s}\n" for i, s in enumerate(record.steps, 1))
     return steps + f"The final answer is:\n### {record.answer}"
 

@@ -54,7 +54,7 @@ _FINGERPRINT_VERSION = "ltscale-insertion-v2"
 
 @dataclass
 class InsertionParams:
-    """Per-stage insertion knobs. Reference values (spec §4.2): stage 2 ``(0.3, 6, 0.85, 0.15)``,
+    """Per-stage insertion knobs. Reference values (docs/method.md §4, §11.6): stage 2 ``(0.3, 6, 0.85, 0.15)``,
     stage 3 ``(0.2, 8, 0.95, 0.20)``."""
 
     tau: float
@@ -174,7 +174,7 @@ def select_sites(
 
 
 def apply_insertions(ex: Encoded, sites: Sequence[int], thinking_id: int) -> Encoded:
-    """Insert ``thinking_id`` before each site; inserted labels are ``thinking_id`` (spec §10.14).
+    """Insert ``thinking_id`` before each site; inserted labels are ``thinking_id`` (docs/method.md §11.14).
 
     With HF's shifted loss this makes the position before a slot predict ``<thinking>`` and the
     slot itself predict the next text token (or the next ``<thinking>``). Text tokens keep their

@@ -81,7 +81,7 @@ class Record:
 
     @property
     def difficulty(self) -> int:
-        """Number of gold reasoning steps: the paper's difficulty axis (spec §8.3)."""
+        """Number of gold reasoning steps: the paper's difficulty axis (docs/method.md §10.2)."""
         return len(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def normalize_answer(s: str) -> str:
     """Canonical answer text: strip, drop thousands commas and ``$``, drop trailing ``.``.
 
     Deliberately string-level only ("18.0" stays "18.0"): numeric equivalence is a metric choice
-    that lives in eval, while the paper's own scorer compares strings (spec §10.20).
+    that lives in eval, while the paper's own scorer compares strings (docs/method.md §11.20).
     """
     s = str(s).strip().replace(",", "").replace("$", "").strip()
     while s.endswith("."):
