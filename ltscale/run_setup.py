@@ -7,11 +7,15 @@ ranks except through the callables it is handed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import json
 import logging
 import math
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +24,19 @@ import torch
 from ltscale import rundir
 from ltscale.batching import stage_steps  # noqa: F401 - where the trainer and tests have found it
 from ltscale.config import ConfigError, RunConfig
-from ltscale.data import Encoded, Record, encode_records, load_records
+from ltscale.data import Record, iter_records, load_records, synthetic
+from ltscale.data.arrow_store import StoreError
+from ltscale.data.build import ONE_PROCESS, Ranks, on_rank0
 from ltscale.data.formatting import assistant_text
+from ltscale.data.sources import open_source
 from ltscale.data.synthetic import synthetic_splits
 from ltscale.data.tokenizer import add_thinking_token, load_tokenizer, train_sentencepiece
+from ltscale.data.trainset import (
+    TrainSet,
+    build_trainset,
+    code_fingerprint,
+    tokenizer_fingerprint,
+)
 from ltscale.engine.engine import ModelConstruction, count_parameters
 from ltscale.engine.io_wait import io_timeout_for
 from ltscale.methods import get_method
@@ -34,65 +47,122 @@ from ltscale.model.device import resolve_precision
 log = logging.getLogger(__name__)
 
 FUSED_TO_IMPL = {"auto": "auto", "on": "fused", "off": "torch"}
+# A sentencepiece tokenizer of a few hundred pieces is learned from the first 100k texts (50k
+# problems) of the training data: more only costs rank 0 time before the first step. The tiny
+# default's 16k problems are below it.
+SPM_TRAIN_TEXTS = 100_000
 
 
 @dataclass
 class RunData:
     tokenizer: object
     thinking_id: int
-    train: list[Encoded]
+    train: TrainSet  # memory-mapped from the run dir (ltscale.data.trainset)
     eval_records: list[Record]
-    train_records: list[Record]
     special_ids: dict[str, int] = field(default_factory=dict)  # the method's extra tokens -> ids
 
 
+def _synthetic(cfg: RunConfig, which: str) -> list[Record]:
+    s = cfg.data.synthetic
+    # The test split does not depend on n_train (synthetic_splits), so eval draws no training problems.
+    n_train = s.n_train if which == "train" else 0
+    train, test = synthetic_splits(n_train, s.n_test, s.seed, min_steps=s.min_steps, max_steps=s.max_steps,
+                                   max_value=s.max_value, max_operand=s.max_operand)
+    return train if which == "train" else test
+
+
 def load_split_records(cfg: RunConfig, which: str) -> list[Record]:
+    """The records of ``data.train`` or ``data.eval`` as a list (eval sets; small data)."""
     d = cfg.data
     source = d.train if which == "train" else d.eval
     split = d.train_split if which == "train" else d.eval_split
     limit = d.train_limit if which == "train" else d.eval_limit
     if source == "synthetic":
-        s = d.synthetic
-        train, test = synthetic_splits(s.n_train, s.n_test, s.seed, min_steps=s.min_steps, max_steps=s.max_steps,
-                                       max_value=s.max_value, max_operand=s.max_operand)
-        records = train if which == "train" else test
+        records = _synthetic(cfg, which)
         return records[:limit] if limit is not None else records
     return load_records(source, split=split, strict=d.strict, limit=limit)
 
 
-def prepare_tokenizer(cfg: RunConfig, run_dir: Path, train_records: list[Record], *, is_main: bool,
-                      barrier: Callable[[], None]):
+def _train_records(cfg: RunConfig) -> Iterable[Record]:
+    """The training records as a stream (rank 0 reads them once to tokenize; never kept as a list)."""
+    d = cfg.data
+    if d.train == "synthetic":
+        return _synthetic(cfg, "train")[: d.train_limit]
+    return iter_records(d.train, split=d.train_split, strict=d.strict, limit=d.train_limit)
+
+
+def _train_identity(cfg: RunConfig) -> dict:
+    """What identifies the training data: every byte read (hashed), or the generator's settings."""
+    d = cfg.data
+    if d.train == "synthetic":
+        return {"synthetic": asdict(d.synthetic), "limit": d.train_limit, "code": code_fingerprint([synthetic])}
+    src = open_source(d.train, d.train_split)
+    return {"source": src.name, "content": src.content_hash(), "split": d.train_split, "limit": d.train_limit,
+            "strict": d.strict}
+
+
+def prepare_tokenizer(cfg: RunConfig, run_dir: Path, *, ranks: Ranks = ONE_PROCESS):
     """Load the configured tokenizer, or train a sentencepiece one once (rank 0) into the run dir."""
     m = cfg.model
     if m.tokenizer == "sentencepiece":
         out = run_dir / rundir.TOKENIZER_DIR
-        if is_main and not (out / "tokenizer.json").is_file():
+
+        def train() -> None:
+            if (out / "tokenizer.json").is_file():
+                return
             tmp = run_dir / f".tmp-{rundir.TOKENIZER_DIR}"
             shutil.rmtree(tmp, ignore_errors=True)
-            texts = [t for r in train_records for t in (r.question, assistant_text(r))]
-            train_sentencepiece(texts, tmp, vocab_size=m.tokenizer_vocab_size, seed=cfg.train.seed)
+            texts = (t for r in _train_records(cfg) for t in (r.question, assistant_text(r)))
+            train_sentencepiece(itertools.islice(texts, SPM_TRAIN_TEXTS), tmp, vocab_size=m.tokenizer_vocab_size,
+                                seed=cfg.train.seed)
             tmp.rename(out)
-        barrier()
+
+        on_rank0(train, ranks)
         return load_tokenizer(str(out))
     source = m.tokenizer or m.name_or_path
     kwargs = {"gguf_file": m.gguf_file} if m.gguf_file and source == m.name_or_path else {}
     return load_tokenizer(source, trust_remote_code=m.trust_remote_code, **kwargs)
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path, *, is_main: bool, barrier: Callable[[], None]) -> RunData:
-    train_records = load_split_records(cfg, "train")
+def prepare_train(cfg: RunConfig, run_dir: Path, tokenizer, *, ranks: Ranks = ONE_PROCESS) -> TrainSet:
+    """The run's tokenized training set: reused when its fingerprint matches (rank 0 checks), else
+    built (rank 0 alone reads the training data; every rank tokenizes a share, ltscale.data.build);
+    every rank then maps the table rank 0 vouched for."""
+    d, path = cfg.data, rundir.train_data_dir(run_dir)
+
+    def check() -> tuple[str, bool]:
+        what = {"data": _train_identity(cfg), "tokenizer": tokenizer_fingerprint(tokenizer), "code": code_fingerprint(),
+                "format": {"chat": cfg.model.use_chat_template, "max_length": d.max_length, "strict": d.strict}}
+        fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        try:
+            TrainSet(path, fingerprint=fingerprint)
+            log.info("training data: reusing %s", path)
+            return fingerprint, True
+        except StoreError as why:
+            log.info("training data: tokenizing into %s on %d rank(s) (%s)", path, ranks.world, why)
+            return fingerprint, False
+
+    fingerprint, fresh = on_rank0(check, ranks)
+    if not fresh:
+        t0 = time.perf_counter()
+        rows = build_trainset(path, _train_records(cfg) if ranks.rank == 0 else None, tokenizer,
+                              fingerprint=fingerprint, use_chat_template=cfg.model.use_chat_template,
+                              max_length=d.max_length, strict=d.strict, ranks=ranks)
+        log.info("training data: %d examples tokenized in %.1f s", rows, time.perf_counter() - t0)
+    return TrainSet(path, fingerprint=fingerprint)
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path, *, ranks: Ranks = ONE_PROCESS) -> RunData:
+    """Tokenizer, the training set and the eval records; ``ranks`` share the work (ltscale.data.build)."""
     eval_records = load_split_records(cfg, "eval")
-    tokenizer = prepare_tokenizer(cfg, run_dir, train_records, is_main=is_main, barrier=barrier)
+    tokenizer = prepare_tokenizer(cfg, run_dir, ranks=ranks)
     thinking_id = add_thinking_token(tokenizer, cfg.model.thinking_token)
     method = get_method(cfg.method)
-    method.check_data(cfg, train_records)
     special_ids = {tok: add_thinking_token(tokenizer, tok) for tok in method.extra_tokens(cfg)}
-    train = encode_records(tokenizer, train_records, use_chat_template=cfg.model.use_chat_template,
-                           max_length=cfg.data.max_length, strict=cfg.data.strict)
-    if not train:
-        raise ValueError(f"data.train: no usable training examples in {cfg.data.train!r}")
+    train = prepare_train(cfg, run_dir, tokenizer, ranks=ranks)
+    method.check_data(cfg, train)
     return RunData(tokenizer=tokenizer, thinking_id=thinking_id, train=train, eval_records=eval_records,
-                   train_records=train_records, special_ids=special_ids)
+                   special_ids=special_ids)
 
 
 def training_precision(cfg: RunConfig) -> tuple[torch.dtype, str]:
@@ -207,10 +277,10 @@ class Sampler:
             self._orders[key] = np.concatenate([rng.permutation(self.n) for _ in range(epochs)])
         return self._orders[key]
 
-    def used_indices(self, stage: int, n_steps: int) -> list[int]:
+    def used_indices(self, stage: int, n_steps: int) -> np.ndarray:
         """Every example index the stage will draw, sorted (what its confidence pass must score)."""
         need = n_steps * self.micro * self.accum * self.world
-        return sorted(set(self.order(stage, n_steps)[:need].tolist()))
+        return np.unique(self.order(stage, n_steps)[:need])
 
     def indices(self, stage: int, n_steps: int, step: int, micro_step: int) -> list[int]:
         start = (step * self.accum + micro_step) * self.micro * self.world + self.rank * self.micro

@@ -5,6 +5,8 @@ Layout of a run dir (every other module and ``slurm/common.sh`` ask this module 
     config.resolved.yaml  the config that ran (a resumed run compares against it)
     ds_config.json        the rendered DeepSpeed config
     tokenizer/            a sentencepiece tokenizer trained for the run (model.tokenizer: sentencepiece)
+    data/train/           the tokenized training set (Arrow, ltscale/data/trainset.py owns what is inside),
+                          built once and reused on resume while its fingerprint matches
     tb/                   TensorBoard events
     eval_table.md         the per-stage eval table
     assistant/            SoftCoT's frozen assistant, saved once
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.resolved.yaml"
 DS_CONFIG_FILE = "ds_config.json"
 TOKENIZER_DIR = "tokenizer"
+TRAIN_DATA_DIR = "data/train"
 TB_DIR = "tb"
 EVAL_TABLE_FILE = "eval_table.md"
 ASSISTANT_DIR = "assistant"
@@ -71,6 +74,10 @@ SOURCE_KEY = "source"
 
 
 # ------------------------------------------------------------------------------------ paths
+
+
+def train_data_dir(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / TRAIN_DATA_DIR
 
 
 def stage_dir(run_dir: str | os.PathLike[str], k: int) -> Path:

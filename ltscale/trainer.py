@@ -41,7 +41,7 @@ from ltscale.methods import StageContext, get_method
 from ltscale.model.device import to_device
 from ltscale.model.io import save_latent_model
 from ltscale.monitor import Monitor
-from ltscale.run_setup import RunData, Sampler, Schedule, build_latent_model, prepare_data
+from ltscale.run_setup import Ranks, RunData, Sampler, Schedule, build_latent_model, prepare_data
 from ltscale.rundir import StageOrderError
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ class Trainer:
             save_resolved(cfg, self.run_dir)
         dist.barrier()
         self.method = get_method(cfg.method)
-        self.data: RunData = prepare_data(cfg, self.run_dir, is_main=self.info.is_main, barrier=dist.barrier)
+        self.data: RunData = prepare_data(cfg, self.run_dir, ranks=Ranks(self.info.rank, self.info.world_size,
+                                                                          dist.broadcast_object, dist.all_gather_object))
         t = cfg.train
         self.dtype, precision = run_setup.training_precision(cfg)  # one rule: model.dtype, engine.precision
         self.ds_config = render_ds_config(resolve_template(cfg.engine.ds_config), micro_batch=t.micro_batch_size,
@@ -199,26 +200,21 @@ class Trainer:
         n_steps = self.schedule.steps[k - 1]
         # Only the examples this stage will draw are scored: a stage of 0.2 epochs pays for 20%.
         used = self.sampler.used_indices(k, n_steps)
-        subset = [self.data.train[i] for i in used]
+        subset = self.data.train.select(used)  # lazy: examples are built when a batch needs them
         ctx = StageContext(cfg=cfg, stage_index=k, run_dir=self.run_dir, tokenizer=self.data.tokenizer,
                            thinking_id=self.data.thinking_id, special_ids=self.data.special_ids,
-                           records_by_id={r.id: r for r in self.data.train_records},
                            forward_logits=self._scoring_forward(k), rank=self.info.rank,
                            world_size=self.info.world_size, all_gather=dist.all_gather_object, barrier=dist.barrier)
         scored, stats = self.method.stage_examples(subset, ctx)
         self.method.prepare_stage(self.engine.module, scored, ctx)
-        examples = list(self.data.train)
-        for i, ex in zip(used, scored):
-            examples[i] = ex
         # Every step of the stage runs the same number of sequential passes: the most latents any
         # example of the stage holds, plus one. Ranks stay in lockstep under ZeRO-3 without a
         # collective per step, and DeepSpeed's recorded parameter trace stays valid, so gathered
         # weights are reused across passes instead of re-gathered (a changing pass count
         # invalidates the trace every step).
-        passes = 1 + max(sum(t == self.data.thinking_id for t in e.input_ids) for e in scored) \
-            if lm.uses_rollout else 1
+        passes = 1 + scored.max_latents() if lm.uses_rollout else 1
         log.info("stage %d (%s): %d steps from step %d, %d examples, %d passes per step", k, st.mode, n_steps,
-                 start_step, len(examples), passes)
+                 start_step, len(self.data.train), passes)
         pad_id = self.data.tokenizer.pad_token_id
         window = {"loss": 0.0, "n": 0, "tokens": 0, "latent": 0, "samples": 0, "t0": time.perf_counter(),
                   "gathered": self.allgather.bytes}
@@ -231,7 +227,8 @@ class Trainer:
                 raise Preempted(k, step, rundir.ckpt_dir(self.run_dir, k) / tag)
             ok, before = True, (window["loss"], window["n"])  # ok: every loss of this step finite on this rank
             for a in range(cfg.train.grad_accum):
-                host = collate([examples[i] for i in self.sampler.indices(k, n_steps, step, a)], pad_id=pad_id)
+                host = collate([scored.at_train_index(i) for i in self.sampler.indices(k, n_steps, step, a)],
+                               pad_id=pad_id)
                 # The batch goes in on the host: LatentLM plans the rollout there and ships the plan
                 # in one copy (rollout_plan.py); ids moved first would be read back for the plan.
                 out = self.engine(host["input_ids"], attention_mask=host["attention_mask"], labels=host["labels"],

@@ -1,8 +1,10 @@
-"""Data: records (loading/validation), synthetic problems, tokenizer, formatting, insertion, collation.
+"""Data: sources and records (loading/validation), synthetic problems, tokenizer, formatting, the
+run's tokenized training set, insertion, collation.
 
-Flow: ``load_records`` / ``synthetic_splits`` -> ``encode_records`` (prompt + "## Step i: ..." +
-eos, prompt labels masked) -> for latent stages ``gold_token_probs`` -> ``select_sites`` ->
-``apply_insertions`` (sites persisted with ``save_insertions``) -> ``collate``.
+Flow: ``iter_records`` / ``synthetic_splits`` -> ``encode_batches`` (prompt + "## Step i: ..." +
+eos, prompt labels masked) -> ``build_trainset`` (once per run, memory-mapped as ``TrainSet``) ->
+for latent stages ``gold_token_probs`` -> ``select_sites`` -> ``apply_insertions`` (sites persisted
+with ``save_insertions``) -> ``collate``.
 """
 
 from .collate import collate
@@ -10,7 +12,9 @@ from .formatting import (
     IGNORE_INDEX,
     Encoded,
     assistant_text,
+    encode_batches,
     encode_example,
+    encode_plain,
     encode_records,
     plain_prompt_text,
     prompt_ids,
@@ -28,6 +32,7 @@ from .records import (
     DataError,
     LoadReport,
     Record,
+    iter_records,
     load_records,
     load_records_with_report,
     normalize_answer,
@@ -35,23 +40,30 @@ from .records import (
 )
 from .synthetic import generate_problems, synthetic_splits
 from .tokenizer import add_thinking_token, load_tokenizer, train_sentencepiece
+from .trainset import Examples, TrainSet, build_trainset
 
 __all__ = [
     "IGNORE_INDEX",
     "DataError",
     "Encoded",
+    "Examples",
     "InsertionParams",
     "LoadReport",
     "Record",
+    "TrainSet",
     "add_thinking_token",
     "apply_insertions",
     "assistant_text",
+    "build_trainset",
     "collate",
+    "encode_batches",
     "encode_example",
+    "encode_plain",
     "encode_records",
     "generate_problems",
     "gold_token_probs",
     "insertion_fingerprint",
+    "iter_records",
     "load_insertions",
     "load_records",
     "load_records_with_report",

@@ -1,20 +1,25 @@
-"""Loading and validating math word-problem records.
+"""Validating math word-problem records.
 
 Everything downstream (formatting, confidence scoring, evaluation) works on :class:`Record`,
-one normalized problem ``{id, question, steps, answer}``. This module is the single place that
-turns files and hub datasets into records, so it is also the single place that validates them:
-a bad row fails here with the file and line that caused it, instead of surfacing as a shape
-error deep inside a training step.
+one normalized problem ``{id, question, steps, answer}``. :mod:`ltscale.data.sources` reads rows
+from files, directories and the hub; this module is the single place that turns a row into a
+record, so it is also the single place that validates them: a bad row fails here with the file
+and line that caused it, instead of surfacing as a shape error deep inside a training step.
 
-Accepted inputs (see :func:`load_records`):
+Accepted row forms (the first that applies):
 
-* the record format ``{"id", "question", "steps": [str], "answer"}`` (the normalized files in
-  ``$LTSCALE_DATA_DIR``, GSM8K-Aug/Coconut style); fields other than those four are kept in
-  :attr:`Record.extra`;
-* the GSM8K form ``{"question", "answer": "... #### N"}``: steps are the non-empty solution lines
-  before ``####`` with ``<<...>>`` calculator annotations removed (the annotations themselves go
-  to ``extra["steps_calc"]``, as in the normalized gsm8k files), the answer is the text after
-  ``####``.
+* ``{"question", "steps": [str], "answer"}`` (+ optional ``id``; other fields are kept in
+  :attr:`Record.extra`): the normalized files in ``$LTSCALE_DATA_DIR``, Coconut's JSON, the hub's
+  ``whynlp/gsm8k-aug``, ICoT text lines after parsing;
+* ``{"question", "cot": str, "answer"}``: the hub's ``zen-E/GSM8k-Aug``; a ``cot`` made of
+  ``<<...>>`` groups gives one step per group, any other ``cot`` one step per non-empty line;
+* ``{"question", "answer": "... #### N"}`` (GSM8K): steps are the non-empty solution lines before
+  ``####`` with ``<<...>>`` calculator annotations removed (the annotations themselves go to
+  ``extra["steps_calc"]``, as in the normalized gsm8k files), the answer is the text after ``####``.
+
+A step written as one calculator annotation, ``"<<48/2=24>>"`` (GSM8K-Aug as Coconut and the hub
+store it), is stored without the brackets, ``"48/2=24"``: the data pack's GSM8K-Aug files and
+``steps_calc`` spell equations that way, so every copy of GSM8K-Aug yields the same records.
 
 ``id`` is optional: a missing id is generated as ``<prefix>-<row index, 5 digits>`` where the prefix
 is the file stem (``raw_test-00007``) or ``<dataset>-<split>`` for hub data (``gsm8k-test-00007``,
@@ -23,14 +28,15 @@ the same scheme as the normalized gsm8k files).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .sources import DataError, RowError, Source, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ __all__ = [
     "DataError",
     "LoadReport",
     "Record",
+    "iter_records",
     "load_records",
     "load_records_with_report",
     "normalize_answer",
@@ -49,11 +56,8 @@ _CALC_RE = re.compile(r"<<([^<>]*)>>")
 # ASCII digits only: "３" (full-width) or "٣" (Arabic-Indic) would pass \d but never equal a
 # model's "3", silently scoring every prediction wrong.
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", re.ASCII)
-_LOCAL_SUFFIXES = (".jsonl", ".json")
-
-
-class DataError(ValueError):
-    """A data problem, always naming where it happened (``file:line`` or ``hub[split] row i``)."""
+_CALC_STEP_RE = re.compile(r"<<([^<>]*)>>")
+_CALC_ONLY_RE = re.compile(r"\s*(?:<<[^<>]*>>\s*)+")
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class Record:
 
     @property
     def difficulty(self) -> int:
-        """Number of gold reasoning steps: the paper's difficulty axis (spec §8.3)."""
+        """Number of gold reasoning steps: the paper's difficulty axis (docs/method.md §10.2)."""
         return len(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,20 +106,11 @@ class LoadReport:
     first_errors: list[str] = field(default_factory=list)
 
 
-class _RowError(Exception):
-    """Internal: a row-level problem; ``category`` is the short key counted in LoadReport.reasons."""
-
-    def __init__(self, category: str, detail: str | None = None) -> None:
-        super().__init__(detail or category)
-        self.category = category
-        self.detail = detail or category
-
-
 def normalize_answer(s: str) -> str:
     """Canonical answer text: strip, drop thousands commas and ``$``, drop trailing ``.``.
 
     Deliberately string-level only ("18.0" stays "18.0"): numeric equivalence is a metric choice
-    that lives in eval, while the paper's own scorer compares strings (spec §10.20).
+    that lives in eval, while the paper's own scorer compares strings (docs/method.md §11.20).
     """
     s = str(s).strip().replace(",", "").replace("$", "").strip()
     while s.endswith("."):
@@ -129,10 +124,10 @@ def _is_number(s: str) -> bool:
 
 def _check_str(obj: Mapping[str, Any], key: str) -> str:
     if key not in obj:
-        raise _RowError(f"missing field '{key}'")
+        raise RowError(f"missing field '{key}'")
     value = obj[key]
     if not isinstance(value, str):
-        raise _RowError(
+        raise RowError(
             f"wrong type for '{key}'", f"field '{key}' must be a string, got {type(value).__name__}"
         )
     return _check_unicode(value, key)
@@ -140,10 +135,12 @@ def _check_str(obj: Mapping[str, Any], key: str) -> str:
 
 def _check_unicode(value: str, key: str) -> str:
     """JSON can carry lone surrogates (``"\\ud800"``); tokenizers then fail deep inside encoding."""
+    if value.isascii():  # the common case, checked without encoding
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise _RowError(
+        raise RowError(
             "invalid unicode", f"field '{key}' is not valid Unicode (lone surrogate at position {e.start})"
         ) from None
     return value
@@ -151,14 +148,14 @@ def _check_unicode(value: str, key: str) -> str:
 
 def _parse_answer(raw: Any) -> str:
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
-        raise _RowError(
+        raise RowError(
             "wrong type for 'answer'", f"field 'answer' must be a string, got {type(raw).__name__}"
         )
     answer = normalize_answer(str(raw))
     if not answer:
-        raise _RowError("empty answer")
+        raise RowError("empty answer")
     if not _is_number(answer):
-        raise _RowError("non-numeric answer", f"answer {str(raw)!r} is not a number")
+        raise RowError("non-numeric answer", f"answer {str(raw)!r} is not a number")
     return answer
 
 
@@ -181,32 +178,61 @@ def record_from_dict(obj: Any, *, default_id: str) -> Record:
     """
     try:
         return _record_from_obj(obj, default_id)
-    except _RowError as e:
+    except RowError as e:
         raise DataError(e.detail) from None
+
+
+def _unwrap_step(step: str) -> str:
+    """``"<<48/2=24>>"`` -> ``"48/2=24"`` (module docstring); any other step is only stripped."""
+    step = step.strip()
+    m = _CALC_STEP_RE.fullmatch(step) if step.startswith("<<") else None
+    return m.group(1).strip() if m else step
+
+
+def _steps_field(obj: Mapping[str, Any]) -> list[str]:
+    steps_raw = obj["steps"]
+    if not isinstance(steps_raw, list | tuple):
+        raise RowError("wrong type for 'steps'", "field 'steps' must be a list of strings")
+    steps = []
+    for i, s in enumerate(steps_raw):
+        if not isinstance(s, str):
+            raise RowError("wrong type for 'steps'", "field 'steps' must be a list of strings")
+        step = _unwrap_step(_check_unicode(s, f"steps[{i}]"))
+        if step:  # an empty step carries no reasoning and would render as an empty "## Step i:" line
+            steps.append(step)
+    return steps
+
+
+def _cot_field(obj: Mapping[str, Any]) -> list[str]:
+    cot = obj["cot"]
+    if not isinstance(cot, str):
+        raise RowError("wrong type for 'cot'", f"field 'cot' must be a string, got {type(cot).__name__}")
+    _check_unicode(cot, "cot")
+    if _CALC_ONLY_RE.fullmatch(cot):
+        return [t for t in (m.strip() for m in _CALC_STEP_RE.findall(cot)) if t]
+    return [line.strip() for line in cot.splitlines() if line.strip()]
 
 
 def _record_from_obj(obj: Any, default_id: str) -> Record:
     if not isinstance(obj, Mapping):
-        raise _RowError("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
+        raise RowError("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
     question = _check_str(obj, "question").strip()
     if not question:
-        raise _RowError("empty question")
+        raise RowError("empty question")
     if "answer" not in obj:
-        raise _RowError("missing field 'answer'")
+        raise RowError("missing field 'answer'")
     extra = {k: v for k, v in obj.items() if k not in _CORE_FIELDS}
     if "steps" in obj:
-        steps_raw = obj["steps"]
-        if not isinstance(steps_raw, list | tuple) or not all(isinstance(s, str) for s in steps_raw):
-            raise _RowError("wrong type for 'steps'", "field 'steps' must be a list of strings")
-        for i, s in enumerate(steps_raw):
-            _check_unicode(s, f"steps[{i}]")
-        # Empty step strings carry no reasoning and would render as an empty "## Step i:" line.
-        steps = [s.strip() for s in steps_raw if s.strip()]
+        steps = _steps_field(obj)
+        answer = _parse_answer(obj["answer"])
+    elif "cot" in obj:
+        steps = _cot_field(obj)
+        del extra["cot"]
         answer = _parse_answer(obj["answer"])
     else:
         solution = obj["answer"]
         if not isinstance(solution, str) or "####" not in solution:
-            raise _RowError(
+            raise RowError(
                 "missing field 'steps'",
                 "missing field 'steps' (and 'answer' is not a GSM8K solution with '#### N')",
             )
@@ -215,138 +241,39 @@ def _record_from_obj(obj: Any, default_id: str) -> Record:
         extra.setdefault("steps_calc", calc)
     rid = obj.get("id", default_id)
     if isinstance(rid, bool) or not isinstance(rid, str | int):
-        raise _RowError("wrong type for 'id'", f"field 'id' must be a string, got {type(rid).__name__}")
+        raise RowError("wrong type for 'id'", f"field 'id' must be a string, got {type(rid).__name__}")
     rid = _check_unicode(str(rid), "id")
     if not rid:
-        raise _RowError("empty id")
+        raise RowError("empty id")
     return Record(id=rid, question=question, steps=tuple(steps), answer=answer, extra=extra)
 
 
-# ---------------------------------------------------------------------------------------------
-# sources: each yields (location, row object or a _RowError for an unparseable row)
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as f:  # decoded per line: one bad byte names its line, not the whole file
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, _RowError("invalid UTF-8", f"invalid UTF-8 (byte {e.start + 1} of the line)")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, _RowError("malformed JSON", f"malformed JSON: {e.msg} (column {e.colno})")
-
-
-def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
-    """A ``.json`` file: a JSON array of rows (Coconut style), or JSONL under a .json name."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
-            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        yield from _iter_jsonl(path)
-        return
-    if isinstance(data, dict):
-        # one object per file is a valid one-row dataset; anything else is ambiguous
-        data = [data]
-    if not isinstance(data, list):
-        raise DataError(f"{path}:1: expected a JSON array of objects, got {type(data).__name__}")
-    # JSON arrays carry no useful line numbers; name the array index instead.
-    for i, row in enumerate(data):
-        yield f"{path}[{i}]", row
-
-
-def _looks_local(source: str) -> bool:
-    return (
-        source.endswith(_LOCAL_SUFFIXES)
-        or source.startswith(("/", "./", "../", "~"))
-        or source in (".", "..")
-        or "\\" in source
-    )
-
-
-def _resolve_dir(directory: Path, split: str | None) -> Path:
-    candidates = ([f"{split}.jsonl", f"{split}.json"] if split else []) + ["all.jsonl", "all.json"]
-    for name in candidates:
-        if (directory / name).is_file():
-            return directory / name
-    present = sorted(p.name for p in directory.iterdir() if p.suffix in _LOCAL_SUFFIXES)
-    raise DataError(
-        f"{directory}: no {' or '.join(candidates)} in this directory (split={split!r}); "
-        f"present: {', '.join(present) or 'none'}"
-    )
-
-
-def _iter_hub(source: str, split: str | None) -> tuple[str, Iterator[tuple[str, Any]]]:
-    import datasets  # imported lazily: local loading must not pay for (or depend on) it
-
-    name, _, config = source.partition(":")
-    split = split or "train"
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split)
-    except Exception as e:  # re-raised with the source named
-        raise DataError(f"{source}[{split}]: cannot load hub dataset: {e}") from e
-    prefix = f"{name.rsplit('/', 1)[-1]}-{split}"
-
-    def rows() -> Iterator[tuple[str, Any]]:
-        for i, row in enumerate(ds):
-            yield f"{source}[{split}] row {i}", row
-
-    return prefix, rows()
-
-
-def _open_source(source: str | Path, split: str | None) -> tuple[str, str, Iterable[tuple[str, Any]]]:
-    """-> (display name, id prefix, rows)."""
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.exists():
-        if path.is_dir():
-            path = _resolve_dir(path, split)
-        if path.suffix == ".json":
-            return str(path), path.stem, _iter_json(path)
-        return str(path), path.stem, _iter_jsonl(path)
-    if isinstance(source, Path) or _looks_local(text):
-        # Never fall through to the hub for something that is clearly a path: a typo must not
-        # turn into a network request (or a confusing "dataset not found on the hub").
-        raise DataError(f"{text}: no such file or directory")
-    prefix, rows = _iter_hub(text, split)
-    return text, prefix, rows
-
-
-def load_records_with_report(
-    source: str | Path,
+def iter_records(
+    source: str | Path | Source,
     *,
     split: str | None = None,
     strict: bool = True,
     limit: int | None = None,
-) -> tuple[list[Record], LoadReport]:
-    """Like :func:`load_records`, also returning what was kept and skipped."""
-    name, prefix, rows = _open_source(source, split)
-    report = LoadReport(source=name)
-    records: list[Record] = []
+    report: LoadReport | None = None,
+) -> Iterator[Record]:
+    """:func:`load_records` as a stream: one record at a time, ``report`` filled as rows pass
+    (its warning summary is logged when the stream is exhausted)."""
+    src = source if isinstance(source, Source) else open_source(source, split)
+    report = report if report is not None else LoadReport(source=src.name)
+    report.source = src.name
     first_seen: dict[str, str] = {}
-    for index, (where, row) in enumerate(rows):
-        if limit is not None and len(records) >= limit:
+    for index, (where, row) in enumerate(src.rows()):
+        if limit is not None and report.n_ok >= limit:
             break
         try:
-            if isinstance(row, _RowError):
+            if isinstance(row, RowError):
                 raise row
-            record = _record_from_obj(row, f"{prefix}-{index:05d}")
+            record = _record_from_obj(row, f"{src.prefix}-{index:05d}")
             if record.id in first_seen:
-                raise _RowError(
+                raise RowError(
                     "duplicate id", f"duplicate id {record.id!r} (first at {first_seen[record.id]})"
                 )
-        except _RowError as e:
+        except RowError as e:
             message = f"{where}: {e.detail}"
             if strict:
                 raise DataError(message) from None
@@ -357,17 +284,29 @@ def load_records_with_report(
             logger.debug("skipping %s", message)
             continue
         first_seen[record.id] = where
-        records.append(record)
-    report.n_ok = len(records)
+        report.n_ok += 1
+        yield record
     if report.n_skipped:
         logger.warning(
             "%s: skipped %d of %d rows: %s (first: %s)",
-            name,
+            src.name,
             report.n_skipped,
             report.n_ok + report.n_skipped,
             dict(report.reasons),
             report.first_errors[0],
         )
+
+
+def load_records_with_report(
+    source: str | Path,
+    *,
+    split: str | None = None,
+    strict: bool = True,
+    limit: int | None = None,
+) -> tuple[list[Record], LoadReport]:
+    """Like :func:`load_records`, also returning what was kept and skipped."""
+    report = LoadReport(source=str(source))
+    records = list(iter_records(source, split=split, strict=strict, limit=limit, report=report))
     return records, report
 
 
@@ -380,11 +319,13 @@ def load_records(
 ) -> list[Record]:
     """Load and validate records from a file, a directory or a hub dataset.
 
-    ``source`` is tried, in order, as: an existing local ``.jsonl``/``.json`` file; an existing
-    directory (``{split}.jsonl``, else ``all.jsonl`` inside, so ``svamp/`` serves any split); a
+    ``source`` is tried, in order, as: a named source (``gsm8k-calc``); an existing local
+    ``.jsonl``/``.json``/``.txt``/``.parquet`` file; an existing directory (``{split}.*``, the hub
+    layout ``data/{split}-*.parquet``, else ``all.*`` inside, so ``svamp/`` serves any split); a
     Hugging Face hub dataset name, optionally ``name:config`` (``openai/gsm8k:main``; split
     defaults to ``train``). Anything that looks like a path but does not exist is an error, never
-    a hub lookup, so local loading never touches the network.
+    a hub lookup, so local loading never touches the network. :mod:`ltscale.data.sources`
+    describes each layout.
 
     ``strict=True`` raises :class:`DataError` (``file:line: reason``) at the first bad row:
     malformed JSON, missing or mistyped field, empty question, non-numeric answer, duplicate id.

@@ -6,7 +6,7 @@ learnable by such a model: a small templated vocabulary (8 names, 8 objects, 2-3
 operation), small numbers (operands 1..20, every intermediate result in 0..99, no negatives,
 division only when exact), and GSM8K-Aug style equation steps where every step starts from the
 previous result (``"5+3=8"``, ``"8*2=16"``), so the only thing to learn per step is one small
-operation. Difficulty is the number of steps, the paper's difficulty axis (spec §8.3).
+operation. Difficulty is the number of steps, the paper's difficulty axis (docs/method.md §10.2).
 
 Randomness comes only from :meth:`random.Random.random` on an integer- or string-seeded
 generator: Python guarantees that stream across versions (unlike ``randint``/``choice`` or numpy's

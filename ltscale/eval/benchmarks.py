@@ -12,12 +12,12 @@ network access (never used by tests). Any other ``--data`` value is passed to
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ltscale.data.sources import data_dir
 from ltscale.fsutil import atomic_write_text
 
 __all__ = [
@@ -56,14 +56,6 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 #: What ``--data all`` evaluates: the benchmarks that work offline.
 DEFAULT_SUITE: tuple[str, ...] = ("gsm8k", "svamp", "asdiv")
-
-
-def data_dir() -> Path:
-    """``$LTSCALE_DATA_DIR``, else ``<repo>/../shared/data`` (the layout of this project's checkout)."""
-    env = os.environ.get("LTSCALE_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def expand_sources(sources: Sequence[str]) -> list[str]:

@@ -28,7 +28,7 @@ from ltscale.config import ConfigError, RunConfig, validate
 if TYPE_CHECKING:
     import torch
 
-    from ltscale.data import Encoded, Record
+    from ltscale.data import Encoded, Examples, TrainSet
     from ltscale.model.generation import DecodeRule
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ class StageContext:
     tokenizer: Any
     thinking_id: int
     special_ids: dict[str, int]
-    records_by_id: dict[str, Record]
     #: ``(input_ids, attention_mask) -> logits`` of the current weights, a plain causal forward in
     #: eval mode (LT-Tuning's confidence scoring); under ZeRO-3 every rank must call it equally often.
     forward_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -133,12 +132,18 @@ class Method:
         ``max_sites`` sites, each at most doubled."""
         return 2 * cfg.stages[stage_index - 1].max_sites
 
-    def check_data(self, cfg: RunConfig, records: Sequence[Record]) -> None:
-        """Data-dependent config errors, raised before the engine is built."""
+    def check_data(self, cfg: RunConfig, train: TrainSet) -> None:
+        """Data-dependent config errors, raised before the engine is built. ``train`` is the
+        memory-mapped training set: read its per-example arrays (``n_steps``, ``lengths``), not
+        every example."""
 
-    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
-        """The stage's training sequences and their statistics (``latent_tokens`` at least)."""
-        return list(examples), {"latent_tokens": 0}
+    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[Examples, dict]:
+        """The stage's training sequences: ``examples`` (the ones its sampler draws, an
+        :class:`~ltscale.data.Examples` over the run's training set) rewritten lazily with
+        ``Examples.map``, which also records each sequence's latent slots; and stats for the log."""
+        from ltscale.data import Examples
+
+        return Examples.of(examples), {"latent_tokens": 0}
 
     def prepare_stage(self, module: Any, examples: Sequence[Encoded], ctx: StageContext) -> None:
         """Fit the trained module (``wrap_model``'s) to the stage's sequences before its first step

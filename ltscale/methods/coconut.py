@@ -31,10 +31,12 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ltscale.config import ConfigError, RunConfig
-from ltscale.data.formatting import IGNORE_INDEX, Encoded
+from ltscale.data.formatting import IGNORE_INDEX, Encoded, encode_plain
+from ltscale.data.trainset import Examples
 from ltscale.methods import Checkpoint, Decoding, Method, StageContext
 from ltscale.methods.lt_tuning import rewrite_stages
 from ltscale.model.builder import init_thinking_embedding
@@ -95,7 +97,7 @@ def build_example(
 
 def _tokenizer_fn(tokenizer: Any) -> Tokenize:
     def tokenize(texts: list[str]) -> list[list[int]]:
-        return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return encode_plain(tokenizer, texts)
 
     return tokenize
 
@@ -142,8 +144,8 @@ class Coconut(Method):
         for tok in (BOT, EOT):
             init_thinking_embedding(base, tokenizer, special_ids[tok], cfg.coconut.init_token)
 
-    def check_data(self, cfg: RunConfig, records) -> None:
-        longest = max((len(r.steps) for r in records), default=0)
+    def check_data(self, cfg: RunConfig, train) -> None:
+        longest = int(train.n_steps.max()) if len(train.n_steps) else 0
         if longest < cfg.coconut.max_latent_stage:
             raise ConfigError(
                 f"coconut.max_latent_stage: {cfg.coconut.max_latent_stage} stages, but the longest example of "
@@ -151,34 +153,41 @@ class Coconut(Method):
                 f"replace steps that do not exist; lower coconut.max_latent_stage"
             )
 
-    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
+    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[Examples, dict]:
         c, tok = ctx.cfg.coconut, ctx.tokenizer
         stage = self.coconut_stage(ctx.cfg, ctx.stage_index)
         tokenize = _tokenizer_fn(tok)
-        out = []
-        for e in examples:
-            r = ctx.records_by_id[e.id]
-            out.append(
-                build_example(
-                    e.id,
-                    r.steps,
-                    r.answer,
-                    e.input_ids[: e.prompt_len],
-                    tokenize,
-                    stage=stage,
-                    c_thought=c.c_thought,
-                    max_latent_stage=c.max_latent_stage,
-                    pad_latent_to_max=c.pad_latent_to_max,
-                    bot_id=ctx.special_ids[BOT],
-                    eot_id=ctx.special_ids[EOT],
-                    latent_id=ctx.thinking_id,
-                    eos_id=tok.eos_token_id,
-                )
+        examples = Examples.of(examples)
+
+        def build(j: int, e: Encoded) -> Encoded:
+            r = examples.record(j)
+            return build_example(
+                e.id,
+                r.steps,
+                r.answer,
+                e.input_ids[: e.prompt_len],
+                tokenize,
+                stage=stage,
+                c_thought=c.c_thought,
+                max_latent_stage=c.max_latent_stage,
+                pad_latent_to_max=c.pad_latent_to_max,
+                bot_id=ctx.special_ids[BOT],
+                eot_id=ctx.special_ids[EOT],
+                latent_id=ctx.thinking_id,
+                eos_id=tok.eos_token_id,
             )
-        n = [sum(t == ctx.thinking_id for t in e.input_ids) for e in out]
-        return out, {
-            "latent_tokens": int(sum(n)),
-            "latent_per_sample": sum(n) / max(len(n), 1),
+
+        # latent slots per example: a function of its step count only (stage_layout)
+        steps = examples.steps_counts()
+        slots = {
+            int(s): stage_layout(stage, int(s), c_thought=c.c_thought, max_latent_stage=c.max_latent_stage,
+                                 pad_latent_to_max=c.pad_latent_to_max)[1]
+            for s in np.unique(steps)
+        }  # fmt: skip
+        n = np.array([slots[int(s)] for s in steps], dtype=np.int64)
+        return examples.map(build, n), {
+            "latent_tokens": int(n.sum()),
+            "latent_per_sample": float(n.sum()) / max(len(n), 1),
             "coconut_stage": stage,
         }
 

@@ -11,7 +11,6 @@ but feeds no latent content. The insertion result is stored in the stage dir and
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,16 +19,19 @@ import numpy as np
 
 from ltscale import rundir
 from ltscale.config import RunConfig, StageConfig
+from ltscale.data.arrow_store import StoreError
 from ltscale.data.formatting import Encoded
 from ltscale.data.insertion import (
     InsertionParams,
+    Sites,
     apply_insertions,
-    gold_token_probs,
     insertion_fingerprint,
+    iter_gold_token_probs,
     load_insertions,
     save_insertions,
     select_sites,
 )
+from ltscale.data.trainset import Examples
 from ltscale.methods import Collective, Method, StageContext
 
 log = logging.getLogger(__name__)
@@ -46,60 +48,64 @@ def needs_insertion(stage: StageConfig) -> bool:
 
 def score_and_select(forward_logits, examples: Sequence[Encoded], stage: StageConfig, *, stage_index: int,
                      seed: int, batch_size: int, pad_id: int, rank: int, world_size: int,
-                     all_gather: Collective) -> list[list[int]]:
+                     all_gather: Collective) -> Sites:
     """Distributed confidence scoring: rank r scores examples r, r+W, ...; everyone gets all sites.
 
     Every rank scores the same number of examples (the short shards repeat their first example
     and drop the result): under ZeRO-3 each forward all-gathers, so ranks must stay in lockstep.
+    Each example's probabilities are reduced to its sites as its batch finishes, and ranks
+    exchange packed arrays, so no rank holds per-example Python objects for the whole stage.
     """
     params = insertion_params(stage)
-    mine = list(range(rank, len(examples), world_size))
+    examples = Examples.of(examples)
+    mine = np.arange(rank, len(examples), world_size)
     per_rank = -(-len(examples) // world_size)
-    padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
-    probs = gold_token_probs(forward_logits, [examples[i] for i in padded], batch_size=batch_size, pad_id=pad_id)
-    local = {i: select_sites(probs[j], examples[i].prompt_len, params, seed=seed, sample_index=i,
-                             stage=stage_index)
-             for j, i in enumerate(padded[:len(mine)])}
-    merged: dict[int, list[int]] = {}
-    for part in all_gather(local):
-        merged.update(part)
-    return [merged[i] for i in range(len(examples))]
+    padded = np.concatenate([mine, np.full(per_rank - len(mine), mine[0] if len(mine) else 0, dtype=np.int64)])
+    subset = Examples(examples, padded)
+    local: dict[int, list[int]] = {}
+    for j, probs in iter_gold_token_probs(forward_logits, subset, batch_size=batch_size, pad_id=pad_id,
+                                          lengths=examples.lengths()[padded]):
+        if j < len(mine):
+            i = int(mine[j])
+            local[i] = select_sites(probs, int(examples.prompt_len(i)), params, seed=seed, sample_index=i,
+                                    stage=stage_index)
+    positions = np.array(sorted(local), dtype=np.int64)
+    packed = Sites.from_lists([local[i] for i in positions])
+    return Sites.merge(len(examples), all_gather((positions, packed.counts, packed.values)))
 
 
 def stage_examples(examples: Sequence[Encoded], stage: StageConfig, *, stage_index: int, stage_dir: Path,
-                   thinking_id: int, seed: int, compute_sites: Callable[[], list[list[int]]],
-                   is_main: bool, barrier: Callable[[], None]) -> tuple[list[Encoded], dict]:
+                   thinking_id: int, seed: int, compute_sites: Callable[[], Sites],
+                   is_main: bool, barrier: Callable[[], None]) -> tuple[Examples, dict]:
     """The stage's training sequences, with insertion sites computed once and cached on disk."""
+    examples = Examples.of(examples)
     if not needs_insertion(stage):
-        return list(examples), {"latent_tokens": 0}
+        return examples, {"latent_tokens": 0}
     params = insertion_params(stage)
-    ids = [e.id for e in examples]
-    # The token ids are part of the identity: a new tokenizer, template or max_length with the same
-    # example ids must not reuse stale positions.
-    tokens = hashlib.sha256()
-    for e in examples:
-        tokens.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
-        tokens.update(b"|")
-    fingerprint = insertion_fingerprint(params, seed, stage_index, ids, extra={"tokens": tokens.hexdigest()})
+    # The examples' ids and token ids are part of the identity: a new tokenizer, template or
+    # max_length with the same example ids must not reuse stale positions.
+    fingerprint = insertion_fingerprint(params, seed, stage_index, examples.fingerprint())
     path = stage_dir / rundir.INSERTIONS_DIR
-    cached = None
-    if (path / "meta.json").is_file():
-        by_id, meta = load_insertions(path)
-        if meta.get("fingerprint") == fingerprint:
-            cached = [by_id[i] for i in ids]
+    sites = None
+    try:
+        saved, meta = load_insertions(path)
+        if meta.get("fingerprint") == fingerprint and len(saved) == len(examples):
+            sites = saved
             log.info("stage %d: reusing insertion sites from %s", stage_index, path)
         else:
             log.warning("stage %d: %s is stale (different data/params/seed); re-scoring", stage_index, path)
-    if cached is None:
-        cached = compute_sites()
+    except StoreError as why:
+        if (path / "meta.json").exists() or path.exists():
+            log.warning("stage %d: %s; re-scoring", stage_index, why)
+    if sites is None:
+        sites = compute_sites()
         if is_main:
-            save_insertions(path, ids, cached, {"fingerprint": fingerprint, "stage": stage_index,
-                                                "tau": params.tau, "max_sites": params.max_sites,
-                                                "insert_prob": params.insert_prob,
-                                                "double_insert_prob": params.double_insert_prob, "seed": seed})
+            save_insertions(path, sites, {"fingerprint": fingerprint, "stage": stage_index, "tau": params.tau,
+                                          "max_sites": params.max_sites, "insert_prob": params.insert_prob,
+                                          "double_insert_prob": params.double_insert_prob, "seed": seed})
         barrier()
-    out = [apply_insertions(e, s, thinking_id) for e, s in zip(examples, cached)]
-    counts = np.array([len(s) for s in cached])  # over the examples the stage draws
+    counts = sites.counts  # over the examples the stage draws
+    out = examples.map(lambda j, e: apply_insertions(e, sites[j], thinking_id), latent_counts=counts)
     stats = {"latent_tokens": int(counts.sum()), "latent_per_sample": float(counts.mean()) if len(counts) else 0.0,
              "samples_with_latents": float((counts > 0).mean()) if len(counts) else 0.0}
     log.info("stage %d: %d <thinking> tokens inserted (%.2f per sample)", stage_index, stats["latent_tokens"],
@@ -113,10 +119,10 @@ class LTTuning(Method):
     name = "lt_tuning"
     confidence_insertion = True
 
-    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
+    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[Examples, dict]:
         stage, k, seed = ctx.cfg.stages[ctx.stage_index - 1], ctx.stage_index, ctx.cfg.train.seed
 
-        def compute_sites() -> list[list[int]]:  # the current weights' confidence, over all ranks
+        def compute_sites() -> Sites:  # the current weights' confidence, over all ranks
             return score_and_select(ctx.forward_logits, examples, stage, stage_index=k, seed=seed,
                                     batch_size=ctx.cfg.train.scoring_batch_size, pad_id=ctx.tokenizer.pad_token_id,
                                     rank=ctx.rank, world_size=ctx.world_size, all_gather=ctx.all_gather)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -34,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ltscale import rundir
 from ltscale.config import ConfigError, RunConfig, read_config
 from ltscale.data.formatting import IGNORE_INDEX, Encoded
+from ltscale.data.trainset import Examples
 from ltscale.methods import Checkpoint, Decoding, Method, StageContext
 from ltscale.methods.lt_tuning import rewrite_stages
 from ltscale.model.builder import _mark_dequantized, build_base_model, resolve_pretrained_source
@@ -292,17 +294,19 @@ class SoftCoT(Method):
     def latent_slots(self, cfg: RunConfig, stage_index: int) -> int:
         return cfg.softcot.n_thoughts
 
-    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[list[Encoded], dict]:
+    def stage_examples(self, examples: Sequence[Encoded], ctx: StageContext) -> tuple[Examples, dict]:
         n = ctx.cfg.softcot.n_thoughts
-        out = [
-            Encoded(
+        examples = Examples.of(examples)
+
+        def build(j: int, e: Encoded) -> Encoded:
+            return Encoded(
                 input_ids=e.input_ids[: e.prompt_len] + [ctx.thinking_id] * n + e.input_ids[e.prompt_len :],
                 labels=[IGNORE_INDEX] * (e.prompt_len + n) + e.labels[e.prompt_len :],
                 prompt_len=e.prompt_len,
                 id=e.id,
             )
-            for e in examples
-        ]
+
+        out = examples.map(build, np.full(len(examples), n, dtype=np.int64))
         return out, {"latent_tokens": n * len(out), "latent_per_sample": float(n)}
 
     def prepare_stage(self, module: SoftCoTLM, examples: Sequence[Encoded], ctx: StageContext) -> None:
@@ -310,8 +314,9 @@ class SoftCoT(Method):
         assistant = ctx.run_dir / rundir.ASSISTANT_DIR
         if ctx.is_main and not rundir.is_hf_dir(assistant):
             module.assistant.save_pretrained(assistant)
+        examples = Examples.of(examples)
         module.fill_cache(
-            [tuple(e.input_ids[: e.prompt_len]) for e in examples],
+            [tuple(examples.prompt_ids(j)) for j in range(len(examples))],
             ctx.run_dir / rundir.SOFTCOT_THOUGHTS_FILE,
             is_main=ctx.is_main,
             barrier=ctx.barrier,

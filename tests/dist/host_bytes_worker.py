@@ -64,7 +64,7 @@ def main() -> None:
     cfg = load_config(None, LLAMA_1B)
     ds = render_ds_config(cfg.engine.ds_config, micro_batch=1, grad_accum=1, world_size=info.world_size,
                           grad_clip=1.0, precision="bf16")  # fmt: skip
-    data = RunData(tokenizer=Vocabulary(), thinking_id=VOCAB - 1, train=[], eval_records=[], train_records=[])
+    data = RunData(tokenizer=Vocabulary(), thinking_id=VOCAB - 1, train=[], eval_records=[])
     libc = ctypes.CDLL("libc.so.6")
     gc.collect()
     libc.malloc_trim(0)

@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lm_eval_e2e")
     cfg = load_config(None, [*SMALL, f"run_dir={root}"])
-    data = prepare_data(cfg, root, is_main=True, barrier=lambda: None)
+    data = prepare_data(cfg, root)
     lm = build_latent_model(cfg, data)
     torch.manual_seed(0)
     _memorise(lm, data.tokenizer, data.eval_records)

@@ -58,7 +58,7 @@ def test_smollm2_gguf_stage3_steps_export_and_eval(tmp_path, repo_root, data_dir
     ]
     cfg = load_config(repo_root / "configs" / "smollm2-135m-gsm8k.yaml", overrides)
     assert cfg.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    data = prepare_data(cfg, tmp_path / "run", is_main=True, barrier=lambda: None)
+    data = prepare_data(cfg, tmp_path / "run")
     lm = build_latent_model(cfg, data)
     t_load = time.perf_counter() - t0
     assert type(lm.base).__name__ == "LlamaForCausalLM"

@@ -4,11 +4,14 @@ against the reference decoder, and its config errors."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
 from ltscale.config import ConfigError
-from ltscale.data import Record, collate
+from ltscale.data import collate
 from ltscale.methods import Checkpoint
 from ltscale.methods.coconut import Coconut, build_example, stage_layout
 from ltscale.model import LatentLM
@@ -124,9 +127,9 @@ def test_resolve_sets_modes_and_bad_input_fails_before_training():
     cfg = load_config(None, ["method=coconut", "coconut.max_latent_stage=2"])
     assert [st.mode for st in cfg.stages] == ["cot", "hidden", "hidden"]
     assert all(st.max_sites == 0 for st in cfg.stages)
-    recs = [Record(id="a", question="q", steps=["s1"], answer="1")]
+    train = SimpleNamespace(n_steps=np.array([1, 0]))  # what check_data reads of the training set
     with pytest.raises(ConfigError, match=r"coconut\.max_latent_stage.*1 reasoning step"):
-        Coconut().check_data(cfg, recs)
+        Coconut().check_data(cfg, train)
     with pytest.raises(ConfigError, match=r"coconut\.c_thought"):
         load_config(None, ["method=coconut", "coconut.c_thought=0"])
     with pytest.raises(ConfigError, match=r"^method: 'cocnut' is not one of"):

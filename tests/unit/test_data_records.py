@@ -223,9 +223,10 @@ def test_loading_local_records_imports_no_network_client(tmp_path):
 # ------------------------------------------------------------------------------ fuzzing (issue 9)
 
 
-# Text without "<": a literal "<thinking>" in user text becomes the latent token (see RELIABILITY.md).
-_TEXT = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="<"), min_size=1, max_size=40
+# Any text, special-token spellings included (formatting encodes them as plain text).
+_TEXT = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
+    st.sampled_from(["<thinking>", "a </s> b", "<s>", "<pad><unk>", "x<thinking>y"]),
 )
 _QUESTION = _TEXT.filter(lambda s: s.strip())
 _GOOD_ANSWER = st.one_of(
@@ -346,6 +347,8 @@ def test_fuzz_jsonl_strict_names_first_bad_line_lenient_counts_all(data, tmp_pat
     # what survives must tokenize and batch: over-long ones are dropped (lenient) or named (strict)
     encoded = encode_records(fuzz_tok, recs, max_length=96, strict=False)
     assert all(len(e.input_ids) <= 96 for e in encoded)
+    thinking = fuzz_tok.convert_tokens_to_ids("<thinking>")
+    assert not any(thinking in e.input_ids for e in encoded), "data text became a latent slot"
     if encoded:
         batch = collate(encoded, pad_id=fuzz_tok.pad_token_id)
         assert batch["input_ids"].shape[0] == len(encoded)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,8 @@ from ltscale.data import (
     save_insertions,
     select_sites,
 )
+from ltscale.data.arrow_store import StoreError
+from ltscale.data.insertion import Sites, iter_gold_token_probs
 from tests.helpers import make_tiny_llama
 
 P = InsertionParams(tau=0.3, max_sites=6, insert_prob=0.85, double_insert_prob=0.15)
@@ -130,36 +130,62 @@ def test_gold_token_probs_match_per_example():
 
 
 def test_fingerprint():
-    fp = insertion_fingerprint(P, 0, 2, ["a", "b"])
-    assert fp == insertion_fingerprint(P, 0, 2, ["a", "b"]) and len(fp) == 64
+    fp = insertion_fingerprint(P, 0, 2, "examples-a")
+    assert fp == insertion_fingerprint(P, 0, 2, "examples-a") and len(fp) == 64
     changed = [
-        insertion_fingerprint(P, 1, 2, ["a", "b"]),
-        insertion_fingerprint(P, 0, 3, ["a", "b"]),
-        insertion_fingerprint(P, 0, 2, ["b", "a"]),
-        insertion_fingerprint(P, 0, 2, ["ab"]),
-        insertion_fingerprint(InsertionParams(0.2, 6, 0.85, 0.15), 0, 2, ["a", "b"]),
-        insertion_fingerprint(P, 0, 2, ["a", "b"], extra={"step": 10}),
+        insertion_fingerprint(P, 1, 2, "examples-a"),
+        insertion_fingerprint(P, 0, 3, "examples-a"),
+        insertion_fingerprint(P, 0, 2, "examples-b"),
+        insertion_fingerprint(InsertionParams(0.2, 6, 0.85, 0.15), 0, 2, "examples-a"),
+        insertion_fingerprint(P, 0, 2, "examples-a", extra={"step": 10}),
     ]
     assert len({fp, *changed}) == len(changed) + 1
 
 
-def test_save_load_round_trip(tmp_path):
+def test_sites_pack_merge_and_round_trip(tmp_path):
+    lists = [[3, 3, 7], [], [12], [], [5, 9]]
+    sites = Sites.from_lists(lists)
+    assert sites.to_lists() == lists and sites.counts.tolist() == [3, 0, 1, 0, 2]
+    # two ranks' shards (examples 0, 2, 4 and 1, 3) merge back into one table in example order
+    parts = [(np.array(pos), Sites.from_lists([lists[i] for i in pos])) for pos in ([0, 2, 4], [1, 3])]
+    merged = Sites.merge(5, [(pos, s.counts, s.values) for pos, s in parts])
+    assert merged.to_lists() == lists
+    with pytest.raises(ValueError, match="example 1 has no result"):
+        Sites.merge(5, [(parts[0][0], parts[0][1].counts, parts[0][1].values)])
+
     path = tmp_path / "run" / "insertions-stage2"
-    ids = ["a", "b", "c"]
-    sites = [[3, 3, 7], [], [12]]
-    meta = {"fingerprint": insertion_fingerprint(P, 0, 2, ids), "stage": 2}
-    save_insertions(path, ids, sites, meta)
+    meta = {"fingerprint": insertion_fingerprint(P, 0, 2, "x"), "stage": 2}
+    save_insertions(path, sites, meta)
     got, got_meta = load_insertions(path)
-    assert got == {"a": [3, 3, 7], "b": [], "c": [12]} and got_meta == meta
+    assert got.to_lists() == lists and {k: got_meta[k] for k in meta} == meta and got_meta["rows"] == 5
     # overwrite atomically, no temp dirs left behind
-    save_insertions(path, ["z"], [[]], {"stage": 3})
-    assert load_insertions(path) == ({"z": []}, {"stage": 3})
+    save_insertions(path, Sites.from_lists([[]]), {"stage": 3})
+    got, got_meta = load_insertions(path)
+    assert got.to_lists() == [[]] and got_meta["stage"] == 3
     assert sorted(p.name for p in path.parent.iterdir()) == ["insertions-stage2"]
-    assert json.loads((path / "meta.json").read_text()) == {"stage": 3}
-    with pytest.raises(ValueError, match="duplicate"):
-        save_insertions(path, ["a", "a"], [[], []], {})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(StoreError, match="no meta.json"):
         load_insertions(tmp_path / "nothing")
+    # a table cut short after the write is an error naming the file, never fewer sites
+    table = path / "table.arrow"
+    table.write_bytes(table.read_bytes()[:-8])
+    with pytest.raises(StoreError, match=r"table\.arrow: .* bytes, but meta\.json records"):
+        load_insertions(path)
+
+
+def test_streamed_probs_equal_the_list():
+    model = _tiny_llama()
+    rng = np.random.default_rng(1)
+    examples = [Encoded(input_ids=rng.integers(4, 64, size=n).tolist(), labels=[], prompt_len=1, id=str(n))
+                for n in (4, 9, 6, 9)]  # fmt: skip
+
+    def fwd(i, m):
+        return model(input_ids=i, attention_mask=m).logits
+
+    want = gold_token_probs(fwd, examples, batch_size=2, pad_id=0)
+    got = dict(iter_gold_token_probs(fwd, examples, batch_size=2, pad_id=0, lengths=[4, 9, 6, 9]))
+    assert sorted(got) == [0, 1, 2, 3]
+    for i, p in got.items():
+        np.testing.assert_array_equal(p, want[i])
 
 
 def test_end_to_end_pipeline_labels_only_in_response():

@@ -48,7 +48,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("lmeval_ckpt")
     cfg = load_config(None, [*SMALL, f"run_dir={root}"])
-    data = prepare_data(cfg, root, is_main=True, barrier=lambda: None)
+    data = prepare_data(cfg, root)
     lm = build_latent_model(cfg, data)
     hf = root / "stage1" / "hf"
     save_latent_model(

@@ -150,7 +150,7 @@ def meta_latent_model(cfg, monkeypatch, **changes):
     method = get_method(cfg.method)
     extra = method.extra_tokens(cfg)
     tok = _Tokenizer(LLAMA3_TOKENS + 1 + len(extra))
-    data = RunData(tokenizer=tok, thinking_id=LLAMA3_TOKENS, train=[], eval_records=[], train_records=[],
+    data = RunData(tokenizer=tok, thinking_id=LLAMA3_TOKENS, train=[], eval_records=[],
                    special_ids={t: LLAMA3_TOKENS + 1 + i for i, t in enumerate(extra)})  # fmt: skip
     return build_latent_model(cfg, data), tok
 

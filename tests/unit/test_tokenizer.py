@@ -7,6 +7,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from ltscale.data import (
+    DataError,
     add_thinking_token,
     assistant_text,
     generate_problems,
@@ -86,6 +87,13 @@ def test_deterministic(trained, tmp_path):
 def test_training_errors(tmp_path):
     with pytest.raises(ValueError, match="no non-empty texts"):
         train_sentencepiece(["", ""], tmp_path)
+
+    def stream():  # texts streamed from data that turns out bad half way
+        yield from _texts(20)
+        raise DataError("train.jsonl:21: answer 'x' is not a number")
+
+    with pytest.raises(DataError, match="train.jsonl:21"):  # that error, not a "training failed" one
+        train_sentencepiece(stream(), tmp_path / "bad")
 
 
 def test_thinking_token(trained, tmp_path):

@@ -134,7 +134,7 @@ def test_run_setup_pads_and_the_export_reloads_with_its_mask(tmp_path):
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "data.synthetic.n_train=64", "data.synthetic.n_test=4",
                              "model.tokenizer_vocab_size=120"])  # fmt: skip
-    data = prepare_data(cfg, tmp_path, is_main=True, barrier=lambda: None)
+    data = prepare_data(cfg, tmp_path)
     lm = build_latent_model(cfg, data)
     n = len(data.tokenizer)
     rows = lm.base.get_input_embeddings().weight.shape[0]
