@@ -228,22 +228,22 @@ def _world() -> int:
     return tdist.get_world_size() if is_initialized() else 1
 
 
+def _all_reduce_scalar(x: float, dtype: torch.dtype, op) -> float:
+    if _world() == 1:
+        return x
+    t = torch.tensor([x], dtype=dtype, device=_device())
+    tdist.all_reduce(t, op=op)
+    return t.item()
+
+
 def all_reduce_max(x: int) -> int:
     """Maximum of an int over ranks, e.g. the number of latent passes every rank must run."""
-    if _world() == 1:
-        return int(x)
-    t = torch.tensor([int(x)], dtype=torch.int64, device=_device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return int(t.item())
+    return int(_all_reduce_scalar(int(x), torch.int64, tdist.ReduceOp.MAX))
 
 
 def all_reduce_sum(x: float) -> float:
     """Sum of a float over ranks (float64 so token counts stay exact)."""
-    if _world() == 1:
-        return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64, device=_device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return float(t.item())
+    return float(_all_reduce_scalar(float(x), torch.float64, tdist.ReduceOp.SUM))
 
 
 def all_reduce_mean_tensor(t: torch.Tensor) -> torch.Tensor:
