@@ -2,8 +2,8 @@
 
 Why a registry: ``ltscale eval --data gsm8k svamp asdiv`` should mean the same files on every
 machine, and a report should name benchmarks, not paths. Local benchmarks are read from
-``$LTSCALE_DATA_DIR`` (default ``<repo>/../shared/data``, the normalized data pack described in
-its README); nothing is downloaded for them. MultiArith is not in the data pack (its authors state
+``$LTSCALE_DATA_DIR`` (default ``<repo>/../shared/data``: the normalized data pack, one JSONL of
+question / steps / answer records per split, README "Training data"); nothing is downloaded for them. MultiArith is not in the data pack (its authors state
 no license), so ``multiarith`` loads the hub copy ``ChilleD/MultiArith`` and therefore needs
 network access (never used by tests). Any other ``--data`` value is passed to
 :func:`ltscale.data.records.load_records` unchanged (a local file/dir or a hub dataset name).

@@ -1,5 +1,5 @@
 """Context-Prediction Fusion: the sparse path vs the dense reference vs a literal transcription of
-the spec's equations (eq. 6-7), including the cut rule and the masked <thinking> token."""
+docs/method.md §5.2, including the cut rule and the masked <thinking> token."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ltscale.ops.fusion import fusion_fused
 
 
 def spec_transcription(h, logits, E, alpha, T, top_p, k):
-    """Eq. 6-7 exactly as written in the method spec, one row at a time in Python."""
+    """docs/method.md §5.2 exactly as written, one row at a time in Python."""
     out = []
     for row_h, row_l in zip(h, logits):
         scaled = row_l / T
