@@ -65,3 +65,19 @@ def test_every_readme_results_table_names_commit_command_and_cpu() -> None:
         assert re.search(r"`(make |ltscale |DS_ACCELERATOR|deepspeed |python )", block), (
             f"README results '{title}': no command given for its tables"
         )
+
+
+def test_study_tables_are_what_report_renders_from_the_committed_results() -> None:
+    """docs/study.md shows, for each budget, exactly what ``ltscale report results/study/<b>``
+    prints from the committed per-run JSON: a table edited by hand or left stale by new results
+    fails here."""
+    from ltscale.eval.compare_results import load_compare_results, render_compare_report
+
+    study = (REPO / "docs" / "study.md").read_text()
+    budgets = sorted(p for p in (REPO / "results" / "study").iterdir() if p.is_dir())
+    assert budgets, "results/study/ holds no budget"
+    for budget in budgets:
+        rendered = render_compare_report(load_compare_results(budget))
+        for table in _tables(rendered):
+            block = "\n".join(table)
+            assert block in study, f"docs/study.md lacks (or has a stale copy of) this table of {budget.name}:\n{block}"
