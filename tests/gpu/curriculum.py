@@ -45,8 +45,8 @@ def tiny(run_dir: Path, tokenizer: str | None) -> list[str]:
                  "stages.0.epochs=1", "stages.1.epochs=1", "stages.2.epochs=1", "train.micro_batch_size=8",
                  "eval.max_new_tokens=8", "eval.analysis=false", "train.scoring_batch_size=8"]  # fmt: skip
     else:
-        sizes = ["data.synthetic.n_train=2048", "data.synthetic.n_test=100", "stages.1.epochs=0.25",
-                 "stages.2.epochs=0.25", "eval.analysis_samples=8"]  # fmt: skip
+        sizes = ["data.synthetic.n_train=2048", "data.synthetic.n_test=100", "stages.0.epochs=1",
+                 "stages.1.epochs=0.25", "stages.2.epochs=0.25", "eval.analysis_samples=8"]  # fmt: skip
     return [
         f"run_dir={run_dir}",
         "engine.precision=bf16",
