@@ -284,8 +284,10 @@ def compare_seed(
     heldout: int | None,
     analysis_samples: int,
     meta: dict[str, Any],
+    positions: dict[str, int],
 ) -> list[dict[str, Any]]:
-    """Train what ``methods`` need for one seed, score every one; returns the seed's table rows."""
+    """Train what ``methods`` need for one seed, score every one; returns the seed's table rows.
+    ``positions``: each method's report row (:func:`row_positions`)."""
     overrides = [*overrides, f"train.seed={seed}"] if seed is not None else list(overrides)
     out.mkdir(parents=True, exist_ok=True)
     times_file = out / "times.json"
@@ -309,8 +311,8 @@ def compare_seed(
         atomic_write_text(times_file, json.dumps(times, indent=2))
     records = heldout_records(base_cfg, heldout)
     rows = []
-    for position, m in enumerate(methods):
-        cfg = cfgs[m]
+    for m in methods:
+        cfg, position = cfgs[m], positions[m]
         if m == BASE:
             hf, start, seconds = cot_hf, "scratch", times[m]
         elif get_method(m).trains:
@@ -323,6 +325,9 @@ def compare_seed(
         if old is not None and old.get("fingerprint") == fp:
             log.info("compare: seed %s: %s already scored (%s)", seed, m, path)
             result = old
+            if old.get("position") != position:
+                result = {**old, "position": position}
+                atomic_write_text(path, json.dumps(result, separators=(",", ":")) + "\n")
         else:
             log.info("compare: seed %s: scoring %s (%s) on %d problems", seed, m, hf, len(records))
             summary, per_example, analysis = score(
@@ -356,6 +361,18 @@ def compare_seed(
     return rows
 
 
+def row_positions(results: Path, methods: Sequence[str]) -> dict[str, int]:
+    """Report row of every method in ``results`` or ``methods``: methods already compared keep
+    their order (earlier compare runs first, each in its given order), new ones follow in the order
+    given, so a later ``--methods`` run adds rows after the earlier ones instead of interleaving."""
+    first: dict[str, tuple[str, int]] = {}
+    for r in load_compare_results(results) if any(results.glob("seed*/*.json")) else []:
+        key = ((r.get("provenance") or {}).get("date", ""), r.get("position", 0))
+        first[r["method"]] = min(first.get(r["method"], key), key)
+    order = sorted(first, key=first.__getitem__) + [m for m in methods if m not in first]
+    return {m: i for i, m in enumerate(order)}
+
+
 def compare(
     out: Path,
     *,
@@ -383,6 +400,7 @@ def compare(
     out = Path(out).resolve()
     results = out / RESULTS_DIR
     meta = provenance(command, ROOT)
+    positions = row_positions(results, methods)
     all_rows = []
     for seed in seeds if seeds is not None else [None]:
         seed_out = out / f"seed{seed}" if seed is not None else None
@@ -402,6 +420,7 @@ def compare(
             heldout=heldout,
             analysis_samples=analysis_samples,
             meta=meta,
+            positions=positions,
         )
     report = render_compare_report(load_compare_results(results))
     atomic_write_text(out / "compare.md", report)

@@ -309,9 +309,11 @@ def render_compare_report(
             "",
             *diff,
         ]
-    prov = sorted({json.dumps(r.get("provenance") or {}, sort_keys=True) for r in results})
+    prov = {json.dumps(r.get("provenance") or {}, sort_keys=True) for r in results}
     lines += ["", "Produced by:"]
-    for p in map(json.loads, prov):
+    for p in sorted(
+        map(json.loads, prov), key=lambda p: (p.get("date") or "", json.dumps(p, sort_keys=True))
+    ):
         dirty = " (uncommitted changes)" if p.get("dirty") else ""
         lines.append(
             f"- commit {p.get('commit') or '?'}{dirty}, `{p.get('command') or '?'}`, "

@@ -168,3 +168,26 @@ def test_compare_refuses_conflicting_seeds(tmp_path):
         cmp.compare(tmp_path, methods=["cot"], seeds=[1], overrides=["train.seed=2"])
     with pytest.raises(ValueError, match="repeats a seed"):
         cmp.compare(tmp_path, methods=["cot"], seeds=[1, 1])
+
+
+def test_a_later_methods_run_adds_rows_after_the_earlier_ones(tmp_path, monkeypatch):
+    """Rows keep the order methods were first compared in: a second ``--methods`` run (the study
+    scored three methods after the first six) must not interleave its rows with the first run's."""
+    monkeypatch.setattr(cmp, "train_run", _fake_training([]))
+    monkeypatch.setattr(cmp, "score", _fake_scoring([]))
+    dates = iter(["2026-01-01 10:00 UTC", "2026-01-01 11:00 UTC", "2026-01-01 12:00 UTC"])
+    monkeypatch.setattr(cmp, "provenance", lambda command, root: {"command": command, "date": next(dates)})
+    kw = dict(seeds=[3], heldout=12, overrides=SMALL_DATA)
+    cmp.compare(tmp_path, methods=["cot", "cot_same_steps"], **kw)
+    report, _ = cmp.compare(tmp_path, methods=["lt_tuning", "cot"], **kw)
+    first_table = report.split("\n\n")[0]
+    rows = [line.split("|")[1].strip() for line in first_table.splitlines()[2:]]
+    assert rows == ["cot", "cot_same_steps", "lt_tuning"]
+    positions = {
+        m: json.loads((tmp_path / "results" / "seed3" / f"{m}.json").read_text())["position"]
+        for m in ("cot", "cot_same_steps", "lt_tuning")
+    }
+    assert positions == {"cot": 0, "cot_same_steps": 1, "lt_tuning": 2}
+    assert cmp.row_positions(tmp_path / "results", ["softcot", "cot"]) == {
+        "cot": 0, "cot_same_steps": 1, "lt_tuning": 2, "softcot": 3
+    }  # fmt: skip
