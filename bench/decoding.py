@@ -86,14 +86,19 @@ def trim(seq: torch.Tensor, eos: int) -> list[int]:
 
 @torch.no_grad()
 def paper_loop(lm, prompts: list[list[int]], max_new: int, eos: int) -> list[list[int]]:
-    """Batch size 1, greedy, KV cache; a ``<thinking>`` argmax feeds the latent function's output."""
+    """Batch size 1, greedy, KV cache; a ``<thinking>`` argmax feeds the latent function's output.
+
+    The logits are the model's head (``lm.lm_head``): padded vocabulary rows masked, as the paper's
+    model has none. The HF model's raw ``.logits`` give padded rows a logit of 0, which a weakly
+    trained model's uncertain steps turn into real probability in the fusion's top-p set."""
     outs = []
     for p in prompts:
         cache = DynamicCache(config=lm.base.config)
         out = lm.base(input_ids=torch.tensor([p]), cache=cache, use_cache=True, output_hidden_states=True)
         gen = []
         for _ in range(max_new):
-            logits, hidden = out.logits[:, -1], out.hidden_states[-1][:, -1]
+            hidden = out.hidden_states[-1][:, -1]
+            logits = lm.lm_head(hidden)
             nxt = int(logits.argmax(-1))
             gen.append(nxt)
             if nxt == eos:

@@ -362,7 +362,10 @@ class LTScaleLM(TemplateLM):
     # ------------------------------------------------------------------ scoring (explicit mode)
 
     def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any):
-        base = self._loaded.lm.base
+        """Log-probabilities over the tokenizer's vocabulary: padded embedding rows (never a token,
+        zero, so logit 0) are masked as in training, where a raw HF model would give them mass."""
+        lm = self._loaded.lm
+        base = lm.base
         base.eval()
         limit = self.max_length
         rows = []
@@ -383,7 +386,8 @@ class LTScaleLM(TemplateLM):
             for r, i in enumerate(batch):
                 ids[r, : len(rows[i][0])] = torch.tensor(rows[i][0], dtype=torch.long)
             with torch.no_grad():  # right padding under a causal mask: real positions never see it
-                logp = torch.log_softmax(base(input_ids=to_device(ids, self._device)).logits, dim=-1).cpu()
+                logits = lm.mask_padded_rows(base(input_ids=to_device(ids, self._device)).logits)
+                logp = torch.log_softmax(logits, dim=-1).cpu()
             for r, i in enumerate(batch):
                 inp, cont = rows[i]
                 target = torch.tensor(cont, dtype=torch.long)

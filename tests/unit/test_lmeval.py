@@ -399,8 +399,10 @@ def test_generate_until_stops_at_the_stop_string_cuts_logs_and_keeps_padded_copi
 
 
 def test_loglikelihood_is_explicit_mode_scoring_equal_to_lm_evals_hf_model(checkpoint, monkeypatch) -> None:
-    """Also: every batch reaches the model through ``to_device`` (tests/unit/test_device.py says
-    what that can and cannot show on CPU)."""
+    """Equal to lm-eval's HF model on the same export once the export's padded vocabulary rows are
+    masked (they are never a token; the raw HF model gives their zero rows logit 0, which moves
+    every score of a weak model, so the raw model must differ here). Also: every batch reaches the
+    model through ``to_device`` (tests/unit/test_device.py says what that can and cannot show on CPU)."""
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
@@ -421,9 +423,21 @@ def test_loglikelihood_is_explicit_mode_scoring_equal_to_lm_evals_hf_model(check
     with HostToDevice() as moves:
         got = ours.loglikelihood(reqs)
     assert moves.found == [] and fed == [True, True] and set(spy.devices) == {ours.device}
+    n_tokens = len(ours.tokenizer)
+    assert ours._loaded.lm.base.get_input_embeddings().weight.shape[0] > n_tokens, "the export must be padded"
+    raw = hf.loglikelihood(reqs)
+    raw_call = hf._model_call
+
+    def masked_call(*args, **kw):
+        logits = raw_call(*args, **kw).clone()
+        logits[..., n_tokens:] = torch.finfo(logits.dtype).min
+        return logits
+
+    monkeypatch.setattr(hf, "_model_call", masked_call)
     want = hf.loglikelihood(reqs)
-    for (g, gg), (w, wg) in zip(got, want, strict=True):
+    for (g, gg), (w, wg), (r, _) in zip(got, want, raw, strict=True):
         assert g == pytest.approx(w, rel=1e-5, abs=1e-4) and gg == wg
+        assert g != pytest.approx(r, rel=1e-5, abs=1e-4)
     rolling = [_Req(("The final answer is:\n### 18 " * 3,))]
     assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
         hf.loglikelihood_rolling(rolling)[0], rel=1e-5
