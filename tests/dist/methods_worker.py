@@ -37,8 +37,11 @@ METHODS = {
     "coconut": ["coconut.max_latent_stage=2", "coconut.c_thought=1", "stages.0.epochs=0.5",
                 "stages.1.epochs=0.5", "stages.2.epochs=0.5", "stages.1.lr_scale=1.0", "stages.2.lr_scale=1.0"],
     "softcot": ["softcot.assistant=configs/tiny-assistant.yaml", "softcot.n_thoughts=2", "optim.lr=0.03",
-                "stages.0.epochs=0.5"],
+                "stages.0.epochs=0.5", "stages.1.epochs=0.1", "stages.2.epochs=0.2"],
 }  # fmt: skip
+# Every stage's epochs are given here, so the budget configs/tiny.yaml ships (docs/study.md) does not
+# change what this test trains: SoftCoT's projection alone barely moves a random model's loss, so
+# its later stages stay a step or two and the overall decrease is what is checked for it.
 
 
 def main() -> None:
