@@ -3,10 +3,11 @@
 #
 #   make install            venv + pinned torch + stack + dev tools + lm-eval + editable ltscale (builds ltscale._C)
 #   make run                the embedded default: tiny Llama, synthetic data, all stages (CPU, 2 ranks)
-#   make run CONFIG=configs/smollm2-135m-gsm8k.yaml ARGS="train.max_steps=10"
+#   make run CONFIG=configs/smollm2-135m-gsm8k.yaml ARGS="train.max_steps_per_stage=10"
 #   make test               ruff, then the whole CPU test suite (what .ci/run calls)
 #   make test PYTEST_ARGS="tests/unit -k packaging"
-#   make compare            every compared method on the tiny default, one table (runs/compare/compare.md)
+#   make compare            every compared method on the tiny default, one table (runs/compare/compare.md);
+#                           ARGS="--seeds 1 2 3 --heldout 500" is docs/study.md's budget (b)
 #   make lint | format | bench | clean | distclean
 
 # bash with -e/-o pipefail so a failing command inside a pipeline fails the recipe.
